@@ -1,0 +1,1 @@
+"""aldaas client package."""

@@ -1,0 +1,1 @@
+"""Shared fixtures. Package-specific fixtures live in each tests/<package>/conftest.py."""

@@ -1,0 +1,1 @@
+"""aldaas tunnel package."""
