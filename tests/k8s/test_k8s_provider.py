@@ -1,0 +1,225 @@
+"""The Kubernetes provider against a fake API server that the real client talks to over HTTP."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import trio
+from k8s_fake_api import FakeKubernetes, JobOutcome, PodOutcome
+from kubernetes import client
+
+from pool import Backup, Command, ConflictError, Kind, NotFoundError, ProviderError, RestoreProgress
+from pool._kubernetes import KubernetesProvider
+from pool._kubernetes_settings import KubernetesSettings
+
+NS = "test"
+BACKUP = Backup(key="dumps/2026-11-26.sql.gz", etag="etag-1", size=1000, modified=0.0)
+
+
+@pytest.mark.slow
+async def test_if_a_backup_goes_through_the_whole_pipeline_then_every_object_appears_and_goes(
+    provider: KubernetesProvider, fake: FakeKubernetes, source: object
+) -> None:
+    """If a volume is restored, sealed, cloned, checked and destroyed, then the cluster ends empty."""
+    endpoint = await provider.create_volume("v1", {"status": "restoring", "backup": "nightly"})
+    assert endpoint.host.startswith("127.0.0.")
+    assert (endpoint.port, endpoint.user, endpoint.database) == (5432, "aldaas", "app")
+    pvc = fake.get("persistentvolumeclaims", NS, "aldaas-v1")
+    assert pvc is not None
+    assert pvc["spec"]["storageClassName"] == "fast"
+    assert pvc["metadata"]["labels"]["aldaas.io/status"] == "restoring"
+    assert pvc["metadata"]["labels"]["aldaas"] == "aldaas"
+
+    progress: list[RestoreProgress] = []
+    command = Command(argv=["psql", "-v", "ON_ERROR_STOP=1"], env={"EXTRA": "1"})
+    await provider.restore("v1", BACKUP, source, command, progress.append)  # type: ignore[arg-type]
+    assert [(p.done_bytes, p.total_bytes) for p in progress] == [(0, 1000), (1000, 1000)]
+    job = next(obj for plural, obj in fake.created if plural == "jobs")
+    spec = job["spec"]["template"]["spec"]
+    assert spec["initContainers"][0]["command"] == [
+        "aldaas",
+        "fetch-backup",
+        "--key",
+        "dumps/2026-11-26.sql.gz",
+        "--to",
+        "/backup/2026-11-26.sql.gz",
+    ]
+    restore = spec["containers"][0]
+    assert restore["command"][-3:] == ["psql", "-v", "ON_ERROR_STOP=1"]
+    env = {e["name"]: e["value"] for e in restore["env"]}
+    assert env["ALDAAS_HOST_DAEMON"] == endpoint.host
+    assert env["ALDAAS_BACKUP_FILE"] == "/backup/2026-11-26.sql.gz"
+    assert env["EXTRA"] == "1"
+    assert fake.get("jobs", NS, "aldaas-v1-restore") is None
+
+    snapshot = await provider.seal("v1", "s1", {"status": "verifying"})
+    assert (snapshot.kind, snapshot.name, dict(snapshot.meta)) == (
+        Kind.SNAPSHOT,
+        "s1",
+        {"status": "verifying"},
+    )
+    assert snapshot.size_bytes == 1024**3
+    assert fake.get("persistentvolumeclaims", NS, "aldaas-v1") is None
+    assert fake.get("pods", NS, "aldaas-v1") is None
+    snap = fake.get("volumesnapshots", NS, "aldaas-s1")
+    assert snap is not None
+    assert snap["spec"] == {
+        "source": {"persistentVolumeClaimName": "aldaas-v1"},
+        "volumeSnapshotClassName": "snap",
+    }
+
+    clone_endpoint = await provider.clone("s1", "c1", {"state": "warm"})
+    assert clone_endpoint.host.startswith("127.0.0.")
+    clone_pvc = fake.get("persistentvolumeclaims", NS, "aldaas-c1")
+    assert clone_pvc is not None
+    assert clone_pvc["spec"]["dataSource"] == {
+        "apiGroup": "snapshot.storage.k8s.io",
+        "kind": "VolumeSnapshot",
+        "name": "aldaas-s1",
+    }
+    assert await provider.is_healthy("c1") is True
+    await provider.check("c1", Command(argv=["psql", "-c", "select 1"]))
+
+    ready = await provider.set_meta(
+        Kind.SNAPSHOT, "s1", {"status": "ready"}, expect_version=snapshot.version
+    )
+    assert dict(ready.meta) == {"status": "ready"}
+    snap = fake.get("volumesnapshots", NS, "aldaas-s1")
+    assert snap is not None
+    assert snap["metadata"]["labels"]["status"] == "ready"
+
+    listed = {(r.kind, r.name) for r in await provider.list()}
+    assert listed == {(Kind.SNAPSHOT, "s1"), (Kind.CLONE, "c1")}
+
+    await provider.destroy(Kind.CLONE, "c1")
+    await provider.destroy(Kind.SNAPSHOT, "s1")
+    await provider.destroy(Kind.CLONE, "c1")  # a second destroy is not an error
+    assert await provider.list() == []
+    assert await provider.is_healthy("c1") is False
+
+
+async def test_if_two_replicas_claim_the_same_warm_clone_then_exactly_one_wins(
+    settings: KubernetesSettings, fake: FakeKubernetes, api_client: client.ApiClient
+) -> None:
+    """If two providers compare-and-set the same clone's meta with one version, then one gets ConflictError."""
+    first = KubernetesProvider(settings, api_client)
+    second = KubernetesProvider(settings, api_client)
+    await first.create_volume("v", {})
+    await first.seal("v", "s", {"status": "ready"})
+    await first.clone("s", "c", {"state": "warm"})
+    (warm,) = await second.list(Kind.CLONE)
+    outcomes: dict[str, str] = {}
+
+    async def claim(provider: KubernetesProvider, lease: str) -> None:
+        try:
+            await provider.set_meta(
+                Kind.CLONE, "c", {"state": "leased", "lease": lease}, expect_version=warm.version
+            )
+            outcomes[lease] = "won"
+        except ConflictError:
+            outcomes[lease] = "lost"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claim, first, "lease-a")
+        nursery.start_soon(claim, second, "lease-b")
+    assert sorted(outcomes.values()) == ["lost", "won"]
+    winner = next(lease for lease, outcome in outcomes.items() if outcome == "won")
+    (claimed,) = await first.list(Kind.CLONE)
+    assert dict(claimed.meta) == {"state": "leased", "lease": winner}
+    assert claimed.endpoint is not None
+
+
+async def test_if_a_provider_restarts_then_it_adopts_what_the_cluster_holds(
+    settings: KubernetesSettings, fake: FakeKubernetes, api_client: client.ApiClient
+) -> None:
+    """If a new provider lists the namespace, then it sees every volume, snapshot and clone with meta."""
+    before = KubernetesProvider(settings, api_client)
+    await before.create_volume("v", {"status": "restoring"})
+    await before.create_volume("old", {})
+    await before.seal("old", "s", {"status": "ready", "backup_etag": "e" * 80})
+    await before.clone("s", "c", {"state": "leased", "secret_hash": "f" * 64})
+    await before.aclose()
+    fake.put("", "persistentvolumeclaims", NS, {"metadata": {"name": "unrelated"}, "spec": {}})
+
+    after = KubernetesProvider(settings, api_client)
+    found = {(r.kind, r.name): r for r in await after.list()}
+    assert set(found) == {(Kind.VOLUME, "v"), (Kind.SNAPSHOT, "s"), (Kind.CLONE, "c")}
+    assert dict(found[Kind.SNAPSHOT, "s"].meta) == {"status": "ready", "backup_etag": "e" * 80}
+    assert dict(found[Kind.CLONE, "c"].meta) == {"state": "leased", "secret_hash": "f" * 64}
+    assert found[Kind.CLONE, "c"].endpoint is not None
+    snap = fake.get("volumesnapshots", NS, "aldaas-s")
+    assert snap is not None
+    assert "aldaas.io/backup_etag" in snap["metadata"]["annotations"]
+
+
+async def test_if_meta_is_replaced_then_removed_keys_disappear_from_labels_and_annotations(
+    provider: KubernetesProvider, fake: FakeKubernetes
+) -> None:
+    """If set_meta drops a key or moves a value out of label range, then no stale copy remains."""
+    await provider.create_volume("v", {"state": "warm", "deadline": "1764100000.5"})
+    resource = await provider.set_meta(Kind.VOLUME, "v", {"state": "x" * 70})
+    assert dict(resource.meta) == {"state": "x" * 70}
+    pvc = fake.get("persistentvolumeclaims", NS, "aldaas-v")
+    assert pvc is not None
+    assert "aldaas.io/state" not in pvc["metadata"]["labels"]
+    assert pvc["metadata"]["annotations"]["aldaas.io/state"] == "x" * 70
+    assert "aldaas.io/deadline" not in pvc["metadata"]["annotations"]
+
+
+async def test_if_the_version_is_stale_or_the_object_gone_then_set_meta_says_so(
+    provider: KubernetesProvider,
+) -> None:
+    """If set_meta carries an old version, then ConflictError; if the clone is gone, NotFoundError."""
+    await provider.create_volume("v", {})
+    (volume,) = await provider.list(Kind.VOLUME)
+    await provider.set_meta(Kind.VOLUME, "v", {"state": "a"})
+    with pytest.raises(ConflictError, match="changed since version"):
+        await provider.set_meta(Kind.VOLUME, "v", {"state": "b"}, expect_version=volume.version)
+    with pytest.raises(NotFoundError):
+        await provider.set_meta(Kind.CLONE, "v", {"state": "b"})
+    with pytest.raises(NotFoundError):
+        await provider.set_meta(Kind.CLONE, "nothing", {"state": "b"})
+
+
+async def test_if_the_restore_job_fails_then_the_error_quotes_its_log_tail(
+    provider: KubernetesProvider, fake: FakeKubernetes, source: object
+) -> None:
+    """If the restore command exits non-zero, then ProviderError names the Job and quotes its log."""
+    fake.job_rule = lambda job: JobOutcome(succeeded=False, log="line 1\nERROR: relation exists\n")
+    await provider.create_volume("v", {})
+    with pytest.raises(
+        ProviderError, match=r'restore Job "aldaas-v-restore" failed.*relation exists'
+    ):
+        await provider.restore("v", BACKUP, source, Command(argv=["psql"]), lambda p: None)  # type: ignore[arg-type]
+    assert fake.get("jobs", NS, "aldaas-v-restore") is None
+
+
+async def test_if_the_database_image_cannot_be_pulled_then_create_fails_with_the_reason(
+    provider: KubernetesProvider, fake: FakeKubernetes
+) -> None:
+    """If the kubelet reports ImagePullBackOff, then create_volume fails at once naming it."""
+    fake.pod_rule = lambda pod: PodOutcome(waiting_reason="ImagePullBackOff")
+    with pytest.raises(ProviderError, match="ImagePullBackOff"):
+        await provider.create_volume("v", {})
+
+
+@pytest.mark.slow
+async def test_if_a_pod_never_becomes_ready_then_create_times_out_with_one_sentence(
+    settings: KubernetesSettings, fake: FakeKubernetes, api_client: client.ApiClient
+) -> None:
+    """If the pod stays unready past ready_timeout_seconds, then ProviderError says so."""
+    fake.pod_rule = lambda pod: PodOutcome(ready=False)
+    provider = KubernetesProvider(attrs.evolve(settings, ready_timeout_seconds=0.3), api_client)
+    with pytest.raises(ProviderError, match=r'pod "aldaas-v" did not become Ready within 0.3 s'):
+        await provider.create_volume("v", {})
+    assert provider.watch_threads == 0
+
+
+async def test_if_a_name_is_not_a_valid_object_name_then_the_error_says_how_to_fix_it(
+    provider: KubernetesProvider,
+) -> None:
+    """If the pool asks for an upper-case name, then ProviderError explains the naming rule."""
+    with pytest.raises(ProviderError, match="lower-case letters"):
+        await provider.create_volume("Bad_Name", {})
+    with pytest.raises(ProviderError, match="meta key 'kind'"):
+        await provider.create_volume("v", {"kind": "x"})
