@@ -184,6 +184,7 @@ class _Client:
                 except k8s_config.ConfigException:
                     k8s_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
             configuration.connection_pool_maxsize = settings.api_connections
+            configuration.retries = False  # retried here, with back-off and a log line per retry
             api_client = k8s.ApiClient(configuration)
         self.api_client = api_client
         pool_size = getattr(api_client.configuration, "connection_pool_maxsize", None)
@@ -313,7 +314,18 @@ class _Client:
         if label_selector:
             kwargs["label_selector"] = label_selector
         what = f"{_WHAT[plural]}s"
-        response = await self._retrying("watch", what, lambda: fn(**kwargs))
+
+        def open_watch() -> Any:
+            try:
+                return fn(**kwargs)
+            except ApiException as exc:
+                if exc.status == 410:  # some servers refuse an expired version before streaming
+                    return None
+                raise
+
+        response = await self._retrying("watch", what, open_watch)
+        if response is None:
+            raise _Gone()
         send, receive = trio.open_memory_channel[Obj](math.inf)
         stopped = threading.Event()
         timeout = timeout_seconds + 30.0
@@ -329,16 +341,21 @@ class _Client:
             finally:
                 trio.from_thread.run_sync(send.close)
 
+        failures: list[Exception] = []
+
         async def run_pump() -> None:
             self.watch_threads += 1
             try:
                 await trio.to_thread.run_sync(pump, limiter=self.limiter)
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-                raise _translate(exc, "watch", what, timeout) from exc
+                failures.append(_translate(exc, "watch", what, timeout))
             finally:
                 self.watch_threads -= 1
 
+        result: T | None = None
         try:
+            # Nothing is raised inside the nursery (it would arrive wrapped in an
+            # ExceptionGroup): failures are collected and raised once it has closed.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run_pump)
                 try:
@@ -346,24 +363,34 @@ class _Client:
                         async for event in receive:
                             kind, obj = event.get("type", ""), event.get("object") or {}
                             if kind == "ERROR":
-                                if obj.get("code") == 410:
-                                    raise _Gone()
-                                raise TemporaryProviderError(
-                                    f"a watch on {what} failed ({obj.get('message', 'no message')}); "
-                                    "it is retried."
-                                )
+                                failures.append(_watch_error(obj, what))
+                                break
                             if kind == "BOOKMARK":
                                 continue
-                            result = handle(kind, obj)
+                            try:
+                                result = handle(kind, obj)
+                            except Exception as exc:
+                                failures.append(exc)
+                                break
                             if result is not None:
-                                return result
-                    return None
+                                break
                 finally:
                     stopped.set()
                     _shutdown(response)
         finally:
             response.close()
             response.release_conn()
+        if failures:
+            raise failures[0]
+        return result
+
+
+def _watch_error(status: Obj, what: str) -> Exception:
+    if status.get("code") == 410:
+        return _Gone()
+    return TemporaryProviderError(
+        f"a watch on {what} failed ({status.get('message', 'no message')}); it is retried."
+    )
 
 
 def _shutdown(response: Any) -> None:
@@ -1092,6 +1119,7 @@ class LeaderElector:
                         if while_leader is not None:
                             nursery.start_soon(while_leader)
                         await self._renew_until_lost()
+                        self._set_leader(False)  # stop claiming leadership before the work stops
                         nursery.cancel_scope.cancel()
                 finally:
                     self._set_leader(False)

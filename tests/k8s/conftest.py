@@ -29,6 +29,7 @@ def fake() -> Iterator[FakeKubernetes]:
 def make_api_client(fake: FakeKubernetes) -> client.ApiClient:
     configuration = client.Configuration(host=fake.url)
     configuration.connection_pool_maxsize = 4
+    configuration.retries = False  # as KubernetesProvider configures its own client
     return client.ApiClient(configuration)
 
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import trio
 
 Obj = dict[str, Any]
 
@@ -171,6 +172,8 @@ class FakeKubernetes:
         self.created: list[tuple[str, Obj]] = []  # (plural, object) in creation order
         self.logs: dict[tuple[str, str, str], str] = {}
         self.open_watches = 0
+        self.watch_requests = 0
+        self.compact_on_next_watch = False
         self.stopping = False
         self._ips = itertools.count(2)
         # Rules the tests change: what the simulated cluster does with new objects.
@@ -397,6 +400,12 @@ class FakeKubernetes:
         since = query.get("resourceVersion") or ""
         with self.lock:
             self.open_watches += 1
+            self.watch_requests += 1
+            if self.compact_on_next_watch:  # as if etcd compacted between the list and this watch
+                self.compact_on_next_watch = False
+                self.rv += 1
+                self.compacted_rv = self.rv
+                self.events.clear()
         try:
             with self.lock:
                 if since in ("", "0"):
@@ -574,6 +583,13 @@ class FakeKubernetes:
         )
 
 
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll a condition of the fake for at most 10 s (it changes in other threads: no Event to wait on)."""
+    with trio.fail_after(10):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
 def _make_handler(fake: FakeKubernetes) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -614,7 +630,10 @@ def _make_handler(fake: FakeKubernetes) -> type[http.server.BaseHTTPRequestHandl
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except OSError:  # the client gave up waiting (a request timeout test)
+                self.close_connection = True
 
         def _send_log(self, path: str, query: dict[str, str]) -> None:
             m = _PATH.match(path.removesuffix("/log"))
@@ -657,7 +676,7 @@ def _make_handler(fake: FakeKubernetes) -> type[http.server.BaseHTTPRequestHandl
                 fake.stream_watch(path, query, write, closed)
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
+            except OSError:  # the client hung up: what a cancelled watch does
                 self.close_connection = True
 
         do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
