@@ -799,7 +799,19 @@ class KubernetesProvider:
             "kubernetes.restore_started", volume=name, backup=backup.key, source=source.description
         )
         progress(RestoreProgress(done_bytes=0, total_bytes=backup.size, elapsed_seconds=0.0))
-        await self._run_job(body, "restore", command.timeout_seconds)
+        failure: ProviderError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                self._report_download, body["metadata"]["name"], backup, started, progress
+            )
+            try:
+                await self._run_job(body, "restore", command.timeout_seconds)
+            except ProviderError as exc:
+                failure = exc  # raised outside the nursery, so callers do not get an ExceptionGroup
+            finally:
+                nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         elapsed = trio.current_time() - started
         progress(
             RestoreProgress(
@@ -809,6 +821,40 @@ class KubernetesProvider:
         log.info(
             "kubernetes.restore_finished", volume=name, backup=backup.key, seconds=round(elapsed, 3)
         )
+
+    async def _report_download(
+        self, job_name: str, backup: Backup, started: float, progress: ProgressCallback
+    ) -> None:
+        """Report the download's progress from the fetch container's last log line, while it runs.
+
+        ``aldaas fetch-backup`` prints ``progress DONE TOTAL`` lines; once the
+        download is over, the restore command's own progress is not visible
+        from outside the pod, so nothing more is reported until the Job ends.
+        """
+        last = 0
+        while True:
+            await trio.sleep(self._settings.progress_interval_seconds)
+            try:
+                pods = await self._client.call("list", PODS, label_selector=f"job-name={job_name}")
+            except ProviderError:
+                continue
+            for pod in pods.get("items") or []:
+                statuses = (pod.get("status") or {}).get("initContainerStatuses") or []
+                running = any(
+                    s.get("name") == "fetch" and "running" in (s.get("state") or {})
+                    for s in statuses
+                )
+                if not running:
+                    continue
+                line = await self._client.pod_log(pod["metadata"]["name"], "fetch", 1)
+                match = re.fullmatch(r"progress (\d+) (\d+)", line.strip())
+                if match and int(match.group(1)) > last:
+                    last = int(match.group(1))
+                    total = int(match.group(2)) or backup.size
+                    elapsed = trio.current_time() - started
+                    progress(
+                        RestoreProgress(done_bytes=last, total_bytes=total, elapsed_seconds=elapsed)
+                    )
 
     async def _run_job(self, body: Obj, step: str, timeout: float) -> None:  # noqa: ASYNC109
         """Create (or adopt) a Job, wait until it completes, delete it; a failure quotes its log."""

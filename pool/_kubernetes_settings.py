@@ -156,5 +156,7 @@ class KubernetesSettings:
     """Grace period when stopping a volume's database before sealing (a clean shutdown matters)."""
     destroy_grace_seconds: int = 5
     """Grace period when destroying a clone (its data is thrown away anyway)."""
+    progress_interval_seconds: float = 5.0
+    """How often a running restore's download progress is read from its log (one small API call)."""
     log_tail_lines: int = 20
     """Lines of a failed pod's log quoted in the error."""

@@ -156,6 +156,12 @@ class JobOutcome:
 
     succeeded: bool = True
     log: str = ""
+    fetch_log: str = ""
+    """What the init container "fetch" has printed while the Job is held."""
+    fetch_failed: bool = False
+    """The download fails (init container exits 1 with ``fetch_log``); the command never runs."""
+    hold: threading.Event | None = None
+    """When set, the Job's pod stays in its init container until the event is set."""
 
 
 class FakeKubernetes:
@@ -558,7 +564,39 @@ class FakeKubernetes:
         with self.lock:
             pod = self._create("", "pods", ns, {"metadata": pod_meta, "spec": template["spec"]})
         outcome = self.job_rule(job)
+        if outcome.hold is not None:
+            hold = outcome.hold
+            threading.Thread(
+                target=self._finish_job, args=(job, pod, outcome, hold), daemon=True
+            ).start()
+        else:
+            self._finish_job(job, pod, outcome, None)
+
+    def _finish_job(
+        self, job: Obj, pod: Obj, outcome: JobOutcome, hold: threading.Event | None
+    ) -> None:
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
         pod_name = pod["metadata"]["name"]
+        if hold is not None:
+            with self.lock:
+                self.logs[(ns, pod_name, "fetch")] = outcome.fetch_log
+            running = {"name": "fetch", "state": {"running": {}}}
+            self.update_status(
+                "pods", ns, pod_name, {"phase": "Pending", "initContainerStatuses": [running]}
+            )
+            while not hold.wait(timeout=0.05):
+                if self.stopping:
+                    return
+        if outcome.fetch_failed:
+            with self.lock:
+                self.logs[(ns, pod_name, "fetch")] = outcome.fetch_log
+            failed = {"name": "fetch", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}
+            self.update_status(
+                "pods", ns, pod_name, {"phase": "Failed", "initContainerStatuses": [failed]}
+            )
+            conditions = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
+            self.update_status("jobs", ns, name, {"failed": 1, "conditions": conditions})
+            return
         main = pod["spec"]["containers"][0]["name"]
         with self.lock:
             self.logs[(ns, pod_name, main)] = outcome.log

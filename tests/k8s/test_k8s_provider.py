@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import attrs
 import pytest
 import trio
@@ -223,3 +225,38 @@ async def test_if_a_name_is_not_a_valid_object_name_then_the_error_says_how_to_f
         await provider.create_volume("Bad_Name", {})
     with pytest.raises(ProviderError, match="meta key 'kind'"):
         await provider.create_volume("v", {"kind": "x"})
+
+
+async def test_if_the_download_fails_then_the_error_quotes_the_fetch_log(
+    provider: KubernetesProvider, fake: FakeKubernetes, source: object
+) -> None:
+    """If the init container cannot fetch the backup, then the error quotes the fetch log, not the command's."""
+    fake.job_rule = lambda job: JobOutcome(
+        fetch_failed=True, fetch_log="NoSuchKey: dumps/x.sql.gz\n"
+    )
+    await provider.create_volume("v", {})
+    with pytest.raises(ProviderError, match=r"BackoffLimitExceeded.*NoSuchKey: dumps/x.sql.gz"):
+        await provider.restore("v", BACKUP, source, Command(argv=["psql"]), lambda p: None)  # type: ignore[arg-type]
+
+
+async def test_if_the_download_is_running_then_its_progress_is_reported(
+    settings: KubernetesSettings, fake: FakeKubernetes, api_client: client.ApiClient, source: object
+) -> None:
+    """If the fetch container prints progress lines, then restore reports them to the callback."""
+    provider = KubernetesProvider(
+        attrs.evolve(settings, progress_interval_seconds=0.01), api_client
+    )
+    hold = threading.Event()
+    fake.job_rule = lambda job: JobOutcome(
+        fetch_log="progress 100 1000\nprogress 400 1000\n", hold=hold
+    )
+    await provider.create_volume("v", {})
+    seen: list[tuple[int, int]] = []
+
+    def record(p: RestoreProgress) -> None:
+        seen.append((p.done_bytes, p.total_bytes))
+        if p.done_bytes == 400:
+            hold.set()
+
+    await provider.restore("v", BACKUP, source, Command(argv=["psql"]), record)  # type: ignore[arg-type]
+    assert seen == [(0, 1000), (400, 1000), (1000, 1000)]
