@@ -68,11 +68,25 @@ PODS = "pods"
 JOBS = "jobs"
 SNAPSHOTS = "volumesnapshots"
 LEASES = "leases"
+CONFIGMAPS = "configmaps"
 SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
 MERGE_PATCH = "application/merge-patch+json"
 
-_SINGULAR = {PVCS: "persistent_volume_claim", PODS: "pod", JOBS: "job", LEASES: "lease"}
-_WHAT = {PVCS: "PVC", PODS: "pod", JOBS: "Job", SNAPSHOTS: "VolumeSnapshot", LEASES: "Lease"}
+_SINGULAR = {
+    PVCS: "persistent_volume_claim",
+    PODS: "pod",
+    JOBS: "job",
+    LEASES: "lease",
+    CONFIGMAPS: "config_map",
+}
+_WHAT = {
+    PVCS: "PVC",
+    PODS: "pod",
+    JOBS: "Job",
+    SNAPSHOTS: "VolumeSnapshot",
+    LEASES: "Lease",
+    CONFIGMAPS: "ConfigMap",
+}
 _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _META_KEY = re.compile(r"^[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _DNS_NAME = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
@@ -211,9 +225,13 @@ class _Client:
                 "namespace": self.namespace,
                 "plural": plural,
             }
-        api = {PODS: self.core, PVCS: self.core, JOBS: self.batch, LEASES: self.coordination}[
-            plural
-        ]
+        api = {
+            PODS: self.core,
+            PVCS: self.core,
+            CONFIGMAPS: self.core,
+            JOBS: self.batch,
+            LEASES: self.coordination,
+        }[plural]
         return getattr(api, f"{verb}_namespaced_{_SINGULAR[plural]}"), {"namespace": self.namespace}
 
     def _invoke(self, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
@@ -459,6 +477,11 @@ class _Codec:
         return meta
 
 
+def _live(listing: Obj) -> list[Obj]:
+    """Items of a list answer that are not being deleted."""
+    return [o for o in listing.get("items") or [] if not o["metadata"].get("deletionTimestamp")]
+
+
 def _ready_ip(pod: Obj) -> str | None:
     status = pod.get("status") or {}
     ready = any(
@@ -492,6 +515,10 @@ class KubernetesProvider:
         self._settings = settings
         self._client = _Client(settings, api_client)
         self._codec = _Codec(settings.label_prefix, frozenset(settings.label_meta_keys))
+        self._seen: dict[tuple[str, str], Obj] = {}
+        """Last state seen of each meta-holding object, so a compare-and-set needs no read first."""
+        self._endpoints: dict[str, Endpoint] = {}
+        """Pod endpoints seen, by object name (pods are never re-created under the same name)."""
 
     @property
     def name(self) -> str:
@@ -743,7 +770,8 @@ class KubernetesProvider:
 
     async def _endpoint(self, object_name: str) -> Endpoint:
         ip = await self._wait_pod_ready(object_name)
-        return self._endpoint_at(ip)
+        self._endpoints[object_name] = self._endpoint_at(ip)
+        return self._endpoints[object_name]
 
     def _endpoint_at(self, ip: str) -> Endpoint:
         app = self._settings.application
@@ -965,14 +993,27 @@ class KubernetesProvider:
             return False
         return _ready_ip(pod) is not None
 
+    async def record_failed_snapshot(self, name: str, meta: Mapping[str, str]) -> Resource:
+        """A ConfigMap that holds only the failed snapshot's meta (no data, nothing to clone)."""
+        self._codec.check(meta)
+        body = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": self._metadata(Kind.SNAPSHOT.value, name, meta),
+            "data": {},
+        }
+        log.info("kubernetes.record_failed_snapshot", snapshot=name)
+        record = await self._create(CONFIGMAPS, body)
+        self._remember(CONFIGMAPS, record)
+        return self._resource(Kind.SNAPSHOT, record, None)
+
     async def set_meta(
         self, kind: Kind, name: str, meta: Mapping[str, str], *, expect_version: str | None = None
     ) -> Resource:
-        plural = SNAPSHOTS if kind is Kind.SNAPSHOT else PVCS
         object_name = self._object_name(name)
         self._codec.check(meta)
         for _ in range(8):
-            obj = await self._read_kind(plural, kind, object_name)
+            plural, obj = await self._meta_object(kind, object_name, expect_version)
             version = str(obj["metadata"]["resourceVersion"])
             if expect_version is not None and version != expect_version:
                 raise ConflictError(
@@ -994,6 +1035,7 @@ class KubernetesProvider:
                     "patch", plural, object_name, body=patch, _content_type=MERGE_PATCH
                 )
             except ConflictError:
+                self._seen.pop((plural, object_name), None)
                 current = await self._read_kind(plural, kind, object_name)
                 if self._codec.decode(current) == dict(meta):
                     new = current  # our own write landed, its answer was lost and the retry saw 409
@@ -1001,19 +1043,53 @@ class KubernetesProvider:
                     raise
                 else:
                     continue
+            except NotFoundError:
+                self._seen.pop((plural, object_name), None)
+                raise
+            self._remember(plural, new)
             endpoint = None
             if kind is not Kind.SNAPSHOT:
-                endpoint = await self._pod_endpoint(object_name)
+                endpoint = self._endpoints.get(object_name) or await self._pod_endpoint(object_name)
             return self._resource(kind, new, endpoint)
         raise TemporaryProviderError(
             f"{kind.value} {name!r} kept changing while its meta was written; retry."
         )
 
+    async def _meta_object(
+        self, kind: Kind, object_name: str, expect_version: str | None
+    ) -> tuple[str, Obj]:
+        """The object holding ``kind``'s meta; the last one seen if it is at ``expect_version``.
+
+        Skipping the read is safe: the patch carries the version, so the API
+        server refuses it if the object changed since. It makes a hand-out one
+        API call.
+        """
+        plurals = (SNAPSHOTS, CONFIGMAPS) if kind is Kind.SNAPSHOT else (PVCS,)
+        if expect_version is not None:
+            for plural in plurals:
+                seen = self._seen.get((plural, object_name))
+                if seen is not None and seen["metadata"]["resourceVersion"] == expect_version:
+                    return plural, seen
+        for plural in plurals:
+            try:
+                return plural, await self._read_kind(plural, kind, object_name)
+            except NotFoundError:
+                if plural == plurals[-1]:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _remember(self, plural: str, obj: Obj) -> None:
+        self._seen[(plural, obj["metadata"]["name"])] = obj
+
     async def _read_kind(self, plural: str, kind: Kind, object_name: str) -> Obj:
         obj = dict(await self._client.call("read", plural, object_name))
-        labels = obj.get("metadata", {}).get("labels") or {}
+        metadata = obj.get("metadata") or {}
+        labels = metadata.get("labels") or {}
         if labels.get(f"{self._settings.label_prefix}kind") != kind.value:
             raise NotFoundError(f'{_WHAT[plural]} "{object_name}" is not an aldaas {kind.value}.')
+        if metadata.get("deletionTimestamp"):
+            raise NotFoundError(f'{_WHAT[plural]} "{object_name}" is being deleted.')
+        self._remember(plural, obj)
         return obj
 
     async def _pod_endpoint(self, object_name: str) -> Endpoint | None:
@@ -1022,43 +1098,63 @@ class KubernetesProvider:
         except NotFoundError:
             return None
         ip = _ready_ip(pod)
-        return self._endpoint_at(ip) if ip else None
+        if not ip:
+            return None
+        self._endpoints[object_name] = self._endpoint_at(ip)
+        return self._endpoints[object_name]
 
     async def destroy(self, kind: Kind, name: str) -> None:
         object_name = self._object_name(name)
         log.info("kubernetes.destroy", kind=kind.value, name=name)
         if kind is Kind.SNAPSHOT:
-            await self._delete(SNAPSHOTS, object_name)
+            for plural in (SNAPSHOTS, CONFIGMAPS):
+                self._seen.pop((plural, object_name), None)
+                await self._delete(plural, object_name)
             return
+        self._seen.pop((PVCS, object_name), None)
+        self._endpoints.pop(object_name, None)
         for step in ("restore", "check"):
             await self._delete(JOBS, f"{object_name}-{step}")
         await self._delete(PODS, object_name, grace=self._settings.destroy_grace_seconds)
         await self._delete(PVCS, object_name)
 
     async def list(self, kind: Kind | None = None) -> Sequence[Resource]:
+        """Everything of this instance that is not being deleted (a deleted object may linger)."""
         resources: list[Resource] = []
+        kind_label = f"{self._settings.label_prefix}kind"
         if kind in (None, Kind.VOLUME, Kind.CLONE):
             selector = self._selector(kind.value if kind is not None else None)
             pvcs = await self._client.call("list", PVCS, label_selector=selector)
             pods = await self._client.call("list", PODS, label_selector=selector)
-            ips = {p["metadata"]["name"]: _ready_ip(p) for p in pods.get("items") or []}
-            for pvc in pvcs.get("items") or []:
-                pvc_kind = (pvc["metadata"].get("labels") or {}).get(
-                    f"{self._settings.label_prefix}kind"
-                )
+            ips = {p["metadata"]["name"]: _ready_ip(p) for p in _live(pods)}
+            for pvc in _live(pvcs):
+                pvc_kind = (pvc["metadata"].get("labels") or {}).get(kind_label)
                 if pvc_kind not in (Kind.VOLUME.value, Kind.CLONE.value):
                     continue
-                ip = ips.get(pvc["metadata"]["name"])
-                resources.append(
-                    self._resource(Kind(pvc_kind), pvc, self._endpoint_at(ip) if ip else None)
-                )
+                object_name = pvc["metadata"]["name"]
+                ip = ips.get(object_name)
+                endpoint = self._endpoint_at(ip) if ip else None
+                if endpoint is not None:
+                    self._endpoints[object_name] = endpoint
+                self._remember(PVCS, pvc)
+                resources.append(self._resource(Kind(pvc_kind), pvc, endpoint))
         if kind in (None, Kind.SNAPSHOT):
-            snapshots = await self._client.call(
-                "list", SNAPSHOTS, label_selector=self._selector("snapshot")
-            )
-            resources.extend(
-                self._resource(Kind.SNAPSHOT, s, None) for s in snapshots.get("items") or []
-            )
+            selector = self._selector(Kind.SNAPSHOT.value)
+            records = {
+                c["metadata"]["name"]: c
+                for c in _live(await self._client.call("list", CONFIGMAPS, label_selector=selector))
+            }
+            for snapshot in _live(
+                await self._client.call("list", SNAPSHOTS, label_selector=selector)
+            ):
+                if (
+                    snapshot["metadata"]["name"] not in records
+                ):  # a failed record wins over leftovers
+                    self._remember(SNAPSHOTS, snapshot)
+                    resources.append(self._resource(Kind.SNAPSHOT, snapshot, None))
+            for record in records.values():
+                self._remember(CONFIGMAPS, record)
+                resources.append(self._resource(Kind.SNAPSHOT, record, None))
         return resources
 
     def _resource(self, kind: Kind, obj: Obj, endpoint: Endpoint | None) -> Resource:

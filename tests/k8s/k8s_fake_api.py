@@ -44,6 +44,7 @@ KINDS: dict[tuple[str, str], str] = {
     ("", "persistentvolumeclaims"): "PersistentVolumeClaim",
     ("", "services"): "Service",
     ("", "secrets"): "Secret",
+    ("", "configmaps"): "ConfigMap",
     ("batch", "jobs"): "Job",
     ("snapshot.storage.k8s.io", "volumesnapshots"): "VolumeSnapshot",
     ("coordination.k8s.io", "leases"): "Lease",
@@ -482,7 +483,9 @@ class FakeKubernetes:
                 snap = self.get("volumesnapshots", ns, source["name"])
                 if snap is None or not (snap.get("status") or {}).get("readyToUse"):
                     return
-            size = obj["spec"]["resources"]["requests"]["storage"]
+            size = ((obj["spec"].get("resources") or {}).get("requests") or {}).get(
+                "storage", "1Gi"
+            )
             self.update_status(plural, ns, name, {"phase": "Bound", "capacity": {"storage": size}})
             for pod in self.all("pods"):
                 if pod["metadata"]["namespace"] == ns:

@@ -260,3 +260,60 @@ async def test_if_the_download_is_running_then_its_progress_is_reported(
 
     await provider.restore("v", BACKUP, source, Command(argv=["psql"]), record)  # type: ignore[arg-type]
     assert seen == [(0, 1000), (400, 1000), (1000, 1000)]
+
+
+async def test_if_a_snapshot_failed_then_its_record_is_listed_and_destroyed_like_a_snapshot(
+    provider: KubernetesProvider, fake: FakeKubernetes
+) -> None:
+    """If the pool records a failed snapshot, then it lists, updates and destroys it, and cannot clone it."""
+    meta = {
+        "status": "failed",
+        "reason": "restore exited 3: ERROR: syntax error",
+        "backup_key": "a/b",
+    }
+    record = await provider.record_failed_snapshot("snap-1", meta)
+    assert (record.kind, record.name, dict(record.meta)) == (Kind.SNAPSHOT, "snap-1", meta)
+    again = await provider.record_failed_snapshot("snap-1", meta)  # idempotent
+    assert again.version == record.version
+    (listed,) = await provider.list(Kind.SNAPSHOT)
+    assert listed == record
+    updated = await provider.set_meta(
+        Kind.SNAPSHOT, "snap-1", {**meta, "pruned": "no"}, expect_version=record.version
+    )
+    assert updated.meta["pruned"] == "no"
+    with pytest.raises(NotFoundError):
+        await provider.clone("snap-1", "c", {})
+    await provider.destroy(Kind.SNAPSHOT, "snap-1")
+    assert await provider.list() == []
+    assert fake.all("configmaps") == []
+
+
+async def test_if_a_clone_was_listed_then_claiming_it_is_a_single_api_call(
+    provider: KubernetesProvider, fake: FakeKubernetes
+) -> None:
+    """If the pool claims a clone at the version it listed, then the hand-out is one PATCH request."""
+    await provider.create_volume("v", {})
+    await provider.seal("v", "s", {"status": "ready"})
+    await provider.clone("s", "c", {"state": "warm"})
+    (warm,) = await provider.list(Kind.CLONE)
+    before = len(fake.requests)
+    leased = await provider.set_meta(
+        Kind.CLONE, "c", {"state": "leased"}, expect_version=warm.version
+    )
+    assert fake.requests[before:] == [
+        ("PATCH", "/api/v1/namespaces/test/persistentvolumeclaims/aldaas-c")
+    ]
+    assert leased.endpoint == warm.endpoint
+
+
+async def test_if_an_object_is_being_deleted_then_list_leaves_it_out(
+    provider: KubernetesProvider, fake: FakeKubernetes
+) -> None:
+    """If a PVC has a deletionTimestamp (finalizers pending), then list() no longer reports it."""
+    await provider.create_volume("v", {})
+    pvc = fake.get("persistentvolumeclaims", NS, "aldaas-v")
+    assert pvc is not None
+    pvc["metadata"].update(name="aldaas-w", deletionTimestamp="2026-11-26T00:00:00Z")
+    pvc["metadata"]["labels"]["aldaas.io/name"] = "w"
+    fake.put("", "persistentvolumeclaims", NS, pvc)
+    assert [r.name for r in await provider.list()] == ["v"]
