@@ -1233,6 +1233,7 @@ class LeaderElector:
         self.identity = identity or settings.identity
         self._release_on_exit = release_on_exit
         self._observed: tuple[LeaseRecord | None, float] = (None, -math.inf)
+        self._lease: Obj | None = None
         self.is_leader = False
         self._elected = trio.Event()
         self.transitions = 0
@@ -1332,6 +1333,7 @@ class LeaderElector:
         return spec
 
     async def _try_take(self, renewing: bool = False) -> bool:
+        """Create, take over or renew the Lease; every write is an update carrying its resourceVersion."""
         name = self._election.lease_name
         try:
             try:
@@ -1343,8 +1345,8 @@ class LeaderElector:
                     "metadata": {"name": name},
                     "spec": self._spec(None),
                 }
-                lease = await self._client.call("create", LEASES, body=body)
-                self._observed = (self._record(lease), trio.current_time())
+                self._lease = await self._client.call("create", LEASES, body=body)
+                self._observed = (self._record(self._lease), trio.current_time())
                 return True
             record = self._record(lease)
             now = trio.current_time()
@@ -1354,11 +1356,9 @@ class LeaderElector:
                 record, self.identity, self._observed[1], now, self._election.lease_duration_seconds
             ):
                 return False
-            patch = {"metadata": {"resourceVersion": record.version}, "spec": self._spec(record)}
-            lease = await self._client.call(
-                "patch", LEASES, name, body=patch, _content_type=MERGE_PATCH
-            )
-            self._observed = (self._record(lease), trio.current_time())
+            body = {**lease, "spec": {**(lease.get("spec") or {}), **self._spec(record)}}
+            self._lease = await self._client.call("replace", LEASES, name, body=body)
+            self._observed = (self._record(self._lease), trio.current_time())
             return True
         except ConflictError:
             return False  # another replica wrote first; look again at the next retry
@@ -1372,17 +1372,13 @@ class LeaderElector:
             return False
 
     async def _release(self) -> None:
-        record = self._observed[0]
-        if record is None or record.holder != self.identity:
+        record, lease = self._observed[0], self._lease
+        if record is None or lease is None or record.holder != self.identity:
             return
-        patch = {
-            "metadata": {"resourceVersion": record.version},
-            "spec": {"holderIdentity": "", "leaseDurationSeconds": 1, "renewTime": _utcnow_micro()},
-        }
+        spec = {"holderIdentity": "", "leaseDurationSeconds": 1, "renewTime": _utcnow_micro()}
+        body = {**lease, "spec": {**(lease.get("spec") or {}), **spec}}
         try:
-            await self._client.call(
-                "patch", LEASES, self._election.lease_name, body=patch, _content_type=MERGE_PATCH
-            )
+            await self._client.call("replace", LEASES, self._election.lease_name, body=body)
             log.info("kubernetes.leader_released", identity=self.identity)
         except ProviderError as exc:
             log.warning("kubernetes.leader_release_failed", identity=self.identity, error=str(exc))

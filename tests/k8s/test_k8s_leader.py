@@ -107,7 +107,7 @@ async def test_if_the_leader_cannot_renew_then_it_steps_down_and_stops_its_work(
     async with trio.open_nursery() as nursery:
         await nursery.start(elector.serve, while_leader)
         await elector.wait_elected()
-        fault = Fault("PATCH", "/leases/", code=500, times=10_000)
+        fault = Fault("PUT", "/leases/", code=500, times=10_000)
         fake.faults.append(fault)
         await cancelled.wait()
         assert elector.is_leader is False
