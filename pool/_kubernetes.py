@@ -42,7 +42,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.utils.quantity import parse_quantity
 from kubernetes.watch.watch import iter_resp_lines
 
-from ._kubernetes_settings import KubernetesSettings
+from ._kubernetes_settings import KubernetesSettings, ResourceSettings
 from ._provider import (
     Backup,
     Command,
@@ -477,6 +477,10 @@ class _Codec:
         return meta
 
 
+def _resources(settings: ResourceSettings) -> Obj:
+    return {"requests": dict(settings.requests), "limits": dict(settings.limits)}
+
+
 def _live(listing: Obj) -> list[Obj]:
     """Items of a list answer that are not being deleted."""
     return [o for o in listing.get("items") or [] if not o["metadata"].get("deletionTimestamp")]
@@ -573,7 +577,7 @@ class KubernetesProvider:
 
     # object bodies -----------------------------------------------------------------------------
     def _pvc(self, kind: Kind, name: str, meta: Mapping[str, str], snapshot: Obj | None) -> Obj:
-        size = self._settings.application.storage_size
+        size = self._settings.storage_size
         spec: Obj = {
             "accessModes": ["ReadWriteOnce"],
             "resources": {"requests": {"storage": size}},
@@ -608,12 +612,12 @@ class KubernetesProvider:
             "image": app.image,
             "ports": [{"name": "database", "containerPort": app.port}],
             "env": [{"name": k, "value": v} for k, v in sorted(app.env.items())],
-            "volumeMounts": [
-                {"name": "data", "mountPath": app.mount_path, "subPath": app.sub_path}
-            ],
-            "resources": {"requests": dict(app.requests), "limits": dict(app.limits)},
+            "volumeMounts": [{"name": "data", "mountPath": app.mount, "subPath": app.sub_path}],
+            "resources": _resources(app.resources),
             "readinessProbe": probe,
         }
+        if app.pull_policy:
+            container["imagePullPolicy"] = app.pull_policy
         if not app.sub_path:
             del container["volumeMounts"][0]["subPath"]
         if app.command:
@@ -644,8 +648,12 @@ class KubernetesProvider:
         container.update(
             name=step,
             image=settings.image or self._settings.application.image,
-            resources={"requests": dict(settings.requests), "limits": dict(settings.limits)},
+            resources=_resources(settings.resources),
         )
+        if settings.command or settings.args:  # the original's values: run exactly as given
+            container["command"] = [*settings.command, *settings.args]
+        if self._settings.application.pull_policy and not settings.image:
+            container["imagePullPolicy"] = self._settings.application.pull_policy
         if settings.env_from_secret:
             container["envFrom"] = [{"secretRef": {"name": settings.env_from_secret}}]
         metadata = self._metadata(step, name, {}, suffix=f"-{step}")
@@ -796,23 +804,29 @@ class KubernetesProvider:
     ) -> None:
         settings = self._settings.restore
         endpoint = await self._endpoint(self._object_name(name))
-        basename = re.sub(r"[^A-Za-z0-9._-]", "_", backup.key.rsplit("/", 1)[-1]) or "backup"
-        path = f"{settings.backup_dir.rstrip('/')}/{basename}"
+        if settings.backup_path:
+            basename = settings.backup_path.rstrip("/").rsplit("/", 1)[-1]
+        else:
+            basename = re.sub(r"[^A-Za-z0-9._-]", "_", backup.key.rsplit("/", 1)[-1]) or "backup"
+        fetched = f"{settings.backup_dir.rstrip('/')}/{basename}"
+        path = settings.backup_path or fetched
         argv = list(command.argv)
         if settings.stdin_from_backup:
             argv = ["sh", "-c", 'exec "$@" < "$ALDAAS_BACKUP_FILE"', "aldaas-restore", *argv]
         env = {**endpoint.environ(), **settings.env, **command.env, "ALDAAS_BACKUP_FILE": path}
-        mount = {"name": "backup", "mountPath": settings.backup_dir}
+        mount: Obj = {"name": "backup", "mountPath": settings.backup_dir}
         fetch: Obj = {
             "name": "fetch",
-            "image": settings.fetch_image,
-            "command": [*settings.fetch_command, "--key", backup.key, "--to", path],
+            "image": self._settings.helper_image,
+            "command": [*settings.fetch_command, "--key", backup.key, "--to", fetched],
             "env": [{"name": k, "value": v} for k, v in sorted(settings.fetch_env.items())],
             "volumeMounts": [mount],
-            "resources": {"requests": dict(settings.requests), "limits": dict(settings.limits)},
+            "resources": _resources(settings.resources),
         }
-        if settings.env_from_secret:
-            fetch["envFrom"] = [{"secretRef": {"name": settings.env_from_secret}}]
+        if self._settings.s3_credentials_secret:
+            fetch["envFrom"] = [{"secretRef": {"name": self._settings.s3_credentials_secret}}]
+        if settings.backup_path:  # the one file, at the fixed path the original used
+            mount = {"name": "backup", "mountPath": settings.backup_path, "subPath": basename}
         container: Obj = {
             "command": argv,
             "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
