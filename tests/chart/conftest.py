@@ -9,7 +9,9 @@ Kubernetes OpenAPI schemas offline; `validate(..., strict=True)` is what its
 
 from __future__ import annotations
 
+import json
 import pathlib
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -92,6 +94,60 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
         },
     },
 }
+
+
+_METRIC = re.compile(r"\baldaas_[a-z0-9_]+")
+_HISTOGRAM_SERIES = re.compile(r"_(bucket|sum|count|created)$")
+
+
+def _dashboard_queries(dashboard: dict[str, Any]) -> list[str]:
+    """Every PromQL string in the dashboard: panel targets and templating queries."""
+    queries: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if (key in ("expr", "definition") and isinstance(value, str)) or (
+                    key == "query" and isinstance(value, str) and "(" in value
+                ):
+                    queries.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(dashboard)
+    return queries
+
+
+def _metric_names(queries: list[str]) -> set[str]:
+    """The base metric names the queries use (histogram series folded onto their family)."""
+    return {_HISTOGRAM_SERIES.sub("", name) for q in queries for name in _METRIC.findall(q)}
+
+
+def _load_dashboard(chart_dir: pathlib.Path) -> dict[str, Any]:
+    """The dashboard JSON the chart ships."""
+    dashboard: dict[str, Any] = json.loads((chart_dir / "dashboards" / "aldaas.json").read_text())
+    return dashboard
+
+
+@pytest.fixture(scope="session")
+def dashboard() -> dict[str, Any]:
+    """The Grafana dashboard JSON the chart ships."""
+    return _load_dashboard(CHART_DIR)
+
+
+@pytest.fixture(scope="session")
+def metric_names() -> Callable[[list[str]], set[str]]:
+    """Collect the base metric names that PromQL strings use."""
+    return _metric_names
+
+
+@pytest.fixture(scope="session")
+def dashboard_metric_names(dashboard: dict[str, Any]) -> set[str]:
+    """Every base metric name the dashboard's queries use."""
+    return _metric_names(_dashboard_queries(dashboard))
 
 
 class Rendered:
