@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import helm_python
+import jsonschema
 import pytest
 import yaml
 
@@ -503,3 +504,24 @@ def test_if_the_chart_is_linted_strictly_then_nothing_is_found(chart_dir: pathli
     report = helm_python.lint(chart_dir, strict=True, namespace="aldaas")
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "dta": {}},
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "metadata": {"name": "x", "namespace": "aldaas"},
+            "spec": {"selector": {}, "endpoints": [{"port": "metrics", "intervall": "30s"}]},
+        },
+    ],
+    ids=["core-kind", "servicemonitor"],
+)
+def test_if_a_manifest_has_an_unknown_field_then_validation_rejects_it(
+    validate_manifest: Callable[[dict[str, Any]], None], manifest: dict[str, Any]
+) -> None:
+    """If a manifest carries a misspelled field, then the strict validation used above fails."""
+    with pytest.raises(jsonschema.ValidationError, match="was unexpected"):
+        validate_manifest(manifest)
