@@ -442,6 +442,16 @@ def test_if_replicas_is_2_then_two_brokers_share_one_leader_lease(render: Render
     """If replicas is 2, then the Deployment runs two and the config names one election Lease."""
     rendered = render(REPLICAS_2)
     assert rendered.get("Deployment")["spec"]["replicas"] == 2
+    assert rendered.get("PodDisruptionBudget")["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {
+            "matchLabels": {
+                "app.kubernetes.io/name": "aldaas",
+                "app.kubernetes.io/instance": "demo",
+                "app.kubernetes.io/component": "broker",
+            }
+        },
+    }
     config = rendered.broker_config()
     assert config["provider"]["leader_election_lease"] == "demo-aldaas-leader"
     assert config["pool"] == {"size": 5, "max_provisioning": 3}
@@ -484,6 +494,16 @@ def test_if_a_domain_is_set_then_notes_print_the_client_command(render: Render) 
     )
 
 
+def test_if_cert_manager_issues_the_certificate_then_notes_use_wss(render: Render) -> None:
+    """If a cert-manager annotation replaces tlsSecretName, then NOTES.txt still says wss."""
+    annotations = {"cert-manager.io/cluster-issuer": "letsencrypt"}
+    notes = render(
+        {"domain": "a.example.test", "tunnel": {"ingress": {"annotations": annotations}}}
+    )
+    assert "-e ALDAAS_PROTOCOL=wss \\\n" in notes.notes
+    assert "plain ws://" not in notes.notes
+
+
 def test_if_notes_are_printed_then_no_token_is_in_them(render: Render) -> None:
     """If a token is set in values, then NOTES.txt tells how to read it but never prints it."""
     notes = render({"domain": "a.example.test", "tunnel": {"token": "do-not-print-me"}}).notes
@@ -499,9 +519,12 @@ def test_if_no_domain_is_set_then_notes_explain_port_forward(render: Render) -> 
     assert "kubectl -n aldaas port-forward svc/demo-aldaas 8080:8080 &" in notes
 
 
-def test_if_the_chart_is_linted_strictly_then_nothing_is_found(chart_dir: pathlib.Path) -> None:
-    """If `helm lint --strict` runs over the chart, then it reports no warning and no error."""
-    report = helm_python.lint(chart_dir, strict=True, namespace="aldaas")
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_if_the_chart_is_linted_strictly_then_nothing_is_found(
+    chart_dir: pathlib.Path, values: dict[str, Any] | None
+) -> None:
+    """If `helm lint --strict` runs with a value set, then it reports no warning and no error."""
+    report = helm_python.lint(chart_dir, values, strict=True, namespace="aldaas")
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
