@@ -104,6 +104,18 @@ _FATAL_WAITING = frozenset(
 )
 
 
+RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("", "persistentvolumeclaims", ("get", "list", "create", "patch", "delete")),
+    ("", "pods", ("get", "list", "watch", "create", "delete")),
+    ("", "pods/log", ("get",)),
+    ("", "configmaps", ("get", "list", "create", "patch", "delete")),
+    ("batch", "jobs", ("get", "list", "watch", "create", "delete")),
+    (SNAPSHOT_GROUP, "volumesnapshots", ("get", "list", "watch", "create", "patch", "delete")),
+    ("coordination.k8s.io", "leases", ("get", "create", "update")),
+)
+"""(apiGroup, resource, verbs) of every call this module makes: the Role the broker needs."""
+
+
 class _Gone(Exception):
     """A watch's resourceVersion is too old (410 Gone): re-list, then watch again."""
 

@@ -176,6 +176,7 @@ class FakeKubernetes:
         self.compacted_rv = 0
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, str, bool]] = []  # (method, path, is a watch)
         self.created: list[tuple[str, Obj]] = []  # (plural, object) in creation order
         self.logs: dict[tuple[str, str, str], str] = {}
         self.open_watches = 0
@@ -188,7 +189,11 @@ class FakeKubernetes:
         self.job_rule: Callable[[Obj], JobOutcome] = lambda job: JobOutcome()
         self.snapshot_ready: Callable[[Obj], bool] = lambda snap: True
         self.controllers_enabled = True
-        self._queue: list[tuple[str, str, Obj]] = []
+        self._queue: list[tuple[str, str, Obj, int]] = []  # (plural, type, object, watch mark)
+        self.watches_by_plural: dict[str, int] = {}
+        self.act_when_watched = False
+        """Controllers act on a new pod, Job or snapshot only once a watch on its kind has begun
+        after it was created: every wait then deterministically goes through a watch."""
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._threads: list[threading.Thread] = []
@@ -225,7 +230,8 @@ class FakeKubernetes:
             (int(obj["metadata"]["resourceVersion"]), plural, type_, copy.deepcopy(obj))
         )
         del self.events[:-2000]
-        self._queue.append((plural, type_, copy.deepcopy(obj)))
+        mark = self.watches_by_plural.get(plural, 0)
+        self._queue.append((plural, type_, copy.deepcopy(obj), mark))
         self.lock.notify_all()
 
     def _bump(self, obj: Obj) -> None:
@@ -331,6 +337,7 @@ class FakeKubernetes:
     def take_fault(self, method: str, path: str, watch: bool) -> Fault | None:
         with self.lock:
             self.requests.append((method, path))
+            self.calls.append((method, path, watch))
             for fault in self.faults:
                 if fault.times <= 0 or (fault.method and fault.method != method):
                     continue
@@ -408,6 +415,8 @@ class FakeKubernetes:
         with self.lock:
             self.open_watches += 1
             self.watch_requests += 1
+            self.watches_by_plural[plural] = self.watches_by_plural.get(plural, 0) + 1
+            self.lock.notify_all()
             if self.compact_on_next_watch:  # as if etcd compacted between the list and this watch
                 self.compact_on_next_watch = False
                 self.rv += 1
@@ -466,13 +475,26 @@ class FakeKubernetes:
                 batch, self._queue = self._queue, []
             if not self.controllers_enabled:
                 continue
-            for plural, type_, obj in batch:
+            for plural, type_, obj, mark in batch:
                 if type_ == "DELETED":
                     continue
+                if self.act_when_watched and type_ == "ADDED" and self._watched_kind(plural, obj):
+                    with self.lock:
+                        deadline = time.monotonic() + 2.0
+                        while self.watches_by_plural.get(plural, 0) <= mark and not self.stopping:
+                            if time.monotonic() > deadline:
+                                break
+                            self.lock.wait(timeout=0.05)
                 try:
                     self._reconcile(plural, obj)
                 except Exception as exc:  # pragma: no cover - a bug in the fake, make it visible
                     print(f"fake kubernetes controller failed on {plural}: {exc!r}")
+
+    @staticmethod
+    def _watched_kind(plural: str, obj: Obj) -> bool:
+        if plural == "pods":
+            return "job-name" not in obj["metadata"].get("labels", {})
+        return plural in ("jobs", "volumesnapshots")
 
     def _reconcile(self, plural: str, obj: Obj) -> None:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
@@ -487,7 +509,7 @@ class FakeKubernetes:
                 "storage", "1Gi"
             )
             self.update_status(plural, ns, name, {"phase": "Bound", "capacity": {"storage": size}})
-            for pod in self.all("pods"):
+            for pod in self.all("pods") if not self.act_when_watched else []:
                 if pod["metadata"]["namespace"] == ns:
                     self._reconcile("pods", pod)
         elif plural == "volumesnapshots" and not status.get("readyToUse"):
@@ -622,6 +644,23 @@ class FakeKubernetes:
         self.update_status(
             "jobs", ns, name, {**counts, "conditions": [{"type": condition, "status": "True"}]}
         )
+
+
+def rbac_verbs(calls: list[tuple[str, str, bool]]) -> set[tuple[str, str, str]]:
+    """The (apiGroup, resource, verb) an RBAC Role must grant for these requests."""
+    used = set()
+    for method, path, watch in calls:
+        sub = path.endswith("/log")
+        m = _PATH.match(path.removesuffix("/log") if sub else path)
+        assert m is not None, path
+        group, plural, name = m.group("group") or "", m.group("plural"), m.group("name")
+        resource = f"{plural}/log" if sub else plural
+        if method == "GET":
+            verb = "watch" if watch else ("get" if name else "list")
+        else:
+            verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
+        used.add((group, resource, verb))
+    return used
 
 
 async def wait_until(predicate: Callable[[], bool]) -> None:
