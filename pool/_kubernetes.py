@@ -955,6 +955,17 @@ class KubernetesProvider:
         volume_name, snapshot_name = self._object_name(volume), self._object_name(snapshot)
         self._codec.check(meta)
         log.info("kubernetes.seal", volume=volume, snapshot=snapshot)
+        try:
+            await self._client.call("read", SNAPSHOTS, snapshot_name)
+        except (
+            NotFoundError
+        ):  # not sealed before: the volume must exist (else it would never be ready)
+            try:
+                await self._read_kind(PVCS, Kind.VOLUME, volume_name)
+            except NotFoundError:
+                raise NotFoundError(
+                    f"volume {volume!r} does not exist, so it cannot be sealed into {snapshot!r}."
+                ) from None
         await self._delete(PODS, volume_name, grace=self._settings.stop_grace_seconds)
         await self._wait_for(
             PODS,
@@ -1147,6 +1158,9 @@ class KubernetesProvider:
     async def list(self, kind: Kind | None = None) -> Sequence[Resource]:
         """Everything of this instance that is not being deleted (a deleted object may linger)."""
         resources: list[Resource] = []
+        if kind is None:  # forget what others deleted; everything listed is remembered again
+            self._seen.clear()
+            self._endpoints.clear()
         kind_label = f"{self._settings.label_prefix}kind"
         if kind in (None, Kind.VOLUME, Kind.CLONE):
             selector = self._selector(kind.value if kind is not None else None)

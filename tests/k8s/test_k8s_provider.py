@@ -317,3 +317,22 @@ async def test_if_an_object_is_being_deleted_then_list_leaves_it_out(
     pvc["metadata"]["labels"]["aldaas.io/name"] = "w"
     fake.put("", "persistentvolumeclaims", NS, pvc)
     assert [r.name for r in await provider.list()] == ["v"]
+
+
+async def test_if_the_volume_does_not_exist_then_seal_says_so_at_once(
+    provider: KubernetesProvider, fake: FakeKubernetes
+) -> None:
+    """If seal names a volume that was never created, then NotFoundError instead of a long wait."""
+    with pytest.raises(NotFoundError, match="volume 'ghost' does not exist"):
+        await provider.seal("ghost", "s", {})
+    assert fake.all("volumesnapshots") == []
+
+
+async def test_if_seal_runs_again_after_it_finished_then_it_returns_the_snapshot(
+    provider: KubernetesProvider,
+) -> None:
+    """If a restarted pipeline seals again, then the existing snapshot is adopted."""
+    await provider.create_volume("v", {})
+    first = await provider.seal("v", "s", {"status": "verifying"})
+    again = await provider.seal("v", "s", {"status": "verifying"})
+    assert (again.name, again.version) == (first.name, first.version)
