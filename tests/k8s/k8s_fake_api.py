@@ -189,6 +189,9 @@ class FakeKubernetes:
         self.job_rule: Callable[[Obj], JobOutcome] = lambda job: JobOutcome()
         self.snapshot_ready: Callable[[Obj], bool] = lambda snap: True
         self.controllers_enabled = True
+        self.kubelet: Any = None
+        """A LocalKubelet (k8s_local_kubelet.py) makes pods, snapshots and Jobs real, or None."""
+        self._done: set[tuple[str, str, str]] = set()  # (plural, ns, name) started by a controller
         self._queue: list[tuple[str, str, Obj, int]] = []  # (plural, type, object, watch mark)
         self.watches_by_plural: dict[str, int] = {}
         self.act_when_watched = False
@@ -477,6 +480,8 @@ class FakeKubernetes:
                 continue
             for plural, type_, obj, mark in batch:
                 if type_ == "DELETED":
+                    if self.kubelet is not None:
+                        self._kubelet_deleted(plural, obj)
                     continue
                 if self.act_when_watched and type_ == "ADDED" and self._watched_kind(plural, obj):
                     with self.lock:
@@ -518,6 +523,14 @@ class FakeKubernetes:
             )
             if pvc is None or not self.snapshot_ready(obj):
                 return
+            if self.kubelet is not None:
+                if not self._first_time(plural, obj):
+                    return
+                try:
+                    self.kubelet.take_snapshot(obj)
+                except Exception as exc:
+                    self.update_status(plural, ns, name, {"error": {"message": str(exc)}})
+                    return
             self.update_status(
                 plural,
                 ns,
@@ -550,13 +563,40 @@ class FakeKubernetes:
                     return False
         return True
 
+    def _kubelet_deleted(self, plural: str, obj: Obj) -> None:
+        labels = obj["metadata"].get("labels") or {}
+        try:
+            if plural == "pods" and "job-name" not in labels:
+                self.kubelet.stop_pod(obj)
+            elif plural == "persistentvolumeclaims" and labels.get("aldaas.io/kind"):
+                self.kubelet.deleted_pvc(obj)
+            elif plural == "volumesnapshots":
+                self.kubelet.deleted_snapshot(obj)
+        except Exception as exc:  # pragma: no cover - visible in the test's output
+            print(f"fake kubelet failed on deleted {plural}: {exc!r}")
+
+    def _first_time(self, plural: str, obj: Obj) -> bool:
+        key = (plural, obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if key in self._done:
+            return False
+        self._done.add(key)
+        return True
+
     def _run_pod(self, pod: Obj) -> None:
-        if not self._claims_bound(pod):
+        if not self._claims_bound(pod) or not self._first_time("pods", pod):
             return
         outcome = self.pod_rule(pod)
         ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
         ip = outcome.ip or f"127.0.0.{next(self._ips) % 250 + 2}"
         container = pod["spec"]["containers"][0]["name"]
+        if self.kubelet is not None:
+            claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+            try:
+                self.kubelet.start_pod(pod, self.get("persistentvolumeclaims", ns, claim), ip)
+            except Exception as exc:
+                with self.lock:
+                    self.logs[(ns, name, container)] = f"{exc}\n"
+                outcome = PodOutcome(waiting_reason="CrashLoopBackOff")
         if outcome.waiting_reason:
             state: Obj = {"waiting": {"reason": outcome.waiting_reason, "message": "simulated"}}
         else:
@@ -588,7 +628,7 @@ class FakeKubernetes:
         }
         with self.lock:
             pod = self._create("", "pods", ns, {"metadata": pod_meta, "spec": template["spec"]})
-        outcome = self.job_rule(job)
+        outcome = self.kubelet.run_job(job) if self.kubelet is not None else self.job_rule(job)
         if outcome.hold is not None:
             hold = outcome.hold
             threading.Thread(
