@@ -52,7 +52,9 @@ async def run_once(clones: int) -> dict[str, list[float]]:
         cold = KubernetesProvider(settings, api)
         for i in range(clones):
             name = f"c{i}"
-            who, label = (provider, "listed (1 PATCH)") if i % 2 else (cold, "unlisted (3 requests)")
+            who, label = (
+                (provider, "listed (1 PATCH)") if i % 2 else (cold, "unlisted (3 requests)")
+            )
             started = time.perf_counter()
             await who.set_meta(
                 Kind.CLONE, name, {"state": "leased"}, expect_version=warm[name].version
