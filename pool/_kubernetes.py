@@ -1144,6 +1144,7 @@ class KubernetesProvider:
         object_name = self._object_name(name)
         log.info("kubernetes.destroy", kind=kind.value, name=name)
         if kind is Kind.SNAPSHOT:
+            await self._check_not_restoring(object_name)
             for plural in (SNAPSHOTS, CONFIGMAPS):
                 self._seen.pop((plural, object_name), None)
                 await self._delete(plural, object_name)
@@ -1154,6 +1155,19 @@ class KubernetesProvider:
             await self._delete(JOBS, f"{object_name}-{step}")
         await self._delete(PODS, object_name, grace=self._settings.destroy_grace_seconds)
         await self._delete(PVCS, object_name)
+
+    async def _check_not_restoring(self, snapshot_name: str) -> None:
+        """Refuse to delete a VolumeSnapshot a PVC is still being provisioned from."""
+        pvcs = await self._client.call("list", PVCS, label_selector=self._selector())
+        for pvc in _live(pvcs):
+            source = pvc["spec"].get("dataSource") or {}
+            bound = (pvc.get("status") or {}).get("phase") == "Bound"
+            if source.get("name") == snapshot_name and not bound:
+                raise TemporaryProviderError(
+                    f'VolumeSnapshot "{snapshot_name}" is still being restored into PVC '
+                    f'"{pvc["metadata"]["name"]}"; it is deleted once that PVC is bound.',
+                    delay=10.0,
+                )
 
     async def list(self, kind: Kind | None = None) -> Sequence[Resource]:
         """Everything of this instance that is not being deleted (a deleted object may linger)."""

@@ -7,10 +7,19 @@ import threading
 import attrs
 import pytest
 import trio
-from k8s_fake_api import FakeKubernetes, JobOutcome, PodOutcome
+from k8s_fake_api import FakeKubernetes, JobOutcome, PodOutcome, wait_until
 from kubernetes import client
 
-from pool import Backup, Command, ConflictError, Kind, NotFoundError, ProviderError, RestoreProgress
+from pool import (
+    Backup,
+    Command,
+    ConflictError,
+    Kind,
+    NotFoundError,
+    ProviderError,
+    RestoreProgress,
+    TemporaryProviderError,
+)
 from pool._kubernetes import KubernetesProvider
 from pool._kubernetes_settings import KubernetesSettings
 
@@ -336,3 +345,21 @@ async def test_if_seal_runs_again_after_it_finished_then_it_returns_the_snapshot
     first = await provider.seal("v", "s", {"status": "verifying"})
     again = await provider.seal("v", "s", {"status": "verifying"})
     assert (again.name, again.version) == (first.name, first.version)
+
+
+async def test_if_a_clone_is_still_being_provisioned_from_a_snapshot_then_it_is_not_deleted(
+    provider: KubernetesProvider, fake: FakeKubernetes
+) -> None:
+    """If a PVC made from the snapshot is not bound yet, then destroy is a temporary error."""
+    await provider.create_volume("v", {})
+    await provider.seal("v", "s", {"status": "ready"})
+    fake.controllers_enabled = False  # the clone's PVC stays Pending
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(provider.clone, "s", "c", {})
+        await wait_until(lambda: fake.get("pods", NS, "aldaas-c") is not None)
+        with pytest.raises(TemporaryProviderError, match='restored into PVC "aldaas-c"'):
+            await provider.destroy(Kind.SNAPSHOT, "s")
+        nursery.cancel_scope.cancel()
+    fake.update_status("persistentvolumeclaims", NS, "aldaas-c", {"phase": "Bound"})
+    await provider.destroy(Kind.SNAPSHOT, "s")
+    assert fake.get("volumesnapshots", NS, "aldaas-s") is None
