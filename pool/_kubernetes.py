@@ -214,7 +214,13 @@ class _Client:
             api_client = k8s.ApiClient(configuration)
         self.api_client = api_client
         pool_size = getattr(api_client.configuration, "connection_pool_maxsize", None)
-        self.limiter = trio.CapacityLimiter(int(pool_size or settings.api_connections))
+        # The connection pool is shared: half of it for watches (each holds a connection and a
+        # thread for up to watch_timeout_seconds), half for calls, so that waits for pods never
+        # starve a hand-out's single PATCH.
+        size = max(2, int(pool_size or settings.api_connections))
+        self.watch_limiter = trio.CapacityLimiter(size // 2)
+        self.limiter = trio.CapacityLimiter(size - size // 2)
+        self._in_slot = trio.CapacityLimiter(math.inf)  # threads of a watch already holding a slot
         self.core = k8s.CoreV1Api(api_client)
         self.batch = k8s.BatchV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
@@ -290,12 +296,18 @@ class _Client:
         lines = data.decode("utf-8", "replace").strip().splitlines()
         return " | ".join(line.strip() for line in lines if line.strip())
 
-    async def _retrying(self, verb: str, what: str, job: Callable[[], T]) -> T:
+    async def _retrying(
+        self,
+        verb: str,
+        what: str,
+        job: Callable[[], T],
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> T:
         timeout = self._settings.request_timeout_seconds
         for attempt in range(1, self._settings.api_retries + 1):
             try:
                 try:
-                    return await trio.to_thread.run_sync(job, limiter=self.limiter)
+                    return await trio.to_thread.run_sync(job, limiter=limiter or self.limiter)
                 except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
                     raise _translate(exc, verb, what, timeout) from exc
             except TemporaryProviderError as exc:
@@ -316,6 +328,27 @@ class _Client:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def watch(
+        self,
+        plural: str,
+        handle: Callable[[str, Obj], T | None],
+        *,
+        resource_version: str,
+        timeout_seconds: int,
+        field_selector: str | None = None,
+        label_selector: str | None = None,
+    ) -> T | None:
+        """One watch, holding one of the watch slots (a connection and a thread) throughout."""
+        async with self.watch_limiter:
+            return await self._watch(
+                plural,
+                handle,
+                resource_version=resource_version,
+                timeout_seconds=timeout_seconds,
+                field_selector=field_selector,
+                label_selector=label_selector,
+            )
+
+    async def _watch(
         self,
         plural: str,
         handle: Callable[[str, Obj], T | None],
@@ -353,7 +386,7 @@ class _Client:
                     return None
                 raise
 
-        response = await self._retrying("watch", what, open_watch)
+        response = await self._retrying("watch", what, open_watch, limiter=self._in_slot)
         if response is None:
             raise _Gone()
         send, receive = trio.open_memory_channel[Obj](math.inf)
@@ -376,7 +409,7 @@ class _Client:
         async def run_pump() -> None:
             self.watch_threads += 1
             try:
-                await trio.to_thread.run_sync(pump, limiter=self.limiter)
+                await trio.to_thread.run_sync(pump, limiter=self._in_slot)
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 failures.append(_translate(exc, "watch", what, timeout))
             finally:

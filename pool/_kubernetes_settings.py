@@ -160,8 +160,10 @@ class KubernetesSettings:
     """The check Job run against a verification clone."""
     leader_election: LeaderElectionSettings = LeaderElectionSettings()
     """Lease-based leader election among broker replicas."""
-    api_connections: int = 8
-    """Size of the HTTP connection pool and of the thread limiter in front of it."""
+    api_connections: int = 12
+    """Size of the HTTP connection pool; half of it (and of the worker threads) serves watches,
+    one per step waiting for a pod, Job or snapshot, half serves calls. Raise it with
+    ``pool.max_provisioning`` so that waits do not queue."""
     request_timeout_seconds: float = 30.0
     """Timeout of one non-watch API call; a timeout is a temporary error, retried."""
     api_retries: int = 4

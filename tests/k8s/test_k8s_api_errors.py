@@ -179,3 +179,23 @@ async def test_if_the_watch_times_out_on_the_server_then_the_wait_continues(
         await wait_until(lambda: fake.watch_requests >= 2 and fake.open_watches == 1)
         make_ready(fake, "aldaas-v")
     assert endpoints[0].host == "127.0.0.9"
+
+
+async def test_if_waits_fill_the_watch_slots_then_a_claim_still_gets_through(
+    provider: KubernetesProvider, fake: FakeKubernetes
+) -> None:
+    """If more steps wait on watches than there are watch slots, then calls are not starved."""
+    await provider.create_volume("v", {})
+    (volume,) = await provider.list(Kind.VOLUME)
+    fake.pod_rule = lambda pod: PodOutcome(ready=False)
+    async with trio.open_nursery() as nursery:
+        for name in ("w1", "w2", "w3"):  # the test client's pool of 4 has 2 watch slots
+            nursery.start_soon(provider.create_volume, name, {})
+        await wait_until(lambda: fake.open_watches == 2)
+        with trio.fail_after(3):  # well before any of those watches ends (5 s)
+            claimed = await provider.set_meta(
+                Kind.VOLUME, "v", {"lease": "l"}, expect_version=volume.version
+            )
+        assert claimed.meta["lease"] == "l"
+        nursery.cancel_scope.cancel()
+    assert provider.watch_threads == 0
