@@ -8,15 +8,17 @@ Object mapping (docs/kubernetes-provider.md has the full table):
 - restore and check = batch/v1 Jobs running the configured command against the pod IP.
 
 A resource's ``meta`` lives in labels (short values of :attr:`label_meta_keys`)
-and annotations (everything else) of its PVC or VolumeSnapshot, and its
-``version`` is that object's resourceVersion. The PVC, not the pod, carries a
-clone's meta: the kubelet rewrites pod status all the time, which would make a
-compare-and-set on the pod lose for no reason.
+and annotations (everything else) of its PVC or VolumeSnapshot (or, for a
+failed snapshot's record, a ConfigMap), and its ``version`` is that object's
+resourceVersion. The PVC, not the pod, carries a clone's meta: the kubelet
+rewrites pod status all the time, which would make a compare-and-set on the pod
+lose for no reason.
 
 The official client is synchronous. Every call runs in a worker thread behind a
-:class:`trio.CapacityLimiter` as large as the client's connection pool, with a
-request timeout; watches carry ``timeoutSeconds`` and, when cancelled, shut
-their socket down so that no thread stays blocked on it.
+:class:`trio.CapacityLimiter`; the client's connection pool is split between
+watches and calls so that waits never starve a hand-out. Calls have a request
+timeout; watches carry ``timeoutSeconds`` and, when cancelled, shut their
+socket down so that no thread stays blocked on it.
 """
 
 from __future__ import annotations
@@ -93,8 +95,7 @@ _DNS_NAME = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 _RESERVED_META = frozenset({"kind", "name", "instance", "created-by"})
 _FATAL_WAITING = frozenset(
     {
-        "ErrImagePull",
-        "ImagePullBackOff",
+        "ImagePullBackOff",  # not ErrImagePull: the kubelet retries a first failed pull
         "InvalidImageName",
         "CrashLoopBackOff",
         "CreateContainerConfigError",
