@@ -1,1 +1,41 @@
 """Shared fixtures. Package-specific fixtures live in each tests/<package>/conftest.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+
+def _kill_postmasters(root: pathlib.Path) -> None:
+    """Kill every PostgreSQL still serving a data directory under ``root`` (a failed test's leftovers)."""
+    for pidfile in root.glob("*/*/pgdata/postmaster.pid"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int(pidfile.read_text().splitlines()[0])
+            if os.readlink(f"/proc/{pid}/cwd") == str(pidfile.parent.resolve()):
+                os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def data_dir() -> Iterator[pathlib.Path]:
+    """A fresh, not yet existing data folder for the local provider that its run user can reach.
+
+    pytest's ``tmp_path`` lives under /tmp/pytest-of-root (mode 0700): when the
+    tests run as root, PostgreSQL runs as the unprivileged ``aldaas`` user,
+    which cannot traverse it. This folder's parent is /tmp/aldaas-test-XXXX
+    (0711: traversable, not listable); any server left running is killed and
+    the folder removed afterwards.
+    """
+    parent = pathlib.Path(tempfile.mkdtemp(prefix="aldaas-test-", dir="/tmp"))
+    parent.chmod(0o711)
+    try:
+        yield parent / "data"
+    finally:
+        _kill_postmasters(parent / "data")
+        shutil.rmtree(parent, ignore_errors=True)
