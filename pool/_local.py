@@ -79,7 +79,6 @@ class LocalProvider:
         self._setup_lock = trio.Lock()
         self._setup: _Setup | None = None
         self._reflink: bool | None = None
-        self._children: dict[pathlib.Path, trio.Process] = {}
         self._locks: dict[pathlib.Path, trio.Lock] = {}
         self._reserved_ports: set[int] = set()
 
@@ -237,7 +236,7 @@ class LocalProvider:
             )
             self._reserved_ports.add(port)
             try:
-                proc = await pg.start_postmaster(
+                await pg.start_postmaster(
                     bin_dir=setup.bin_dir,
                     pgdata=folder / "pgdata",
                     log_path=folder / "postgres.log",
@@ -251,7 +250,6 @@ class LocalProvider:
                 continue
             finally:
                 self._reserved_ports.discard(port)
-            self._children[folder / "pgdata"] = proc
             return port
         raise ProviderError(
             f"PostgreSQL for {what} lost the race for a free port {_PORT_ATTEMPTS} times; "
@@ -259,10 +257,8 @@ class LocalProvider:
         )
 
     async def _stop(self, folder: pathlib.Path) -> bool:
-        pgdata = folder / "pgdata"
-        child = self._children.pop(pgdata, None)
         return await pg.stop_postmaster(
-            pgdata, child, timeout_seconds=self._settings.stop_timeout_seconds
+            folder / "pgdata", timeout_seconds=self._settings.stop_timeout_seconds
         )
 
     def _make_folder(self, path: pathlib.Path, setup: _Setup) -> None:
@@ -654,9 +650,6 @@ class LocalProvider:
         """Whether clone ``name``'s server is alive and answers a startup packet."""
         await self._ready()
         folder = self._dir(Kind.CLONE, name)
-        child = self._children.get(folder / "pgdata")
-        if child is not None and child.poll() is not None:
-            return False
         endpoint = self._endpoint(folder)
         if endpoint is None:
             return False
@@ -736,8 +729,7 @@ class LocalProvider:
         return "reflink" if method == "reflink" else "copy"
 
     async def aclose(self) -> None:
-        """Forget our child processes; the databases keep running for the next broker to adopt."""
-        self._children.clear()
+        """Nothing to release: the databases keep running for the next broker to adopt."""
 
 
 # ------------------------------------------------------------------ files

@@ -201,7 +201,7 @@ def is_postmaster_of(pid: int, pgdata: pathlib.Path) -> bool:
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return False
-    return cwd == str(pgdata.resolve())
+    return cwd == str(pgdata.resolve()) and _alive(pid)
 
 
 def running_postmaster(pgdata: pathlib.Path) -> PostmasterInfo | None:
@@ -273,8 +273,9 @@ class _Tail:
 
 
 def _kill_group(pid: int) -> None:
+    """SIGKILL ``pid``'s process group (a postmaster's group holds all its backends)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
 @attrs.frozen(kw_only=True)
@@ -425,14 +426,18 @@ async def start_postmaster(
     run_user: RunUser | None,
     timeout_seconds: float,
     what: str,
-) -> trio.Process:
-    """Start ``postgres -D pgdata`` in its own session and wait until it accepts connections.
+) -> int:
+    """Start ``postgres -D pgdata`` detached from the broker; wait until it accepts; return its pid.
 
-    Readiness is the ``ready`` status PostgreSQL writes into ``postmaster.pid``
-    once it accepts connections, polled every few milliseconds (``pg_ctl -w``
-    polls every 100 ms, which would dominate a clone's start time). Raises
-    :class:`ProviderError` with the log's tail when the server exits or does
-    not become ready in time; :class:`PortInUse` when it could not bind.
+    A constant ``sh`` script starts the server in the background and prints
+    its pid, so the server is never the broker's child: it outlives the
+    broker (even a ``kill -9``), is reaped by init, and an adopted server is
+    handled exactly like one we started. Readiness is the ``ready`` status
+    PostgreSQL writes into ``postmaster.pid`` once it accepts connections,
+    polled every few milliseconds (``pg_ctl -w`` polls every 100 ms, which
+    would dominate a clone's start). Raises :class:`ProviderError` with the
+    log's tail when the server exits or is not ready in time, and
+    :class:`PortInUse` when it could not bind its port.
     """
     argv = [str(bin_dir / "postgres"), "-D", str(pgdata)]
     for key, value in settings.items():
@@ -440,11 +445,12 @@ async def start_postmaster(
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         log_start = os.fstat(log_fd).st_size
-        proc = await trio.lowlevel.open_process(
-            argv,
+        launched = await trio.run_process(
+            ["/bin/sh", "-c", _LAUNCH, *argv],
             stdin=subprocess.DEVNULL,
-            stdout=log_fd,
+            capture_stdout=True,
             stderr=log_fd,
+            check=False,
             env=command_env(bin_dir, {}),
             cwd=str(pgdata),
             start_new_session=True,
@@ -455,30 +461,49 @@ async def start_postmaster(
         )
     finally:
         os.close(log_fd)
+    try:
+        pid = int(launched.stdout.strip())
+    except ValueError:
+        raise ProviderError(
+            f"could not launch PostgreSQL for {what} (launcher exit {launched.returncode}, "
+            f"log: {_log_since(log_path, log_start)}); check local.bin_dir"
+        ) from None
     deadline = time.monotonic() + timeout_seconds
     while True:
-        code = proc.poll()
-        if code is not None:
+        info = read_postmaster_pid(pgdata)
+        if info is not None and info.pid == pid and info.status == "ready":
+            return pid
+        if not _alive(pid):
             tail = _log_since(log_path, log_start)
             if BIND_FAILURE.search(tail):
                 raise PortInUse(tail)
             raise ProviderError(
-                f"PostgreSQL for {what} exited with status {code} while starting "
-                f"(log: {tail}); fix the cause shown in the log (e.g. local.conf)"
+                f"PostgreSQL for {what} exited while starting (log: {tail}); "
+                "fix the cause shown in the log (e.g. a bad local.conf setting)"
             )
-        info = read_postmaster_pid(pgdata)
-        if info is not None and info.pid == proc.pid and info.status == "ready":
-            return proc
         if time.monotonic() > deadline:
-            _kill_group(proc.pid)
-            with trio.CancelScope(shield=True):
-                await proc.wait()
+            _kill_group(pid)
             raise ProviderError(
                 f"PostgreSQL for {what} did not accept connections within "
                 f"{timeout_seconds:g} s (log: {_log_since(log_path, log_start)}); "
                 "raise local.start_timeout_seconds or look at the log"
             )
         await trio.sleep(_POLL_SECONDS)
+
+
+# Start "$0 $@" (the postgres argv) in the background with its output in the log (fd 2),
+# print its pid, and exit: the server is re-parented to init, not a child of the broker.
+_LAUNCH = '"$0" "$@" </dev/null >&2 &\necho $!\n'
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
 
 
 class PortInUse(ProviderError):
@@ -495,45 +520,30 @@ def _log_since(path: pathlib.Path, start: int) -> str:
     return tail_text(data)
 
 
-async def stop_postmaster(
-    pgdata: pathlib.Path,
-    child: trio.Process | None,
-    *,
-    timeout_seconds: float,
-) -> bool:
+async def stop_postmaster(pgdata: pathlib.Path, *, timeout_seconds: float) -> bool:
     """Stop the server of ``pgdata`` with a fast shutdown; kill its process group if that hangs.
 
-    Works for our own children and for adopted servers (started by an earlier
-    broker). Returns whether the shutdown was clean (no kill needed); a
-    server that was not running counts as clean.
+    Returns whether the shutdown was clean (no kill needed); a server that
+    was not running counts as clean.
     """
-    if child is not None and child.poll() is None:
-        pid = child.pid
-    else:
-        info = running_postmaster(pgdata)
-        if info is None:
-            return True
-        pid = info.pid
+    info = running_postmaster(pgdata)
+    if info is None:
+        return True
     try:
-        os.kill(pid, signal.SIGINT)  # fast shutdown: abort sessions, checkpoint, exit
+        os.kill(info.pid, signal.SIGINT)  # fast shutdown: end sessions, checkpoint, exit
     except ProcessLookupError:
         return True
-    if await _wait_gone(pid, pgdata, child, time.monotonic() + timeout_seconds):
+    if await _wait_gone(info.pid, pgdata, time.monotonic() + timeout_seconds):
         return True
-    logger.warning("postgres did not stop in time; killing it", pgdata=str(pgdata), pid=pid)
-    _kill_group(pid)
-    await _wait_gone(pid, pgdata, child, time.monotonic() + 10.0)
+    logger.warning("postgres did not stop in time; killing it", pgdata=str(pgdata), pid=info.pid)
+    _kill_group(info.pid)
+    await _wait_gone(info.pid, pgdata, time.monotonic() + 10.0)
     return False
 
 
-async def _wait_gone(
-    pid: int, pgdata: pathlib.Path, child: trio.Process | None, deadline: float
-) -> bool:
+async def _wait_gone(pid: int, pgdata: pathlib.Path, deadline: float) -> bool:
     while time.monotonic() < deadline:
-        if child is not None and child.pid == pid:
-            if child.poll() is not None:
-                return True
-        elif not is_postmaster_of(pid, pgdata):
+        if not is_postmaster_of(pid, pgdata) or not _alive(pid):
             return True
         await trio.sleep(_POLL_SECONDS)
     return False

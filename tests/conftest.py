@@ -14,16 +14,16 @@ import pytest
 
 
 def _kill_postmasters(root: pathlib.Path) -> None:
-    """Kill every PostgreSQL still serving a data directory under ``root`` (a failed test's leftovers)."""
+    """Kill every PostgreSQL still serving a data directory under ``root`` (test leftovers)."""
     for pidfile in root.glob("*/*/pgdata/postmaster.pid"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             pid = int(pidfile.read_text().splitlines()[0])
             if os.readlink(f"/proc/{pid}/cwd") == str(pidfile.parent.resolve()):
-                os.killpg(pid, signal.SIGKILL)
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
-@pytest.fixture
-def data_dir() -> Iterator[pathlib.Path]:
+@contextlib.contextmanager
+def traversable_data_dir() -> Iterator[pathlib.Path]:
     """A fresh, not yet existing data folder for the local provider that its run user can reach.
 
     pytest's ``tmp_path`` lives under /tmp/pytest-of-root (mode 0700): when the
@@ -39,3 +39,17 @@ def data_dir() -> Iterator[pathlib.Path]:
     finally:
         _kill_postmasters(parent / "data")
         shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture
+def data_dir() -> Iterator[pathlib.Path]:
+    """A data folder for ``LocalSettings(data_dir=...)`` that PostgreSQL's run user can reach."""
+    with traversable_data_dir() as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def module_data_dir() -> Iterator[pathlib.Path]:
+    """Like ``data_dir``, shared by a test module (build an expensive snapshot once)."""
+    with traversable_data_dir() as path:
+        yield path
