@@ -827,11 +827,12 @@ class Pool:
             clone.endpoint = await self._provider.clone(
                 clone.snapshot, clone.name, self._clone_meta(clone, CloneState.PROVISIONING)
             )
-            clone.state = clone_transition(clone.name, clone.state, CloneEvent.PROVISIONED)
+            warm = clone_transition(clone.name, clone.state, CloneEvent.PROVISIONED)
             resource = await self._provider.set_meta(
-                Kind.CLONE, clone.name, self._clone_meta(clone, CloneState.WARM)
+                Kind.CLONE, clone.name, self._clone_meta(clone, warm)
             )
             clone.version = resource.version
+            clone.state = warm
         except ProviderError as exc:
             self._provisioning_failures += 1
             delay = min(_BACKOFF_MAX, 2.0 ** min(self._provisioning_failures, 6))

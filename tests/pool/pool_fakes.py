@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 import attrs
 import trio
@@ -149,17 +149,18 @@ class FakeProvider:
         started = trio.current_time()
         done = 0
         chunks = []
-        async for chunk in source.open(backup):
-            await trio.sleep(self.world.restore_seconds_per_chunk)
-            chunks.append(chunk)
-            done += len(chunk)
-            progress(
-                RestoreProgress(
-                    done_bytes=done,
-                    total_bytes=backup.size,
-                    elapsed_seconds=trio.current_time() - started,
+        async with aclosing(source.open(backup)) as stream:
+            async for chunk in stream:
+                await trio.sleep(self.world.restore_seconds_per_chunk)
+                chunks.append(chunk)
+                done += len(chunk)
+                progress(
+                    RestoreProgress(
+                        done_bytes=done,
+                        total_bytes=backup.size,
+                        elapsed_seconds=trio.current_time() - started,
+                    )
                 )
-            )
         if self.world.restore_gate is not None:
             await self.world.restore_gate.wait()
         content = b"".join(chunks)
