@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import pathlib
+import urllib.parse
 from typing import Literal
 
 import attrs
+
+
+def redact_url(url: str | None) -> str:
+    """``url`` without any ``user:password@`` part (for reprs, logs and messages)."""
+    if not url:
+        return repr(url)
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @attrs.frozen(kw_only=True)
@@ -97,7 +108,7 @@ class S3Settings:
     suffix: str = ".sql.gz"
     """Only keys ending with this are backups (the original's ``s3.suffix``)."""
 
-    endpoint_url: str | None = None
+    endpoint_url: str | None = attrs.field(default=None, repr=redact_url)
     """``None`` for AWS; e.g. ``http://minio.server:80`` (plain HTTP allowed) for S3-compatibles."""
 
     region: str | None = None

@@ -7,7 +7,6 @@ so a backup is never held in memory whole.
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ import botocore.config
 import botocore.exceptions
 import trio
 
-from ._local_settings import S3Settings
+from ._local_settings import S3Settings, redact_url
 from ._provider import Backup, ProviderError, TemporaryProviderError
 
 _TEMPORARY_CODES = frozenset(
@@ -28,13 +27,8 @@ _ACCESS_CODES = frozenset(
 
 
 def _safe_endpoint(url: str | None) -> str:
-    """The endpoint without any user:password@ part, for messages."""
-    if not url:
-        return "AWS S3"
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    """The endpoint for messages: ``AWS S3`` or the URL without any user:password@ part."""
+    return redact_url(url) if url else "AWS S3"
 
 
 class S3Source:
