@@ -594,6 +594,11 @@ class LocalProvider:
             what = f"{method} copy of snapshot {snapshot!r}"
             raise ProviderError(_failure(what, result, self._root))
 
+    async def probe_clone_method(self) -> CloneMethod:
+        """How new clones will be made here (probing reflink support once per data folder)."""
+        await self._ready()
+        return await self._clone_method()
+
     async def _clone_method(self) -> CloneMethod:
         wanted = self._settings.clone_method
         if wanted == "copy":
