@@ -556,6 +556,9 @@ async def accepts_connections(
 
     That is what ``pg_isready`` checks: the postmaster accepts, a backend is
     forked, and it is not starting up or shutting down (those answer ``E``).
+    The whole request is read before closing, so the server sees a clean EOF
+    during authentication, which it does not log (unread data would make the
+    close a reset, logged on every check).
     """
     params = b"user\0" + user.encode() + b"\0database\0" + database.encode() + b"\0\0"
     packet = struct.pack("!ii", 8 + len(params), 196608) + params
@@ -567,11 +570,25 @@ async def accepts_connections(
         async with stream:
             try:
                 await stream.send_all(packet)
-                reply = await stream.receive_some(1)
-            except (trio.BrokenResourceError, OSError):
+                header = await _receive_exactly(stream, 5)
+                if header[:1] != b"R":
+                    return False
+                (length,) = struct.unpack("!i", header[1:])
+                await _receive_exactly(stream, max(0, min(length - 4, 65536)))
+            except (trio.BrokenResourceError, OSError, EOFError):
                 return False
-            return reply == b"R"
+            return True
     return False
+
+
+async def _receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.receive_some(size - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
 
 
 def disk_full(exc: OSError) -> bool:

@@ -471,3 +471,20 @@ async def test_if_the_disk_fills_during_a_restore_then_the_error_says_the_disk_i
         for resource in await provider.list():
             await provider.destroy(resource.kind, resource.name)
         await trio.run_process(["umount", "-l", str(data_dir)], check=False)
+
+
+async def test_if_a_clone_is_health_checked_then_its_log_stays_quiet(
+    settings: LocalSettings,
+) -> None:
+    """If is_healthy probes a clone, then the server logs no reset connection for it."""
+    from pool._postgres import stop_postmaster
+
+    provider = LocalProvider(settings)
+    await provider.clone("base", "probed", {})
+    assert await provider.is_healthy("probed") is True
+    folder = settings.data_dir / "clones" / "probed"
+    assert await stop_postmaster(folder / "pgdata", timeout_seconds=30) is True  # backends flushed
+    log = (folder / "postgres.log").read_text()
+    await provider.destroy(Kind.CLONE, "probed")
+    assert "database system is shut down" in log
+    assert "could not receive data from client" not in log
