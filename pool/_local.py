@@ -20,6 +20,7 @@ through ``postmaster.pid`` and adopts them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -28,8 +29,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Literal
 
 import attrs
@@ -402,8 +402,7 @@ class LocalProvider:
         gzipped = format_of(backup.key) is BackupFormat.SQL_GZ
         validator = GzipValidator(backup.key) if gzipped else None
         started = time.monotonic()
-        async with aclosing(source.open(backup)) as chunks:  # type: ignore[type-var]
-            iterator = aiter(chunks)
+        async with _closing(source.open(backup)) as iterator:
             head = b""
             while len(head) < _HEADER_BYTES:
                 try:
@@ -762,6 +761,18 @@ class LocalProvider:
 
     async def aclose(self) -> None:
         """Nothing to release: the databases keep running for the next broker to adopt."""
+
+
+@contextlib.asynccontextmanager
+async def _closing(chunks: AsyncIterator[bytes]) -> AsyncIterator[AsyncIterator[bytes]]:
+    """Close a source's stream (file, HTTP body) however the restore ends, if it can be closed."""
+    try:
+        yield chunks
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            with trio.CancelScope(shield=True):
+                await aclose()
 
 
 # ------------------------------------------------------------------ files
