@@ -488,3 +488,37 @@ async def test_if_a_clone_is_health_checked_then_its_log_stays_quiet(
     await provider.destroy(Kind.CLONE, "probed")
     assert "database system is shut down" in log
     assert "could not receive data from client" not in log
+
+
+async def test_if_the_picked_port_is_taken_before_postgres_binds_then_it_retries_and_says_so(
+    settings: LocalSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If every pick loses the race for its port, then clone gives up after 5 tries saying why."""
+    import pool._postgres
+
+    monkeypatch.setattr(pool._postgres, "port_is_free", lambda host, port: True)  # the race
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        provider = LocalProvider(attrs.evolve(settings, port_min=port, port_max=port))
+        with pytest.raises(ProviderError, match="lost the race for a free port 5 times"):
+            await provider.clone("base", "unlucky", {})
+    assert await provider.list(Kind.CLONE) == []
+
+
+PG15_BIN = pathlib.Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.mark.skipif(not (PG15_BIN / "postgres").exists(), reason=f"no PostgreSQL at {PG15_BIN}")
+async def test_if_bin_dir_is_configured_then_its_postgres_runs_the_databases(
+    data_dir: pathlib.Path,
+) -> None:
+    """If local.bin_dir names Debian's PostgreSQL 15, then volumes and clones run version 15."""
+    provider = LocalProvider(LocalSettings(data_dir=data_dir, bin_dir=PG15_BIN))
+    await provider.create_volume("v15", {})
+    await provider.seal("v15", "v15", {})
+    endpoint = await provider.clone("v15", "c15", {})
+    (row,) = await aquery(endpoint, "SHOW server_version_num")
+    assert str(row[0]).startswith("15")
+    await provider.destroy(Kind.CLONE, "c15")
