@@ -47,6 +47,7 @@ from ._provider import (
     Kind,
     NotFoundError,
     ProgressCallback,
+    Provider,
     ProviderError,
     Resource,
     RestoreProgress,
@@ -903,3 +904,7 @@ def _os_error(what: str, exc: OSError, root: pathlib.Path) -> ProviderError:
     return ProviderError(
         f"{what} failed: {exc.strerror} ({exc.filename}); check the data folder's permissions"
     )
+
+
+def _implements_provider(provider: LocalProvider) -> Provider:
+    return provider  # mypy proves LocalProvider satisfies the Provider protocol
