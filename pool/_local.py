@@ -506,6 +506,16 @@ class LocalProvider:
                     f"{state_line!r}), so it was not sealed; restore it again"
                 )
             try:
+                # The volume ran without fsync; a snapshot must survive a power cut.
+                # syncfs (sync -f) flushes only the data folder's file system.
+                synced = await trio.run_process(
+                    ["sync", "-f", str(folder / "pgdata")], capture_stderr=True, check=False
+                )
+                if synced.returncode != 0:
+                    raise ProviderError(
+                        f"could not flush volume {volume!r} to disk before sealing it "
+                        f"({pg.tail_text(synced.stderr)}); check the disk of {self._root}"
+                    )
                 size = await trio.to_thread.run_sync(_seal_files, folder / "pgdata")
                 state = _read_json(folder / "state.json")
                 state["size_bytes"] = size
@@ -855,8 +865,7 @@ def _fsync_dir(path: pathlib.Path) -> None:
 
 
 def _seal_files(pgdata: pathlib.Path) -> int:
-    """Flush to disk, make the tree read-only (files 0400, folders 0500), return its size."""
-    os.sync()  # the volume ran without fsync; a snapshot must survive a power cut
+    """Make the tree read-only (files 0400, folders 0500) and return its size."""
     size = 0
     for dirpath, _dirnames, filenames in os.walk(pgdata):
         for filename in filenames:
