@@ -1342,7 +1342,7 @@ class Pool:
             try:
                 observer(event)
             except Exception:
-                log.exception("pool.observer_failed", event=type(event).__name__)
+                log.exception("pool.observer_failed", event_type=type(event).__name__)
 
     def _report_error(self, component: str, exc: BaseException) -> None:
         self._emit(PoolErrorEvent(component=component, message=str(exc)))
