@@ -411,7 +411,10 @@ class Pool:
         log.info("pool.draining", leases=len(self._leases))
 
     def statistics(self) -> PoolStatistics:
-        """A frozen snapshot of clones, queue, leases, snapshots and restore progress."""
+        """A frozen snapshot of clones, queue, leases, snapshots and restore progress.
+
+        Call it from the trio thread (it reads ``trio.current_time()``).
+        """
         now_wall = self._wall()
         clones = {s.value: 0 for s in CloneState if s is not CloneState.GONE}
         for clone in self._clones.values():
@@ -941,6 +944,11 @@ class Pool:
         for snap in self._snapshots.values():
             if snap.backup_key == newest.key and snap.backup_etag == newest.etag:
                 return
+        known = [m.parse_float(s.meta, m.BACKUP_MODIFIED) or 0.0 for s in self._snapshots.values()]
+        if known and newest.modified < max(known):
+            # The newer backup was deleted from the source: never roll back to older data.
+            log.info("source.only_older_backups", backup_key=newest.key)
+            return
         await self._pipeline(newest)
 
     async def _pipeline(self, backup: Backup) -> None:

@@ -75,7 +75,7 @@ def run_and_kill(data_dir: pathlib.Path, backups: pathlib.Path) -> list[dict[str
 async def test_if_the_pool_process_is_killed_then_a_new_pool_keeps_its_leases(
     data_dir: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    """If the process holding the pool gets kill -9, then a new pool adopts leases and drops orphans."""
+    """If the pool process gets kill -9, then a new pool adopts leases, drops orphans, serves 20 at once."""
     backups = tmp_path / "backups"
     backups.mkdir()
     sql = b"CREATE TABLE items (id int);\nINSERT INTO items SELECT generate_series(1, 42);\n"
@@ -116,6 +116,26 @@ async def test_if_the_pool_process_is_killed_then_a_new_pool_keeps_its_leases(
             assert (stats.leases_active, stats.clones["warm"]) == (2, 2)
             assert [s.status for s in stats.snapshots] == ["ready"]
             await pool.release(str(leases[0]["id"]))
+
+            # Twenty acquires at once on real clones: twenty different databases.
+            taken = []
+
+            async def take() -> None:
+                taken.append(await pool.acquire(timeout=120))
+
+            async with trio.open_nursery() as crowd:
+                for _ in range(20):
+                    crowd.start_soon(take)
+            assert len({lease.clone for lease in taken}) == 20
+            assert len({lease.endpoint.port for lease in taken}) == 20
+            for i, lease in enumerate(taken):
+                await trio.to_thread.run_sync(query, lease.endpoint, f"CREATE TABLE mark_{i} ()")
+            first = await trio.to_thread.run_sync(
+                query,
+                taken[0].endpoint,
+                "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'mark%'",
+            )
+            assert first == [(1,)]
         finally:
             nursery.cancel_scope.cancel()
     for resource in await provider.list():

@@ -195,3 +195,21 @@ async def test_if_a_failed_snapshot_outlives_its_grace_then_its_record_is_pruned
         assert _stored(h.world) == [("bad.sql", "failed")]
         await trio.sleep(700)
         assert _stored(h.world) == []
+
+
+async def test_if_the_newest_backup_is_deleted_then_the_pool_does_not_roll_back(
+    autojump_clock: MockClock,
+) -> None:
+    """If the newest backup disappears from the source, then the older one is not restored again."""
+    source = FakeSource()
+    source.put("a.sql", b"CREATE TABLE a();", modified=10.0)
+    async with running_pool(FakeWorld(), source, FAST) as h:
+        await _settled(h, 1)
+        source.put("b.sql", b"CREATE TABLE b();", modified=20.0)
+        h.pool.trigger_refresh()
+        await wait_for(lambda: _statuses(h) == [("b.sql", "ready")], what="b ready, a pruned")
+        del source.backups["b.sql"]
+        h.pool.trigger_refresh()
+        await trio.sleep(120)
+        assert _statuses(h) == [("b.sql", "ready")]
+        assert h.world.restore_calls == ["a.sql", "b.sql"]
