@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from ._local_settings import DirectorySettings
-from ._provider import Backup, ProviderError, Source
+from ._provider import Backup, ProviderError, Source, TemporaryProviderError
 
 CHUNK_BYTES = 1024 * 1024
 
@@ -89,7 +89,7 @@ class DirectorySource:
         async with f:
             st = os.fstat(f.fileno())
             if _etag(st.st_size, st.st_mtime_ns) != backup.etag:
-                raise ProviderError(
+                raise TemporaryProviderError(
                     f"backup {backup.key!r} changed after it was listed; "
                     "it will be picked up again at the next poll"
                 )
@@ -105,7 +105,9 @@ class DirectorySource:
 
 def _read_error(key: str, path: pathlib.Path, exc: OSError) -> ProviderError:
     if exc.errno == errno.ENOENT:
-        return ProviderError(f"backup {key!r} disappeared from {path.parent}; it will be skipped")
+        return TemporaryProviderError(
+            f"backup {key!r} disappeared from {path.parent}; it will be skipped"
+        )
     return ProviderError(
         f"cannot read backup {key!r} at {path} ({exc.strerror}); give the broker read access to it"
     )

@@ -156,9 +156,9 @@ class S3Source:
                     "create it or fix s3.bucket"
                 )
             if code in ("NoSuchKey", "404"):
-                return ProviderError(f"{what} is gone from {where}; it will be skipped")
+                return TemporaryProviderError(f"{what} is gone from {where}; it will be skipped")
             if code in ("PreconditionFailed", "412"):
-                return ProviderError(
+                return TemporaryProviderError(
                     f"{what} changed after it was listed; it will be picked up again at the "
                     "next poll"
                 )

@@ -167,7 +167,7 @@ async def test_if_a_custom_format_dump_is_restored_then_pg_restore_loads_it(
     origin = await provider.clone("base", "dump-origin", {})
     try:
         env = {**os.environ, **origin.environ()}
-        bin_dir = _bin_dir(settings)
+        bin_dir = await provider.bin_dir()
         dumped = await trio.run_process(
             [str(bin_dir / "pg_dump"), "-Fc", "--no-owner"], env=env, capture_stdout=True
         )
@@ -187,15 +187,6 @@ async def test_if_a_custom_format_dump_is_restored_then_pg_restore_loads_it(
     finally:
         await provider.destroy(Kind.CLONE, "custom-1")
         await provider.destroy(Kind.SNAPSHOT, "custom")
-
-
-def _bin_dir(settings: LocalSettings) -> pathlib.Path:
-    private = settings.data_dir / ".pginstall" / "bin"
-    if private.is_dir():
-        return private
-    from pool._postgres import embedded_bin_dir
-
-    return embedded_bin_dir()
 
 
 async def test_if_the_restore_command_exits_non_zero_then_the_error_has_status_and_tail(
@@ -338,7 +329,7 @@ async def test_if_the_data_folder_is_behind_a_private_folder_then_one_sentence_s
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 async def test_if_the_disk_fills_while_cloning_then_the_error_says_the_disk_is_full(
-    data_dir: pathlib.Path,
+    data_dir: pathlib.Path, settings: LocalSettings
 ) -> None:
     """If a clone does not fit on the data folder's disk, then the error says the disk is full."""
     await trio.Path(data_dir).mkdir()
@@ -347,7 +338,9 @@ async def test_if_the_disk_fills_while_cloning_then_the_error_says_the_disk_is_f
     )
     if mounted.returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
-    provider = LocalProvider(LocalSettings(data_dir=data_dir))
+    # A bin folder outside the tiny tmpfs (a private copy of 40 MB would fill it in CI).
+    bin_dir = await LocalProvider(settings).bin_dir()
+    provider = LocalProvider(LocalSettings(data_dir=data_dir, bin_dir=bin_dir))
     try:
         await provider.create_volume("small", {})
         await provider.seal("small", "small", {})
@@ -451,7 +444,7 @@ async def test_if_the_embedded_binaries_are_out_of_reach_then_a_private_copy_is_
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 async def test_if_the_disk_fills_during_a_restore_then_the_error_says_the_disk_is_full(
-    data_dir: pathlib.Path,
+    data_dir: pathlib.Path, settings: LocalSettings
 ) -> None:
     """If a restore writes more than the data folder's disk holds, then the error says so."""
     await trio.Path(data_dir).mkdir()
@@ -460,7 +453,9 @@ async def test_if_the_disk_fills_during_a_restore_then_the_error_says_the_disk_i
     )
     if mounted.returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
-    provider = LocalProvider(LocalSettings(data_dir=data_dir))
+    # A bin folder outside the tiny tmpfs (a private copy of 40 MB would fill it in CI).
+    bin_dir = await LocalProvider(settings).bin_dir()
+    provider = LocalProvider(LocalSettings(data_dir=data_dir, bin_dir=bin_dir))
     try:
         await provider.create_volume("big", {})
         sql = (

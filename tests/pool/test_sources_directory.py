@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from pool import Backup, DirectorySettings, DirectorySource, ProviderError
+from pool import Backup, DirectorySettings, DirectorySource, ProviderError, TemporaryProviderError
 
 
 def _source(path: pathlib.Path, suffix: str = ".sql.gz") -> DirectorySource:
@@ -61,13 +61,13 @@ async def test_if_a_backup_is_opened_then_it_streams_in_chunks(tmp_path: pathlib
 async def test_if_a_backup_changed_after_listing_then_opening_it_fails(
     tmp_path: pathlib.Path,
 ) -> None:
-    """If a file is rewritten between list and open, then open refuses rather than mix versions."""
+    """If a file is rewritten between list and open, then open refuses it as a temporary error."""
     path = tmp_path / "a.sql.gz"
     path.write_bytes(b"old")
     source = _source(tmp_path)
     (backup,) = await source.list_backups()
     path.write_bytes(b"newer")
-    with pytest.raises(ProviderError, match="changed after it was listed"):
+    with pytest.raises(TemporaryProviderError, match="changed after it was listed"):
         async for _ in source.open(backup):
             pass
 

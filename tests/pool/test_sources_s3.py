@@ -11,7 +11,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from pool import ProviderError, S3Settings, S3Source
+from pool import ProviderError, S3Settings, S3Source, TemporaryProviderError
 
 pytestmark = pytest.mark.slow
 
@@ -111,13 +111,13 @@ async def test_if_the_bucket_is_missing_then_the_error_names_it(endpoint: str, b
 async def test_if_an_object_changed_after_listing_then_opening_it_fails(
     endpoint: str, bucket: Any
 ) -> None:
-    """If an object is overwritten between list and open, then open refuses the new version."""
+    """If an object is overwritten between list and open, then open refuses it (temporarily)."""
     bucket.put_object(Bucket="backups", Key="nightly/moving.sql.gz", Body=b"v1")
     source = S3Source(_settings(endpoint))
     (backup,) = [b for b in await source.list_backups() if b.key == "nightly/moving.sql.gz"]
     bucket.put_object(Bucket="backups", Key="nightly/moving.sql.gz", Body=b"version 2")
     try:
-        with pytest.raises(ProviderError, match="changed after it was listed"):
+        with pytest.raises(TemporaryProviderError, match="changed after it was listed"):
             async for _ in source.open(backup):
                 pass
     finally:
