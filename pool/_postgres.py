@@ -337,10 +337,13 @@ async def run_command(
     feed_errors: list[ProviderError] = []
     timed_out = False
 
+    drained = trio.Event()
+
     async def drain() -> None:
         assert proc.stdout is not None
         while data := await proc.stdout.receive_some(65536):
             tail.add(bytes(data))
+        drained.set()
 
     async def feeder(nursery: trio.Nursery) -> None:
         assert proc.stdin is not None
@@ -368,14 +371,21 @@ async def run_command(
             nursery.start_soon(watchdog, nursery)
             if feed is not None:
                 nursery.start_soon(feeder, nursery)
-            await drain()
+            nursery.start_soon(drain)
             await proc.wait()
+            # Output still buffered in the pipe; a background child holding it open
+            # must not keep us here.
+            with trio.move_on_after(1.0):
+                await drained.wait()
             nursery.cancel_scope.cancel()
     finally:
         if proc.returncode is None:
             _kill_group(proc.pid)
             with trio.CancelScope(shield=True):
                 await proc.wait()
+        # Whatever the command left running in its session goes with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         if proc.stdout is not None:
             await _aclose_quietly(proc.stdout)
     if feed_errors:

@@ -520,3 +520,22 @@ async def test_if_bin_dir_is_configured_then_its_postgres_runs_the_databases(
     (row,) = await aquery(endpoint, "SHOW server_version_num")
     assert str(row[0]).startswith("15")
     await provider.destroy(Kind.CLONE, "c15")
+
+
+async def test_if_a_command_leaves_a_background_child_then_it_returns_and_the_child_dies(
+    settings: LocalSettings,
+) -> None:
+    """If a check command backgrounds a long sleep, then check returns and the sleep is killed."""
+    provider = LocalProvider(settings)
+    pidfile = settings.data_dir / "volumes" / "scratch" / "sleeper.pid"
+    lingering = Command(argv=("sh", "-c", "sleep 300 & echo $! > sleeper.pid"), timeout_seconds=60)
+    await provider.check("scratch", lingering)
+    pid = int(pidfile.read_text())
+    pidfile.unlink()
+    for _ in range(500):  # bounded wait for the kernel to finish the killed child
+        stat_file = trio.Path(f"/proc/{pid}/stat")
+        if not await stat_file.exists() or (await stat_file.read_text()).split(") ")[1][0] == "Z":
+            break
+        await trio.sleep(0.01)
+    else:
+        pytest.fail(f"the backgrounded sleep {pid} is still running")
