@@ -1367,9 +1367,17 @@ class Pool:
     async def _guarded(
         self, component: str, fn: Callable[..., Awaitable[object]], *args: object
     ) -> None:
-        """Run one background step; a provider failure is logged and counted, never fatal."""
+        """Run one background step; a provider failure is logged and counted, never fatal.
+
+        Steps about one clone bind ``clone`` and ``snapshot`` for every log line
+        inside them (the provider's included).
+        """
+        bound: dict[str, str] = {}
+        if args and isinstance(args[0], _Clone):
+            bound = {"clone": args[0].name, "snapshot": args[0].snapshot}
         try:
-            await fn(*args)
+            with structlog.contextvars.bound_contextvars(**bound):
+                await fn(*args)
         except ProviderError as exc:
             log.warning("pool.step_failed", component=component, error=str(exc))
             self._report_error(component, exc)
