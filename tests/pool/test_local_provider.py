@@ -5,9 +5,12 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
+import re
 import signal
 import socket
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import attrs
@@ -539,3 +542,49 @@ async def test_if_a_command_leaves_a_background_child_then_it_returns_and_the_ch
         await trio.sleep(0.01)
     else:
         pytest.fail(f"the backgrounded sleep {pid} is still running")
+
+
+HOLDER = """
+import pathlib, sys, trio
+from pool import LocalProvider, LocalSettings
+
+async def main():
+    provider = LocalProvider(LocalSettings(data_dir=pathlib.Path(sys.argv[1])))
+    endpoint = await provider.clone("base", "orphan", {"lease_id": "L9"})
+    print("PORT", endpoint.port, flush=True)
+    await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_if_the_broker_is_killed_then_its_clones_keep_serving_and_are_adopted(
+    settings: LocalSettings,
+) -> None:
+    """If the process group that started a clone gets SIGKILL, then the clone serves on, adoptable."""
+    repo = pathlib.Path(__file__).parents[2].absolute()
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    holder = await trio.lowlevel.open_process(
+        [sys.executable, "-c", HOLDER, str(settings.data_dir)],
+        stdout=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    assert holder.stdout is not None
+    async with holder.stdout:  # log lines, then "PORT <n>" once the clone accepts connections
+        output = b""
+        while (found := re.search(rb"^PORT (\d+)$", output, re.MULTILINE)) is None:
+            chunk = await holder.stdout.receive_some(4096)
+            assert chunk, f"the holder exited before printing its clone's port: {output!r}"
+            output += chunk
+    os.killpg(
+        holder.pid, signal.SIGKILL
+    )  # the holder and its whole process group, as a shell would
+    assert await holder.wait() == -signal.SIGKILL
+    provider = LocalProvider(settings)
+    (adopted,) = await provider.list(Kind.CLONE)
+    assert adopted.endpoint is not None
+    assert adopted.endpoint.port == int(found.group(1))
+    assert adopted.meta == {"lease_id": "L9"}
+    assert await aquery(adopted.endpoint, "SELECT count(*) FROM items") == [(1000,)]
+    await provider.destroy(Kind.CLONE, "orphan")
