@@ -535,7 +535,7 @@ class LocalProvider:
 
     async def record_failed_snapshot(self, name: str, meta: Mapping[str, str]) -> Resource:
         """Make snapshot ``name`` as a folder holding only ``meta.json``: a failure's record."""
-        await self._ready()
+        setup = await self._ready()
         folder = self._dir(Kind.SNAPSHOT, name)
         async with self._lock(folder):
             if folder.is_dir():
@@ -548,9 +548,7 @@ class LocalProvider:
                 return self._resource(Kind.SNAPSHOT, name, folder)
             partial = folder.with_name(".partial-" + name)
             try:
-                if partial.exists():
-                    _rmtree(partial)
-                partial.mkdir(mode=0o700)
+                self._make_folder(partial, setup)
                 _write_json(partial / "state.json", {"record_only": True})
                 _write_meta(partial, dict(meta))
                 os.rename(partial, folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
+import pwd
 import re
 import signal
 import socket
@@ -125,6 +126,15 @@ async def test_if_a_snapshot_is_cloned_twice_then_each_clone_answers_on_its_own(
         assert await aquery(first, "SELECT count(*) FROM items") == [(10,)]
         assert await aquery(second, "SELECT count(*) FROM items") == [(1000,)]
         assert provider.clone_method("twin-1") == "copy"  # ext4 here; XFS: test_local_reflink
+        folder = settings.data_dir / "clones" / "twin-1"
+        expected_owner = pwd.getpwnam("aldaas").pw_uid if os.geteuid() == 0 else os.geteuid()
+        for path, mode in [
+            (folder, 0o700),
+            (folder / "pgdata", 0o700),
+            (folder / "meta.json", 0o600),
+        ]:
+            assert stat.S_IMODE(path.stat().st_mode) == mode, path
+        assert folder.stat().st_uid == expected_owner
     finally:
         await provider.destroy(Kind.CLONE, "twin-1")
         await provider.destroy(Kind.CLONE, "twin-2")
