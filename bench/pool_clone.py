@@ -2,7 +2,7 @@
 
 Usage (as root or as a normal user; root runs PostgreSQL as the ``aldaas`` user):
 
-    python bench/pool_clone.py [--sizes-mb 100 1000] [--runs 5] [--no-xfs]
+    python bench/pool_clone.py [--sizes-mb 100 1000] [--runs 5] [--fs ext4|xfs|both]
 
 For each file system (the ext4 disk under /tmp, and a loop-mounted XFS with
 ``-m reflink=1`` when root and mkfs.xfs is available) and each size, it
@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import trio
 
@@ -82,15 +83,42 @@ async def build_snapshot(provider: LocalProvider, name: str, size_mb: int) -> in
     return resource.size_bytes or 0
 
 
-async def time_clones(provider: LocalProvider, snapshot: str, runs: int, tag: str) -> list[float]:
-    times = []
+PHASES: dict[str, list[float]] = {"copy": [], "start": []}
+
+
+def _timed(phase: str, method: Any) -> Any:
+    """Wrap a private step of the provider to record how long each call takes (bench only)."""
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return await method(*args, **kwargs)
+        finally:
+            PHASES[phase].append(time.perf_counter() - start)
+
+    return wrapper
+
+
+LocalProvider._copy = _timed("copy", LocalProvider._copy)  # type: ignore[method-assign]
+LocalProvider._start = _timed("start", LocalProvider._start)  # type: ignore[method-assign]
+
+
+async def time_clones(
+    provider: LocalProvider, snapshot: str, runs: int, tag: str
+) -> tuple[list[float], list[float], list[float]]:
+    """Clone+start times, and within them the copy and the server start phases."""
+    times, copies, starts = [], [], []
     for i in range(runs):
         name = f"{tag}-{i}"
+        for phase in PHASES.values():
+            phase.clear()
         start = time.perf_counter()
         await provider.clone(snapshot, name, {})
         times.append(time.perf_counter() - start)
+        copies.append(sum(PHASES["copy"]))
+        starts.append(sum(PHASES["start"]))
         await provider.destroy(Kind.CLONE, name)
-    return times
+    return times, copies, starts
 
 
 def pss_kib(pid: int) -> int:
@@ -154,8 +182,12 @@ async def bench_fs(label: str, data_dir: pathlib.Path, sizes: list[int], runs: i
         )
         for method in methods:
             provider = LocalProvider(LocalSettings(data_dir=data_dir, clone_method=method))  # type: ignore[arg-type]
-            times = await time_clones(provider, name, runs, f"{method}-{size_mb}")
+            times, copies, starts = await time_clones(provider, name, runs, f"{method}-{size_mb}")
             print(f"{label}: clone+start {size_mb:>5} MB  {method:<7} {fmt(times)}")
+            print(
+                f"{label}:   of which copy median {statistics.median(copies) * 1000:.1f} ms, "
+                f"server start median {statistics.median(starts) * 1000:.1f} ms"
+            )
     smallest = f"snap-{sizes[0]}mb"
     for row in await idle_memory(probe, smallest, data_dir):
         print(
@@ -170,15 +202,16 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--no-xfs", action="store_true")
+    parser.add_argument("--fs", choices=["ext4", "xfs", "both"], default="both")
     args = parser.parse_args()
     uname = os.uname()
     print(
         f"# {uname.sysname} {uname.release}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}"
     )
     with scratch_dir() as parent:
-        await bench_fs("ext4", parent / "ext4", args.sizes_mb, args.runs)
-        if not args.no_xfs:
+        if args.fs in ("ext4", "both"):
+            await bench_fs("ext4", parent / "ext4", args.sizes_mb, args.runs)
+        if args.fs in ("xfs", "both"):
             need_gb = max(4, 3 * max(args.sizes_mb) // 1000 + 2)
             with loop_xfs(parent, need_gb) as xfs:
                 if xfs is not None:
