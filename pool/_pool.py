@@ -351,7 +351,7 @@ class Pool:
                 if lease.state not in ACTIVE_LEASE_STATES:
                     # Released while we were claiming: the new clone goes, too.
                     clone.lease = None
-                    self._spawn(self._retire_clone, clone, "lease ended during reset")
+                    self._spawn("destroy", self._retire_clone, clone, "lease ended during reset")
                     raise self._not_found(lease_id)
                 break
             lease.state = lease_transition(lease.id, lease.state, LeaseEvent.RESET)
@@ -363,7 +363,7 @@ class Pool:
             "lease.reset", lease_id=lease.id, old_clone=old.name, clone=clone.name,
             snapshot=clone.snapshot,
         )  # fmt: skip
-        self._spawn(self._retire_clone, old, "lease reset")
+        self._spawn("destroy", self._retire_clone, old, "lease reset")
         self._wake(self._lease_wakeup, self._keeper_wakeup)
         return self._public_lease(lease)
 
@@ -689,7 +689,7 @@ class Pool:
         # the destroy itself may take a while and runs in the background.
         if clone.state is CloneState.DESTROYING:
             await self._guarded("lease", self._write_clone_meta, clone)
-            self._spawn(self._destroy_clone, clone)
+            self._spawn("destroy", self._destroy_clone, clone)
 
     async def _ttl_loop(self) -> None:
         while True:
@@ -702,11 +702,11 @@ class Pool:
                     clone = self._finish_lease(
                         lease, LeaseEvent.EXPIRE_LIFETIME, "expired_lifetime"
                     )
-                    self._spawn(self._after_lease, clone)
+                    self._spawn("lease", self._after_lease, clone)
                     continue
                 if lease.state is LeaseState.IDLE and now >= lease.idle_deadline:
                     clone = self._finish_lease(lease, LeaseEvent.EXPIRE_IDLE, "expired_idle")
-                    self._spawn(self._after_lease, clone)
+                    self._spawn("lease", self._after_lease, clone)
                     continue
                 next_deadline = min(next_deadline, lease.lifetime_deadline)
                 if lease.state is LeaseState.IDLE:
@@ -812,7 +812,7 @@ class Pool:
             del self._warm[clone.name]
             clone.state = clone_transition(clone.name, clone.state, CloneEvent.RETIRED)
             log.info("clone.rolled_over", clone=clone.name, snapshot=clone.snapshot, to=newest.name)
-            self._spawn(self._destroy_clone, clone)
+            self._spawn("destroy", self._destroy_clone, clone)
 
     def _start_provisioning(self, snapshot: _Snapshot) -> None:
         clone = _Clone(
@@ -822,7 +822,7 @@ class Pool:
             created_wall=self._wall(),
         )
         self._clones[clone.name] = clone
-        self._spawn(self._provision, clone)
+        self._spawn("provision", self._provision, clone)
 
     async def _provision(self, clone: _Clone) -> None:
         started = trio.current_time()
@@ -870,7 +870,7 @@ class Pool:
             self._emit(CloneFailed(clone=clone.name, snapshot=clone.snapshot, reason=reason))
         if clone.state is CloneState.BROKEN:
             clone.state = clone_transition(clone.name, clone.state, CloneEvent.RETIRED)
-            self._spawn(self._destroy_clone, clone)
+            self._spawn("destroy", self._destroy_clone, clone)
         self._wake(self._keeper_wakeup)
 
     async def _retire_clone(self, clone: _Clone, why: str) -> None:
@@ -1360,9 +1360,10 @@ class Pool:
         for event in events:
             event.set()
 
-    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    def _spawn(self, component: str, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run ``fn(*args)`` in the background; ``component`` labels its errors (metrics)."""
         assert self._nursery is not None, "the pool is not running; start Pool.run() first"
-        self._nursery.start_soon(self._guarded, fn.__name__.strip("_"), fn, *args)
+        self._nursery.start_soon(self._guarded, component, fn, *args)
 
     async def _guarded(
         self, component: str, fn: Callable[..., Awaitable[object]], *args: object
