@@ -61,12 +61,19 @@ async def ensure_run_user(name: str) -> RunUser | None:
         entry = pwd.getpwnam(name)
     except KeyError:
         logger.info("creating system user for postgres", run_as=name)
-        result = await trio.run_process(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+        try:
+            result = await trio.run_process(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        except OSError as exc:
+            raise ProviderError(
+                f"could not run useradd to create the system user {name!r} that runs PostgreSQL "
+                f"({exc.strerror}); create the user by hand or set local.run_as to an existing "
+                "unprivileged user"
+            ) from None
         if result.returncode not in (0, 9):  # 9: created concurrently by someone else
             raise ProviderError(
                 f"could not create the system user {name!r} to run PostgreSQL as "
