@@ -75,7 +75,7 @@ def run_and_kill(data_dir: pathlib.Path, backups: pathlib.Path) -> list[dict[str
 async def test_if_the_pool_process_is_killed_then_a_new_pool_keeps_its_leases(
     data_dir: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    """If the pool process gets kill -9, then a new pool adopts leases, drops orphans, serves 20 at once."""
+    """If the pool process gets kill -9, then a new pool adopts leases, drops orphans, serves 6 at once."""
     backups = tmp_path / "backups"
     backups.mkdir()
     sql = b"CREATE TABLE items (id int);\nINSERT INTO items SELECT generate_series(1, 42);\n"
@@ -117,17 +117,18 @@ async def test_if_the_pool_process_is_killed_then_a_new_pool_keeps_its_leases(
             assert [s.status for s in stats.snapshots] == ["ready"]
             await pool.release(str(leases[0]["id"]))
 
-            # Twenty acquires at once on real clones: twenty different databases.
+            # Six acquires at once on real clones: six different databases (the pool logic is
+            # tested with 20 concurrent acquires over the fake provider; real clones cost ~1 s each).
             taken = []
 
             async def take() -> None:
                 taken.append(await pool.acquire(timeout=120))
 
             async with trio.open_nursery() as crowd:
-                for _ in range(20):
+                for _ in range(6):
                     crowd.start_soon(take)
-            assert len({lease.clone for lease in taken}) == 20
-            assert len({lease.endpoint.port for lease in taken}) == 20
+            assert len({lease.clone for lease in taken}) == 6
+            assert len({lease.endpoint.port for lease in taken}) == 6
             for i, lease in enumerate(taken):
                 await trio.to_thread.run_sync(query, lease.endpoint, f"CREATE TABLE mark_{i} ()")
             first = await trio.to_thread.run_sync(
