@@ -222,7 +222,7 @@ class Pool:
             raise RuntimeError("Pool.run() is already running; a pool runs once at a time.")
         self._running = True
         try:
-            await self._adopt()
+            await self._adopt_with_retries()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._source_loop)
@@ -988,6 +988,9 @@ class Pool:
                 self._snapshots.pop(name, None)
             except ProviderError as exc:
                 await self._fail(snap, str(exc))
+            except Exception as exc:
+                log.exception("snapshot.pipeline_crashed")
+                await self._fail(snap, f"unexpected {type(exc).__name__} in the pipeline: {exc}")
             finally:
                 self._pipeline_snapshot = None
                 self._restore = None
@@ -1162,6 +1165,20 @@ class Pool:
             log.info("snapshot.pruned", snapshot=snap.name, backup_key=snap.backup_key)
 
     # -- adoption after a restart ----------------------------------------------------------
+
+    async def _adopt_with_retries(self) -> None:
+        """Adopt; while the provider cannot even list its resources, retry with backoff."""
+        delay = 1.0
+        while True:
+            try:
+                await self._adopt()
+            except ProviderError as exc:
+                log.error("pool.adopt_failed", error=str(exc), retry_in=delay)
+                self._report_error("adopt", exc)
+                await trio.sleep(delay)
+                delay = min(_BACKOFF_MAX, delay * 2)
+            else:
+                return
 
     async def _adopt(self) -> None:
         resources = await self._provider.list()
@@ -1382,6 +1399,14 @@ class Pool:
         except ProviderError as exc:
             log.warning("pool.step_failed", component=component, error=str(exc))
             self._report_error(component, exc)
+        except Exception as exc:
+            # A bug or an error the provider did not wrap: keep the pool serving, but loudly.
+            log.exception("pool.step_crashed", component=component)
+            self._emit(
+                PoolErrorEvent(
+                    component=component, message=f"unexpected {type(exc).__name__}: {exc}"
+                )
+            )
 
 
 def _checked_labels(labels: Mapping[str, str] | None) -> dict[str, str]:

@@ -28,6 +28,7 @@ from pool import (
     Kind,
     NotFoundError,
     Pool,
+    PoolErrorEvent,
     PoolSettings,
     ProgressCallback,
     ProviderError,
@@ -315,6 +316,10 @@ async def running_pool(
         await nursery.start(pool.run)
         yield Harness(world=world, source=source, pool=pool, events=events)
         nursery.cancel_scope.cancel()
+    crashes = [
+        e for e in events if isinstance(e, PoolErrorEvent) and e.message.startswith("unexpected")
+    ]
+    assert crashes == [], "a background step of the pool crashed (see the log)"
 
 
 async def wait_for(condition: Callable[[], bool], *, what: str, limit: float = 3600.0) -> None:

@@ -192,3 +192,35 @@ async def test_if_a_secret_is_checked_then_unknown_and_ended_leases_never_verify
         assert h.pool.verify_secret(lease.id, lease.secret) is False
         with pytest.raises(LeaseNotFoundError, match="acquire a new one"):
             await h.pool.extend(lease.id)
+
+
+async def test_if_the_provider_cannot_list_at_start_then_the_pool_retries_until_it_can(
+    autojump_clock: MockClock,
+) -> None:
+    """If list() fails at start-up, then run() reports it, retries with backoff, and starts later."""
+
+    class SlowToWake(FakeProvider):
+        failures = 2
+
+        async def list(self, kind: Kind | None = None) -> Sequence[object]:  # type: ignore[override]
+            if self.failures:
+                self.failures -= 1
+                raise ProviderError("the data folder /srv/aldaas is not readable; fix its mode")
+            return await super().list(kind)
+
+    source = FakeSource()
+    source.put("a.sql", b"CREATE TABLE a();", modified=1.0)
+    events: list[object] = []
+    pool = Pool(
+        POLL, SlowToWake(FakeWorld()), source, wall_clock=wall_clock, observers=[events.append]
+    )
+    async with trio.open_nursery() as nursery:
+        started = trio.current_time()
+        await nursery.start(pool.run)
+        assert trio.current_time() - started == pytest.approx(3.0)  # 1 s, then 2 s of backoff
+        assert [(e.component) for e in events if isinstance(e, PoolErrorEvent)] == [
+            "adopt",
+            "adopt",
+        ]
+        await wait_for(lambda: pool.statistics().clones["warm"] == 1, what="serving")
+        nursery.cancel_scope.cancel()
