@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 import pytest
+import structlog.testing
 import trio
 from pool_fakes import FakeSource, FakeWorld, Harness, running_pool, settings, wait_for
 from trio.testing import MockClock
@@ -351,3 +352,28 @@ async def test_if_a_clone_was_handed_out_then_it_never_goes_back_to_the_pool(
             await h.pool.release(lease.id)
         warm = [r.name for r in h.world.of(Kind.CLONE) if r.meta["status"] == "warm"]
         assert seen.isdisjoint(warm)
+
+
+async def test_if_a_lease_lives_and_ends_then_one_canonical_line_is_logged_without_its_secret(
+    autojump_clock: MockClock,
+) -> None:
+    """If a lease is acquired, reset and released, then one `lease.ended` line logs it, never the secret."""
+    async with running_pool(FakeWorld(), _source(), SIZE3) as h:
+        await _ready(h, 3)
+        with structlog.testing.capture_logs() as logs:
+            lease = await h.pool.acquire(labels={"job": "9"})
+            h.pool.attached(lease.id)
+            await h.pool.reset(lease.id)
+            h.pool.detached(lease.id)
+            await h.pool.release(lease.id)
+            await trio.sleep(5)
+        assert lease.secret is not None
+        assert lease.secret not in repr(logs)
+        ended = [entry for entry in logs if entry["event"] == "lease.ended"]
+        assert len(ended) == 1
+        assert (ended[0]["lease_id"], ended[0]["reason"], ended[0]["resets"]) == (
+            lease.id,
+            "released",
+            1,
+        )
+        assert ended[0]["labels"] == {"job": "9"}
