@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pathlib
@@ -573,24 +574,26 @@ async def test_if_the_broker_is_killed_then_its_clones_keep_serving_and_are_adop
 ) -> None:
     """If the process group that started a clone gets SIGKILL, then the clone serves on, adoptable."""
     repo = pathlib.Path(__file__).parents[2].absolute()
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    path = os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
     holder = await trio.lowlevel.open_process(
         [sys.executable, "-c", HOLDER, str(settings.data_dir)],
         stdout=subprocess.PIPE,
-        env=env,
+        env={**os.environ, "PYTHONPATH": path},
         start_new_session=True,
     )
     assert holder.stdout is not None
-    async with holder.stdout:  # log lines, then "PORT <n>" once the clone accepts connections
-        output = b""
-        while (found := re.search(rb"^PORT (\d+)$", output, re.MULTILINE)) is None:
-            chunk = await holder.stdout.receive_some(4096)
-            assert chunk, f"the holder exited before printing its clone's port: {output!r}"
-            output += chunk
-    os.killpg(
-        holder.pid, signal.SIGKILL
-    )  # the holder and its whole process group, as a shell would
-    assert await holder.wait() == -signal.SIGKILL
+    try:
+        async with holder.stdout:  # log lines, then "PORT <n>" once the clone accepts connections
+            output = b""
+            while (found := re.search(rb"^PORT (\d+)$", output, re.MULTILINE)) is None:
+                chunk = await holder.stdout.receive_some(4096)
+                assert chunk, f"the holder exited before printing its clone's port: {output!r}"
+                output += chunk
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)  # holder and its process group, as a shell would
+        await holder.wait()
+    assert holder.returncode == -signal.SIGKILL
     provider = LocalProvider(settings)
     (adopted,) = await provider.list(Kind.CLONE)
     assert adopted.endpoint is not None
