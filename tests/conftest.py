@@ -22,6 +22,14 @@ def _kill_postmasters(root: pathlib.Path) -> None:
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
+def _remove(path: pathlib.Path) -> None:
+    """Delete a tree, including sealed snapshots whose folders are read-only (0500) to a non-root user."""
+    for dirpath, _dirnames, _filenames in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def traversable_data_dir() -> Iterator[pathlib.Path]:
     """A fresh, not yet existing data folder for the local provider that its run user can reach.
@@ -38,7 +46,7 @@ def traversable_data_dir() -> Iterator[pathlib.Path]:
         yield parent / "data"
     finally:
         _kill_postmasters(parent / "data")
-        shutil.rmtree(parent, ignore_errors=True)
+        _remove(parent)
 
 
 @pytest.fixture

@@ -534,6 +534,7 @@ async def test_if_bin_dir_is_configured_then_its_postgres_runs_the_databases(
     (row,) = await aquery(endpoint, "SHOW server_version_num")
     assert str(row[0]).startswith("15")
     await provider.destroy(Kind.CLONE, "c15")
+    await provider.destroy(Kind.SNAPSHOT, "v15")
 
 
 async def test_if_a_command_leaves_a_background_child_then_it_returns_and_the_child_dies(
