@@ -137,6 +137,13 @@ async def test_if_the_pool_process_is_killed_then_a_new_pool_keeps_its_leases(
                 "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'mark%'",
             )
             assert first == [(1,)]
+
+            # A short idle TTL on a real clone: expiry stops and deletes its database.
+            brief = await pool.acquire(ttl=0.3)
+            with trio.fail_after(30):
+                while brief.clone in {r.name for r in await provider.list(Kind.CLONE)}:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert brief.id not in {lease.id for lease in pool.leases()}
         finally:
             nursery.cancel_scope.cancel()
     for resource in await provider.list():
