@@ -360,9 +360,12 @@ class Pool:
             old.lease = None
         self._emit(LeaseReset(lease_id=lease.id, old_clone=old.name, new_clone=clone.name))
         log.info(
-            "lease.reset", lease_id=lease.id, old_clone=old.name, clone=clone.name,
+            "lease.reset",
+            lease_id=lease.id,
+            old_clone=old.name,
+            clone=clone.name,
             snapshot=clone.snapshot,
-        )  # fmt: skip
+        )
         self._spawn("destroy", self._retire_clone, old, "lease reset")
         self._wake(self._lease_wakeup, self._keeper_wakeup)
         return self._public_lease(lease)
@@ -843,9 +846,12 @@ class Pool:
                 delay = max(delay, exc.delay)
             self._provision_not_before = trio.current_time() + delay
             log.warning(
-                "clone.provision_failed", clone=clone.name, snapshot=clone.snapshot,
-                error=str(exc), retry_in=delay,
-            )  # fmt: skip
+                "clone.provision_failed",
+                clone=clone.name,
+                snapshot=clone.snapshot,
+                error=str(exc),
+                retry_in=delay,
+            )
             self._report_error("provision", exc)
             self._break(clone, str(exc))
             return
@@ -975,9 +981,11 @@ class Pool:
         self._pipeline_snapshot = snap
         with structlog.contextvars.bound_contextvars(snapshot=name):
             log.info(
-                "snapshot.restoring", backup_key=backup.key, backup_size=backup.size,
+                "snapshot.restoring",
+                backup_key=backup.key,
+                backup_size=backup.size,
                 source=self._source.description,
-            )  # fmt: skip
+            )
             try:
                 await self._restore_and_seal(snap, backup)
                 await self._verify(snap)
@@ -1087,9 +1095,10 @@ class Pool:
         snap.ready_wall = self._wall()
         self._emit(SnapshotReady(snapshot=snap.name, backup_key=snap.backup_key))
         log.info(
-            "snapshot.ready", backup_key=snap.backup_key,
+            "snapshot.ready",
+            backup_key=snap.backup_key,
             verify_seconds=round(trio.current_time() - started, 3),
-        )  # fmt: skip
+        )
         self._wake(self._keeper_wakeup, self._prune_wakeup)
 
     async def _fail(self, snap: _Snapshot, reason: str) -> None:

@@ -108,9 +108,12 @@ class FakeProvider:
 
     def _endpoint(self, database: str = "app") -> Endpoint:
         return Endpoint(
-            host="127.0.0.1", port=next(self.world.ports), user="aldaas", database=database,
+            host="127.0.0.1",
+            port=next(self.world.ports),
+            user="aldaas",
+            database=database,
             password="pw",
-        )  # fmt: skip
+        )
 
     def _resource(self, r: FakeResource) -> Resource:
         return Resource(
@@ -127,9 +130,12 @@ class FakeProvider:
         key = (Kind.VOLUME, name)
         if key not in self.world.resources:
             self.world.resources[key] = FakeResource(
-                kind=Kind.VOLUME, name=name, meta=dict(meta), endpoint=self._endpoint(),
+                kind=Kind.VOLUME,
+                name=name,
+                meta=dict(meta),
+                endpoint=self._endpoint(),
                 running=True,
-            )  # fmt: skip
+            )
         endpoint = self.world.resources[key].endpoint
         assert endpoint is not None
         return endpoint
@@ -195,9 +201,12 @@ class FakeProvider:
             raise NotFoundError(f"snapshot {snapshot!r} has no data to clone")
         # The clone exists (half-made) while it starts: a crash now leaves it behind.
         clone = FakeResource(
-            kind=Kind.CLONE, name=name, meta=dict(meta), content=snap.content,
+            kind=Kind.CLONE,
+            name=name,
+            meta=dict(meta),
+            content=snap.content,
             endpoint=self._endpoint(),
-        )  # fmt: skip
+        )
         self.world.resources[(Kind.CLONE, name)] = clone
         await trio.sleep(self.world.clone_seconds)
         if self.world.fail_clones > 0 and name.startswith("clone-"):
@@ -309,9 +318,12 @@ async def running_pool(
     """Run a Pool over the world until the block ends (then cancel it, as a crash would)."""
     events: list[object] = []
     pool = Pool(
-        pool_settings, FakeProvider(world), source, wall_clock=wall_clock,
+        pool_settings,
+        FakeProvider(world),
+        source,
+        wall_clock=wall_clock,
         observers=[events.append],
-    )  # fmt: skip
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
         yield Harness(world=world, source=source, pool=pool, events=events)

@@ -41,8 +41,10 @@ async def test_if_the_pool_restarts_then_leases_and_warm_clones_are_adopted(
     async with running_pool(world, source, SIZE2) as h2:
         adopted = h2.pool.lease(lease.id)
         assert (adopted.endpoint, adopted.clone, adopted.labels) == (
-            lease.endpoint, lease.clone, {"job": "7"},
-        )  # fmt: skip
+            lease.endpoint,
+            lease.clone,
+            {"job": "7"},
+        )
         assert h2.pool.verify_secret(lease.id, lease.secret) is True
         assert adopted.idle_deadline == lease.idle_deadline
         assert h2.pool.statistics().clones["warm"] == 2
@@ -99,8 +101,11 @@ async def test_if_half_made_things_and_orphans_are_found_then_they_are_destroyed
         assert _names(world, Kind.VOLUME) == set()
         assert "snap-odd" not in _names(world, Kind.SNAPSHOT)
         assert _names(world, Kind.CLONE) == before - {
-            "clone-starting", "verify-old", "stranger", "clone-badlease",
-        }  # fmt: skip
+            "clone-starting",
+            "verify-old",
+            "stranger",
+            "clone-badlease",
+        }
 
 
 async def test_if_the_crash_hit_mid_verification_then_the_restart_verifies_without_restoring(

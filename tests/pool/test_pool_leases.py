@@ -113,8 +113,9 @@ async def test_if_the_pool_is_empty_then_acquirers_are_served_first_come_first_s
             for i in range(3):
                 nursery.start_soon(one, i)
                 await trio.sleep(0.01)
-            await wait_for(lambda: h.pool.statistics().queue_length > 0 or len(order) == 3,
-                           what="queue")  # fmt: skip
+            await wait_for(
+                lambda: h.pool.statistics().queue_length > 0 or len(order) == 3, what="queue"
+            )
         assert order == [0, 1, 2]
         assert progress == {0: [1], 1: [2, 1], 2: [3, 2, 1]}
 
@@ -300,8 +301,12 @@ async def test_if_statistics_are_read_then_they_count_clones_leases_and_snapshot
         await _ready(h, 3)
         stats = h.pool.statistics()
         assert stats.clones == {
-            "provisioning": 0, "warm": 3, "leased": 1, "destroying": 0, "broken": 0,
-        }  # fmt: skip
+            "provisioning": 0,
+            "warm": 3,
+            "leased": 1,
+            "destroying": 0,
+            "broken": 0,
+        }
         assert (stats.leases_active, stats.queue_length) == (1, 0)
         assert [(i.id, i.labels, i.state) for i in stats.leases] == [
             (lease.id, {"who": "me"}, "idle")
