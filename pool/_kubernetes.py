@@ -757,6 +757,7 @@ class KubernetesProvider:
                     )
                 except _Gone:
                     log.info("kubernetes.watch_expired", what=_WHAT[plural], name=object_name)
+                    await trio.sleep(self._settings.api_retry_delay_seconds)  # never a tight loop
                     continue
                 except TemporaryProviderError as exc:
                     log.warning(
@@ -776,8 +777,8 @@ class KubernetesProvider:
 
     async def _wait_pod_ready(self, object_name: str) -> str:
         def check(pod: Obj | None) -> str | None:
-            if pod is None:
-                return None
+            if pod is None:  # it was created (or adopted) before this wait began
+                raise _PodFailed("it was deleted while starting", None)
             status = pod.get("status") or {}
             if status.get("phase") in ("Failed", "Succeeded"):
                 raise _PodFailed(f"it stopped (phase {status['phase']})", "database")

@@ -267,6 +267,11 @@ class FakeKubernetes:
             self._bump(obj)
             self._emit(plural, "MODIFIED", obj)
 
+    def remove(self, plural: str, namespace: str, name: str) -> None:
+        """Delete an object directly (as another client or a node failure would)."""
+        with self.lock:
+            self._delete(plural, namespace, name, None)
+
     def compact(self) -> None:
         """Forget the event history, so a watch from any older resourceVersion gets 410 Gone."""
         with self.lock:

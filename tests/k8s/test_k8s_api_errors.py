@@ -9,7 +9,7 @@ from k8s_fake_api import FakeKubernetes, Fault, PodOutcome, wait_until
 from kubernetes import client
 from structlog.testing import capture_logs
 
-from pool import ConflictError, Kind, TemporaryProviderError
+from pool import ConflictError, Kind, ProviderError, TemporaryProviderError
 from pool._kubernetes import KubernetesProvider
 from pool._kubernetes_settings import KubernetesSettings
 
@@ -198,4 +198,21 @@ async def test_if_waits_fill_the_watch_slots_then_a_claim_still_gets_through(
             )
         assert claimed.meta["lease"] == "l"
         nursery.cancel_scope.cancel()
+    assert provider.watch_threads == 0
+
+
+async def test_if_the_pod_is_deleted_while_starting_then_create_fails_at_once(
+    provider: KubernetesProvider, fake: FakeKubernetes
+) -> None:
+    """If someone deletes the database pod during the wait, then ProviderError now, not at the timeout."""
+    fake.pod_rule = lambda pod: PodOutcome(ready=False)
+    async with trio.open_nursery() as nursery:
+
+        async def create() -> None:
+            with pytest.raises(ProviderError, match="deleted while starting"):
+                await provider.create_volume("v", {})
+
+        nursery.start_soon(create)
+        await wait_until(lambda: fake.open_watches == 1)
+        fake.remove("pods", NS, "aldaas-v")
     assert provider.watch_threads == 0
