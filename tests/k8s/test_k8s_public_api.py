@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
 import pytest
+import yaml
+from k8s_fake_api import FakeKubernetes
 
 import pool
 from pool._kubernetes import KubernetesProvider, LeaderElector
+from pool._kubernetes_settings import KubernetesSettings
 
 
 @pytest.mark.slow
@@ -27,3 +31,31 @@ def test_if_the_provider_is_taken_from_pool_then_it_is_the_kubernetes_one() -> N
     assert pool.LeaderElector is LeaderElector
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         _ = pool.Nope  # type: ignore[attr-defined]
+
+
+async def test_if_a_kubeconfig_is_named_then_the_provider_builds_its_own_client(
+    fake: FakeKubernetes, tmp_path: pathlib.Path
+) -> None:
+    """If settings name a kubeconfig, then the provider connects with it, pool-sized and unretried."""
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+                "users": [{"name": "me", "user": {"token": "not-a-secret"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    settings = KubernetesSettings(namespace="test", kubeconfig=str(kubeconfig), api_connections=6)
+    provider = KubernetesProvider(settings)
+    try:
+        await provider.create_volume("v", {})
+        assert [r.name for r in await provider.list()] == ["v"]
+        configuration = provider._client.api_client.configuration
+        assert (configuration.connection_pool_maxsize, configuration.retries) == (6, False)
+    finally:
+        await provider.aclose()
