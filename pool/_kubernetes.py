@@ -53,6 +53,7 @@ from ._provider import (
     Kind,
     NotFoundError,
     ProgressCallback,
+    Provider,
     ProviderError,
     Resource,
     RestoreProgress,
@@ -1265,6 +1266,10 @@ class KubernetesProvider:
 
     async def aclose(self) -> None:
         self._client.close()
+
+
+def _implements_provider(provider: KubernetesProvider) -> Provider:
+    return provider  # mypy proves KubernetesProvider satisfies the Provider protocol
 
 
 # -- leader election -------------------------------------------------------------------------
