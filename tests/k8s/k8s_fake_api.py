@@ -708,9 +708,9 @@ def rbac_verbs(calls: list[tuple[str, str, bool]]) -> set[tuple[str, str, str]]:
     return used
 
 
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    """Poll a condition of the fake for at most 10 s (it changes in other threads: no Event to wait on)."""
-    with trio.fail_after(10):
+async def wait_until(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Poll a condition of the fake (it changes in other threads: no Event to wait on)."""
+    with trio.fail_after(seconds):
         while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.01)
 
