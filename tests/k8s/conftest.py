@@ -57,7 +57,7 @@ def settings() -> KubernetesSettings:
         api_retry_delay_seconds=0.01,
         stop_grace_seconds=1,
         leader_election=LeaderElectionSettings(
-            lease_duration_seconds=1.0, renew_deadline_seconds=0.6, retry_period_seconds=0.1
+            lease_duration_seconds=2.0, renew_deadline_seconds=1.2, retry_period_seconds=0.2
         ),
     )
 

@@ -75,7 +75,7 @@ async def test_if_the_leader_stops_renewing_then_the_other_replica_takes_over(
         nursery.start_soon(run_a)
         await a.wait_elected()
         await nursery.start(b.serve, work("b"))
-        await trio.sleep(0.3)  # b retries a few times meanwhile, and must stay a follower
+        await trio.sleep(settings.leader_election.retry_period_seconds * 3)  # b retries: follows
         assert (a.is_leader, b.is_leader, running) == (True, False, ["a"])
 
         a_scope.cancel()  # a "crashes": no release, the lease must expire first
