@@ -113,9 +113,9 @@ class Hello:
     mode: Mode
     params: JSONObject = attrs.field(factory=dict)
     received: int = 0
-    """Offset of sequenced bytes the client has received from the server (for resumption)."""
+    """Sequenced bytes the client has received from the server (filled in on send)."""
     window: int = 256 * 1024
-    """Initial per-stream credit the client grants the server."""
+    """Per-stream credit the client grants the server (filled in on send)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -129,7 +129,9 @@ class Welcome:
     resumed: bool = False
     """True if the server kept the session's streams: both sides replay what the other missed."""
     received: int = 0
+    """Sequenced bytes the server has received from the client (filled in on send)."""
     window: int = 256 * 1024
+    """Per-stream credit the server grants the client (filled in on send)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -488,8 +490,8 @@ class Connection:
                     "version": PROTOCOL_VERSION,
                     "mode": event.mode,
                     "params": event.params,
-                    "received": event.received,
-                    "window": event.window,
+                    "received": self._received,
+                    "window": self.window,
                 }
             )
             return self._frame(FrameType.HELLO, 0, payload)
