@@ -1,5 +1,20 @@
 """aldaas tunnel: many TCP streams over one resumable websocket (see docs/protocol.md)."""
 
+from tunnel._client import (
+    AttachSession,
+    ClientEvent,
+    ClientStatistics,
+    Connected,
+    Connecting,
+    ControlChannel,
+    Disconnected,
+    NewSession,
+    SessionInfo,
+    TunnelClient,
+    Waiting,
+    open_control,
+    serve_client,
+)
 from tunnel._errors import (
     CloseCode,
     ControlError,
@@ -10,7 +25,9 @@ from tunnel._errors import (
     SessionRefused,
     TunnelError,
 )
+from tunnel._gateway import Gateway, GatewayStatistics, serve_gateway
 from tunnel._hooks import GatewayHooks, LegacyRoute, ProgressCallback, SessionGrant
+from tunnel._mux import TunnelStream
 from tunnel._protocol import (
     SUBPROTOCOL,
     Acknowledged,
@@ -38,20 +55,30 @@ from tunnel._settings import ClientSettings, GatewaySettings
 __all__ = [
     "SUBPROTOCOL",
     "Acknowledged",
+    "AttachSession",
+    "ClientEvent",
     "ClientSettings",
+    "ClientStatistics",
     "CloseCode",
+    "Connected",
+    "Connecting",
     "Connection",
+    "ControlChannel",
     "ControlError",
     "Data",
+    "Disconnected",
     "Error",
+    "Gateway",
     "GatewayHooks",
     "GatewaySettings",
+    "GatewayStatistics",
     "GoAway",
     "Hello",
     "JSONObject",
     "JSONValue",
     "LegacyRoute",
     "LocalProtocolError",
+    "NewSession",
     "OpenStream",
     "Ping",
     "Pong",
@@ -66,8 +93,15 @@ __all__ = [
     "Role",
     "SessionClosed",
     "SessionGrant",
+    "SessionInfo",
     "SessionRefused",
+    "TunnelClient",
     "TunnelError",
+    "TunnelStream",
+    "Waiting",
     "Welcome",
     "WindowUpdate",
+    "open_control",
+    "serve_client",
+    "serve_gateway",
 ]

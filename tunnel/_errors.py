@@ -57,7 +57,7 @@ class SessionRefused(TunnelError):
     client library when the server refused: the caller decides what to do (exit, open anew).
     """
 
-    def __init__(self, message: str, close_code: CloseCode = CloseCode.SESSION_REFUSED) -> None:
+    def __init__(self, message: str, close_code: int = CloseCode.SESSION_REFUSED) -> None:
         super().__init__(message)
         self.close_code = close_code
 
@@ -65,7 +65,7 @@ class SessionRefused(TunnelError):
 class SessionClosed(TunnelError):
     """The session ended for good (closed by the server, or the peer went away for good)."""
 
-    def __init__(self, message: str, close_code: CloseCode = CloseCode.SESSION_CLOSED) -> None:
+    def __init__(self, message: str, close_code: int = CloseCode.SESSION_CLOSED) -> None:
         super().__init__(message)
         self.close_code = close_code
 

@@ -370,6 +370,7 @@ class Connection:
         self._pending_requests: set[int] = set()
         self.goaway_sent = False
         self.goaway_received = False
+        self._established = False
 
     # ------------------------------------------------------------------ inspection
 
@@ -392,6 +393,11 @@ class Connection:
     def unacknowledged_received(self) -> int:
         """Sequenced bytes received since we last told the peer (see :meth:`ack`)."""
         return self._received - self._acked_received
+
+    @property
+    def established(self) -> bool:
+        """Whether the session was welcomed (streams may be used, even while detached)."""
+        return self._established
 
     @property
     def stream_ids(self) -> frozenset[int]:
@@ -445,7 +451,10 @@ class Connection:
     # ------------------------------------------------------------------ sending
 
     def _frame(self, ftype: FrameType, stream_id: int, payload: bytes, flags: int = 0) -> bytes:
-        self.state = _transition(self.role, True, self.state, ftype)
+        if not (ftype in SEQUENCED and self._established and self.state is not State.CLOSED):
+            # Once a session was welcomed, sequenced frames may be produced while it has no
+            # websocket: they wait in the replay buffer for the next one.
+            self.state = _transition(self.role, True, self.state, ftype)
         frame = HEADER.pack(ftype, flags, 0, stream_id, len(payload)) + payload
         if ftype in SEQUENCED:
             self._sent += len(frame)
@@ -510,7 +519,9 @@ class Connection:
                     "window": self.window,
                 }
             )
-            return self._frame(FrameType.WELCOME, 0, payload)
+            frame = self._frame(FrameType.WELCOME, 0, payload)
+            self._established = True
+            return frame
         if isinstance(event, Progress):
             return self._frame(FrameType.PROGRESS, 0, _json_payload(event.params))
         if isinstance(event, Error):
@@ -556,7 +567,7 @@ class Connection:
         self._peer_window = peer_window
 
     def _send_open(self, event: OpenStream) -> bytes:
-        if self.state is not State.OPEN:
+        if not self._established:
             raise LocalProtocolError(f"cannot open a stream in handshake state {self.state.value}")
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only the client opens streams")
@@ -577,7 +588,7 @@ class Connection:
         stream = self._streams.get(event.stream_id)
         if stream is None or stream.local_closed:
             raise LocalProtocolError(f"stream {event.stream_id} is not open for sending")
-        if self.state is not State.OPEN:
+        if not self._established:
             raise LocalProtocolError(f"cannot send DATA in handshake state {self.state.value}")
         data = event.data
         if len(data) > stream.send_window:
@@ -609,7 +620,7 @@ class Connection:
 
     # ------------------------------------------------------------------ receiving
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes read from the websocket (any split: message boundaries do not matter)."""
         if self._pos:
             del self._buffer[: self._pos]
@@ -819,6 +830,7 @@ class Connection:
         else:
             self._reset_session()
         self._peer_window = window
+        self._established = True
         return Welcome(
             session_id=session_id,
             secret=secret,

@@ -1,0 +1,46 @@
+"""Copy bytes both ways between a tunnel stream and a TCP connection."""
+
+from __future__ import annotations
+
+import trio
+
+from tunnel._mux import TunnelStream
+from tunnel._protocol import ResetCode
+
+TCP_READ_SIZE = 256 * 1024
+"""Bytes asked of the TCP socket per read: large enough that bulk moves in few frames."""
+
+_ABORTS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> None:
+    """Relay until both directions finished; a broken end aborts the other one."""
+
+    async def upstream() -> None:
+        while True:
+            data = await tcp.receive_some(TCP_READ_SIZE)
+            if not data:
+                await tunnel.send_eof()
+                return
+            await tunnel.send_all(data)
+
+    async def downstream() -> None:
+        while True:
+            data = await tunnel.receive_some()
+            if not data:
+                await tcp.send_eof()
+                return
+            await tcp.send_all(data)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upstream)
+            nursery.start_soon(downstream)
+    except* _ABORTS:
+        tunnel.reset(ResetCode.CONNECTION_LOST, "the TCP connection at the other end broke")
+    finally:
+        # Both close synchronously before their checkpoint, which may raise Cancelled.
+        try:
+            await trio.aclose_forcefully(tcp)
+        finally:
+            await trio.aclose_forcefully(tunnel)

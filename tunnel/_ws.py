@@ -1,0 +1,254 @@
+"""A thin websocket over a trio stream, driven by wsproto directly.
+
+trio-websocket runs a reader task and hands each message over a channel: two task switches
+per message and a 4 KiB read size. Here the caller's task reads the socket (large reads) and
+gets the binary payloads of everything that arrived in one go; the tunnel does not care
+about message boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import urllib.parse
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    RejectConnection,
+    RejectData,
+    TextMessage,
+)
+from wsproto.events import Ping as WsPing
+from wsproto.events import Request as WsRequest
+from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
+from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
+
+from tunnel._errors import CloseCode
+from tunnel._protocol import SUBPROTOCOL
+
+WS_ERRORS = (WsLocalProtocolError, WsRemoteProtocolError)
+
+
+class HandshakeRejected(Exception):
+    """The server answered the upgrade with an HTTP error; ``message`` is its one-line body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class WebSocket:
+    """One open websocket. ``receive`` and ``send`` may run in two different tasks."""
+
+    def __init__(self, stream: trio.abc.Stream, ws: WSConnection, receive_size: int) -> None:
+        self.stream = stream
+        self.ws = ws
+        self.receive_size = receive_size
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._send_lock = trio.StrictFIFOLock()
+        self._closed = False
+
+    async def receive(self) -> bytes | bytearray:
+        """Binary payload bytes that arrived (never empty); b"" once the websocket is closed.
+
+        Raises ``trio.BrokenResourceError`` if the socket broke.
+        """
+        while True:
+            if self._closed:
+                return b""
+            try:
+                data = await self.stream.receive_some(self.receive_size)
+            except trio.ClosedResourceError:
+                return b""
+            self.ws.receive_data(bytes(data) if data else None)
+            chunks: list[bytes | bytearray] = []
+            try:
+                for event in self.ws.events():
+                    if isinstance(event, BytesMessage):
+                        chunks.append(event.data)
+                    elif isinstance(event, WsPing):
+                        await self._send_raw(self.ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        self.close_code = event.code
+                        self.close_reason = event.reason or ""
+                        self._closed = True
+                        with contextlib.suppress(
+                            trio.BrokenResourceError, trio.ClosedResourceError
+                        ):
+                            await self._send_raw(self.ws.send(event.response()))
+                        break
+                    elif isinstance(event, TextMessage):
+                        self.close_code = CloseCode.PROTOCOL_ERROR
+                        self._closed = True
+                        raise trio.BrokenResourceError("text messages are not part of aldaas.v1")
+            except WS_ERRORS as exc:
+                self._closed = True
+                raise trio.BrokenResourceError(f"websocket framing error: {exc}") from exc
+            if chunks:
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if not data:
+                self._closed = True
+                return b""
+
+    async def send(self, data: bytes) -> None:
+        """Send ``data`` as one binary message."""
+        try:
+            frame = self.ws.send(BytesMessage(data=data))
+        except WS_ERRORS as exc:
+            raise trio.BrokenResourceError("the websocket is closing") from exc
+        await self._send_raw(frame)
+
+    async def _send_raw(self, frame: bytes) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(frame)
+
+    async def aclose(
+        self, code: int = CloseCode.NORMAL, reason: str = "", last: bytes = b""
+    ) -> None:
+        """Send ``last`` and a close frame (best effort, bounded), then close the socket."""
+        with trio.move_on_after(2) as scope:
+            scope.shield = True
+            try:
+                frames = b""
+                if last:
+                    frames += self.ws.send(BytesMessage(data=last))
+                if not self._closed:
+                    frames += self.ws.send(CloseConnection(code=code, reason=reason[:120]))
+                self._closed = True
+                if frames:
+                    await self._send_raw(frames)
+            except (*WS_ERRORS, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        await trio.aclose_forcefully(self.stream)
+
+
+# ---------------------------------------------------------------------------- client side
+
+
+def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file)
+
+
+async def connect(
+    url: str,
+    *,
+    authorization: str,
+    receive_size: int,
+    ssl_context: ssl.SSLContext | None = None,
+) -> WebSocket:
+    """Open a websocket to ``url`` (ws:// or wss://) with our subprotocol.
+
+    Raises :class:`HandshakeRejected` if the server refuses the upgrade, ``OSError`` or
+    ``trio.BrokenResourceError`` if the network fails. The caller bounds the time.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"the tunnel url must be ws:// or wss://host/path, got {url!r}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    tcp = await trio.open_tcp_stream(parts.hostname, port)  # trio sets TCP_NODELAY
+    stream: trio.abc.Stream = tcp
+    try:
+        if secure:
+            context = ssl_context or client_ssl_context(None)
+            tls = trio.SSLStream(tcp, context, server_hostname=parts.hostname)
+            await tls.do_handshake()
+            stream = tls
+        ws = WSConnection(ConnectionType.CLIENT)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        await stream.send_all(
+            ws.send(
+                WsRequest(
+                    host=host,
+                    target=target,
+                    subprotocols=[SUBPROTOCOL],
+                    extra_headers=[(b"authorization", authorization.encode())],
+                )
+            )
+        )
+        body = b""
+        status = 0
+        while True:
+            data = await stream.receive_some(65536)
+            ws.receive_data(bytes(data) if data else None)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    return WebSocket(stream, ws, receive_size)
+                if isinstance(event, RejectConnection):
+                    status = event.status_code
+                    if not event.has_body:
+                        raise HandshakeRejected(status, "")
+                elif isinstance(event, RejectData):
+                    body += event.data
+                    if event.body_finished:
+                        raise HandshakeRejected(status, body.decode(errors="replace").strip())
+            if not data:
+                raise trio.BrokenResourceError("the server closed the connection during upgrade")
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+# ---------------------------------------------------------------------------- server side
+
+
+async def read_request(
+    stream: trio.abc.Stream, ws: WSConnection, receive_size: int
+) -> WsRequest | None:
+    """Read until the upgrade request is complete; None if the peer closed or sent garbage."""
+    while True:
+        try:
+            data = await stream.receive_some(receive_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        try:
+            ws.receive_data(bytes(data) if data else None)
+            for event in ws.events():
+                if isinstance(event, WsRequest):
+                    return event
+        except WS_ERRORS:
+            return None
+        if not data:
+            return None
+
+
+async def reject(stream: trio.abc.Stream, ws: WSConnection, status: int, message: str) -> None:
+    """Refuse an upgrade with ``status`` and a one-line plain-text reason, then hang up."""
+    body = (message + "\n").encode()
+    try:
+        frames = ws.send(
+            RejectConnection(
+                status_code=status,
+                headers=[
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+                has_body=True,
+            )
+        )
+        frames += ws.send(RejectData(data=body, body_finished=True))
+        with trio.move_on_after(2):
+            await stream.send_all(frames)
+    except (*WS_ERRORS, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    await trio.aclose_forcefully(stream)
+
+
+async def accept(
+    stream: trio.abc.Stream, ws: WSConnection, receive_size: int, subprotocol: str | None
+) -> WebSocket:
+    await stream.send_all(ws.send(AcceptConnection(subprotocol=subprotocol)))
+    return WebSocket(stream, ws, receive_size)
+
+
+def new_server_connection() -> WSConnection:
+    return WSConnection(ConnectionType.SERVER)
