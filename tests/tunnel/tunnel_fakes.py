@@ -9,6 +9,10 @@ from typing import Any
 
 import attrs
 import trio
+import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection
+from wsproto.events import Request as WsRequest
 
 from tunnel import (
     ClientSettings,
@@ -23,6 +27,9 @@ from tunnel import (
     SessionRefused,
     serve_gateway,
 )
+from tunnel._mux import Mux, TunnelStream
+from tunnel._protocol import Connection, Hello, Role, Welcome
+from tunnel._ws import WebSocket
 
 TOKEN = "instance-token-123"
 
@@ -135,3 +142,78 @@ async def start_rig(nursery: trio.Nursery, hooks: FakeHooks | None = None, **cha
     hooks.address = await start_tcp_server(nursery, echo_handler)
     gateway = await nursery.start(serve_gateway, gateway_settings(**changes), hooks)
     return Rig(gateway, hooks, f"ws://127.0.0.1:{gateway.port}/tunnel", nursery)
+
+
+@attrs.define
+class CutProxy:
+    """A TCP relay in front of the gateway that the test can cut, like a Wi-Fi switch."""
+
+    target: tuple[str, int]
+    port: int = 0
+    connections: list[tuple[trio.SocketStream, trio.SocketStream]] = attrs.field(factory=list)
+    refuse: bool = False
+
+    async def handler(self, downstream: trio.SocketStream) -> None:
+        if self.refuse:
+            await downstream.aclose()
+            return
+        upstream = await trio.open_tcp_stream(*self.target)
+        pair = (downstream, upstream)
+        self.connections.append(pair)
+
+        async def pump(a: trio.SocketStream, b: trio.SocketStream) -> None:
+            try:
+                while True:
+                    data = await a.receive_some(65536)
+                    if not data:
+                        break
+                    await b.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            await trio.aclose_forcefully(a)
+            await trio.aclose_forcefully(b)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, downstream, upstream)
+            nursery.start_soon(pump, upstream, downstream)
+
+    async def cut(self) -> None:
+        """Drop every relayed connection at once, without closing handshakes."""
+        for a, b in self.connections:
+            await trio.aclose_forcefully(a)
+            await trio.aclose_forcefully(b)
+        self.connections.clear()
+
+
+async def start_cut_proxy(nursery: trio.Nursery, target: tuple[str, int]) -> CutProxy:
+    proxy = CutProxy(target=target)
+    _, proxy.port = await start_tcp_server(nursery, proxy.handler)
+    return proxy
+
+
+async def mux_pair(
+    nursery: trio.Nursery, *, window: int = 64 * 1024, replay_limit: int = 8 * 1024 * 1024
+) -> tuple[Mux, trio.MemoryReceiveChannel[TunnelStream]]:
+    """Two muxes joined by an in-memory websocket; the server side's streams come out of the
+    returned channel (no gateway, no TCP: the streams themselves are under test)."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    cws = WSConnection(ConnectionType.CLIENT)
+    sws = WSConnection(ConnectionType.SERVER)
+    sws.receive_data(cws.send(WsRequest(host="test", target="/tunnel")))
+    list(sws.events())
+    cws.receive_data(sws.send(AcceptConnection()))
+    list(cws.events())
+    cconn = Connection(Role.CLIENT, window=window)
+    sconn = Connection(Role.SERVER, window=window)
+    sconn.receive_data(cconn.send(Hello(mode="new")))
+    list(sconn.events())
+    cconn.receive_data(sconn.send(Welcome(session_id="pair")))
+    list(cconn.events())
+    send, receive = trio.open_memory_channel[TunnelStream](1000)
+    options = {"replay_limit": replay_limit, "keepalive_interval": 1e6, "keepalive_timeout": 1e7}
+    client = Mux(cconn, **options)
+    server = Mux(sconn, on_stream=send.send_nowait, **options)
+    nursery.start_soon(client.run, WebSocket(client_end, cws, 65536), b"")
+    nursery.start_soon(server.run, WebSocket(server_end, sws, 65536), b"")
+    await trio.testing.wait_all_tasks_blocked()  # both websockets attached
+    return client, receive
