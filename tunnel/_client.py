@@ -406,7 +406,7 @@ async def open_control(settings: ClientSettings, token: str) -> AsyncIterator[Co
 
         async def carry() -> None:
             try:
-                await mux.run(ws, b"")
+                await mux.run(ws, conn.replay())  # also what was sent before it ran
             finally:
                 mux.finish("the control connection to the gateway was lost")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
 import ssl
@@ -73,6 +74,7 @@ class _Session:
             keepalive_timeout=settings.keepalive_timeout,
             on_stream=self._on_stream,
             on_request=self._on_request,
+            on_protocol_error=gateway._count_protocol_error,
         )
         self.nursery: trio.Nursery | None = None
         self.scope: trio.CancelScope | None = None
@@ -241,6 +243,10 @@ class Gateway:
             getattr(self.hooks, name)(*args)
         except Exception:
             log.exception("tunnel hook failed", hook=name)
+
+    def _count_protocol_error(self, exc: ProtocolError) -> None:
+        self._protocol_errors += 1
+        log.warning("tunnel protocol error", error=str(exc), close_code=int(exc.close_code))
 
     def _new_connection(self) -> Connection:
         return Connection(
@@ -452,9 +458,12 @@ class Gateway:
         def progress(params: JSONObject) -> None:
             send.send_nowait(params)
 
+        drained = trio.Event()
+
         async def send_progress() -> None:
             async for params in receive:
                 await ws.send(conn.send(Progress(params=params)))
+            drained.set()
 
         async def watch_client(scope: trio.CancelScope) -> None:
             # While the owner makes the client wait, notice a hang-up and answer pings.
@@ -480,6 +489,8 @@ class Gateway:
                 except Exception:
                     log.exception("tunnel open_session hook failed")
                     refusal = "the server failed to open a session; its log says why"
+                send.close()
+                await drained.wait()  # progress sent before the verdict arrives first
                 nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             broken = True
@@ -520,8 +531,6 @@ class Gateway:
             with scope:
                 await session.mux.run(ws, first)
         except ProtocolError as exc:
-            self._protocol_errors += 1
-            log.warning("tunnel protocol error", session_id=session.id, error=str(exc))
             session.end(f"protocol error: {exc}", exc.close_code)
             return
         except SessionClosed as exc:
@@ -560,14 +569,10 @@ class Gateway:
                 keepalive_interval=settings.keepalive_interval,
                 keepalive_timeout=settings.keepalive_timeout,
                 on_request=on_request,
+                on_protocol_error=self._count_protocol_error,
             )
-            try:
+            with contextlib.suppress(ProtocolError, SessionClosed):
                 await mux.run(ws, conn.send(Welcome(session_id="")))
-            except ProtocolError as exc:
-                self._protocol_errors += 1
-                log.warning("tunnel protocol error", error=str(exc))
-            except SessionClosed:
-                pass
             mux.finish("the control connection ended")
             nursery.cancel_scope.cancel()
         await ws.aclose()

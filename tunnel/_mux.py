@@ -36,6 +36,7 @@ from tunnel._protocol import (
     ResetCode,
     ResetStream,
     Response,
+    State,
     WindowUpdate,
 )
 from tunnel._ws import WebSocket
@@ -212,7 +213,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return
         self._closed = True
         mux = self._mux
-        if self._broken is None and mux.conn.established and not mux.finished:
+        if self._broken is None and mux.usable:
             mux.write(
                 mux.conn.send(ResetStream(stream_id=self.stream_id, code=code, reason=reason))
             )
@@ -231,7 +232,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._closed = True
             mux = self._mux
             conn = mux.conn
-            if self._broken is None and conn.established and not mux.finished:
+            if self._broken is None and mux.usable:
                 frames = b""
                 if not self._eof_sent:
                     self._eof_sent = True
@@ -261,8 +262,10 @@ class Mux:
         keepalive_timeout: float,
         on_stream: StreamHandler | None = None,
         on_request: RequestHandler | None = None,
+        on_protocol_error: Callable[[ProtocolError], None] | None = None,
     ) -> None:
         self.conn = conn
+        self.on_protocol_error = on_protocol_error
         self.replay_limit = replay_limit
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
@@ -285,6 +288,11 @@ class Mux:
         self._ping_sent_at: dict[bytes, float] = {}
         self._responses: dict[int, trio.Event] = {}
         self._results: dict[int, Response] = {}
+
+    @property
+    def usable(self) -> bool:
+        """Whether stream frames may be produced (welcomed once, not over)."""
+        return self.conn.established and not self.finished and self.conn.state is not State.CLOSED
 
     # -------------------------------------------------------------- output
 
@@ -392,6 +400,9 @@ class Mux:
                 try:
                     await self._reader(ws)
                 except ProtocolError as exc:
+                    self.finish(f"protocol error: {exc}")
+                    if self.on_protocol_error is not None:
+                        self.on_protocol_error(exc)
                     nursery.cancel_scope.cancel()
                     await ws.aclose(
                         exc.close_code, str(exc), last=error_frame(exc.close_code, str(exc))

@@ -399,6 +399,7 @@ def test_if_a_frame_is_malformed_then_the_error_names_what_is_wrong(
         drain(server, frame)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200), st.sampled_from([Role.SERVER, Role.CLIENT]), st.booleans())
 def test_if_arbitrary_bytes_arrive_then_only_remote_protocol_errors_escape(
@@ -414,6 +415,7 @@ def test_if_arbitrary_bytes_arrive_then_only_remote_protocol_errors_escape(
         drain(conn, junk)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(

@@ -130,7 +130,7 @@ class Rig:
     nursery: trio.Nursery
 
     def client_settings(self, **changes: Any) -> ClientSettings:
-        return ClientSettings(url=self.url, **changes)
+        return attrs.evolve(ClientSettings(url=self.url), **changes)
 
 
 def gateway_settings(**changes: Any) -> GatewaySettings:
@@ -173,9 +173,13 @@ class CutProxy:
             await trio.aclose_forcefully(a)
             await trio.aclose_forcefully(b)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, downstream, upstream)
-            nursery.start_soon(pump, upstream, downstream)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, downstream, upstream)
+                nursery.start_soon(pump, upstream, downstream)
+        finally:
+            upstream.socket.close()
+            downstream.socket.close()
 
     async def cut(self) -> None:
         """Drop every relayed connection at once, without closing handshakes."""
