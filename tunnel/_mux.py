@@ -70,6 +70,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._receive_lot = ParkingLot()
         self._send_lot = ParkingLot()
+        self.sink_fd: int | None = None
+        """A non-blocking TCP socket the reader may write received data into directly."""
+        self.sink_busy = False
+        """Set while a task writes to ``sink_fd`` the trio way (no direct writes then)."""
 
     # -------------------------------------------------------------- called by the mux
 
@@ -77,10 +81,23 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._closed:
             return
         if data:
-            self._buffer += data
+            if self.sink_fd is not None and not self._buffer and not self.sink_busy:
+                # Splice fast path: straight into the TCP socket, no task switch.
+                try:
+                    written = os.write(self.sink_fd, data)
+                except OSError:
+                    written = 0  # full or broken: the splice task finds out the trio way
+                if written:
+                    mux = self._mux
+                    mux.bytes_received += written
+                    mux.write(mux.conn.acknowledge_data(self.stream_id, written))
+                    data = data[written:]
+            if data:
+                self._buffer += data
         if fin:
             self._eof = True
-        self._receive_lot.unpark_all()
+        if self._buffer or fin:
+            self._receive_lot.unpark_all()
 
     def _break(self, reason: str) -> None:
         if self._broken is None:
@@ -121,6 +138,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             else:
                 data = bytes(buffer[:max_bytes])
                 del buffer[:max_bytes]
+            if self.sink_fd is not None:
+                self.sink_busy = True  # until the splice has written ``data`` (order!)
             mux = self._mux
             mux.bytes_received += len(data)
             if not self._eof:
@@ -151,6 +170,22 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 await mux.wait_room()
             else:
                 await self._send_lot.park()
+
+    def send_available(self, data: bytes) -> int:
+        """Send as much of ``data`` as credit allows right now, without a checkpoint; the
+        splice calls this first and ``send_all`` for the rest. Returns bytes sent."""
+        if self._sending or self._closed or self._eof_sent or self._broken is not None:
+            return 0
+        mux = self._mux
+        conn = mux.conn
+        window = conn.send_window(self.stream_id)
+        if window <= 0 or not mux.has_room():
+            return 0
+        n = min(len(data), window)
+        chunk = data if n == len(data) else data[:n]
+        mux.write(conn.send(Data(stream_id=self.stream_id, data=chunk)))
+        mux.bytes_sent += n
+        return n
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
@@ -280,6 +315,8 @@ class Mux:
         self.rtt: float | None = None
         self.goaway: str | None = None
         self._out = bytearray()
+        self._ws: WebSocket | None = None
+        self._flushing = False
         self._out_lot = ParkingLot()
         self._room_lot = ParkingLot()
         self._live = False
@@ -297,11 +334,22 @@ class Mux:
     # -------------------------------------------------------------- output
 
     def write(self, frames: bytes) -> None:
-        """Queue frames for the attached websocket; dropped while detached (sequenced frames
-        are in the replay buffer and go out after the next handshake)."""
-        if frames and self._live:
+        """Send frames on the attached websocket: straight into the socket when it has room
+        and nothing is queued, else queued for the writer task. Dropped while detached
+        (sequenced frames are in the replay buffer and go out after the next handshake)."""
+        if not frames or not self._live:
+            return
+        ws = self._ws
+        if self._out or self._flushing or ws is None:
             self._out += frames
             self._out_lot.unpark_all()
+            return
+        try:
+            if not ws.send_nowait(frames):
+                return
+        except trio.BrokenResourceError:
+            pass  # the reader ends this websocket; the replay buffer keeps the frames
+        self._out_lot.unpark_all()
 
     def has_room(self) -> bool:
         return self.conn.replay_size < self.replay_limit
@@ -390,6 +438,8 @@ class Mux:
         ``first`` is sent before anything else (the WELCOME and the replay).
         """
         self._out = bytearray(first)
+        self._ws = ws
+        self._flushing = False
         self._live = True
         self._ack_requested = False
         self._last_received = trio.current_time()
@@ -415,6 +465,7 @@ class Mux:
                 nursery.cancel_scope.cancel()
         finally:
             self._live = False
+            self._ws = None
             self._out = bytearray()
             self.conn.connection_lost()
             self._ack_requested = False
@@ -423,12 +474,19 @@ class Mux:
     async def _writer(self, ws: WebSocket) -> None:
         try:
             while True:
+                if self._out:
+                    data = bytes(self._out)
+                    self._out.clear()
+                    ws.send_nowait(data)
+                if ws.needs_flush:
+                    self._flushing = True
+                    try:
+                        await ws.flush()
+                    finally:
+                        self._flushing = False
+                    continue
                 if not self._out:
                     await self._out_lot.park()
-                    continue
-                data = bytes(self._out)
-                self._out.clear()
-                await ws.send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             # The reader sees the same failure and ends this websocket.
             await trio.aclose_forcefully(ws.stream)

@@ -22,7 +22,9 @@ async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> Non
             if not data:
                 await tunnel.send_eof()
                 return
-            await tunnel.send_all(data)
+            sent = tunnel.send_available(bytes(data))
+            if sent < len(data):
+                await tunnel.send_all(memoryview(data)[sent:])
 
     async def downstream() -> None:
         while True:
@@ -30,7 +32,13 @@ async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> Non
             if not data:
                 await tcp.send_eof()
                 return
-            await tcp.send_all(data)
+            try:
+                await tcp.send_all(data)
+            finally:
+                tunnel.sink_busy = False  # set by receive_some, so no byte overtakes ``data``
+
+    if isinstance(tcp, trio.SocketStream):
+        tunnel.sink_fd = tcp.socket.fileno()
 
     try:
         async with trio.open_nursery() as nursery:
@@ -39,6 +47,7 @@ async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> Non
     except* _ABORTS:
         tunnel.reset(ResetCode.CONNECTION_LOST, "the TCP connection at the other end broke")
     finally:
+        tunnel.sink_fd = None
         # Both close synchronously before their checkpoint, which may raise Cancelled.
         try:
             await trio.aclose_forcefully(tcp)

@@ -9,6 +9,7 @@ about message boundaries.
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 import urllib.parse
 
@@ -53,6 +54,10 @@ class WebSocket:
         self.close_reason = ""
         self._send_lock = trio.StrictFIFOLock()
         self._closed = False
+        self._backlog = bytearray()
+        # Plain TCP: frames are written straight to the non-blocking socket when it has
+        # room and no trio send is in progress (TLS goes through flush()).
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
 
     async def receive(self) -> bytes | bytearray:
         """Binary payload bytes that arrived (never empty); b"" once the websocket is closed.
@@ -98,15 +103,46 @@ class WebSocket:
 
     async def send(self, data: bytes) -> None:
         """Send ``data`` as one binary message."""
+        if self.send_nowait(data):
+            await self.flush()
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Frame ``data`` as one binary message and write it at once if the socket takes it
+        (no task switch, no scheduler pass); True if bytes are left for :meth:`flush`."""
         try:
             frame = self.ws.send(BytesMessage(data=data))
         except WS_ERRORS as exc:
             raise trio.BrokenResourceError("the websocket is closing") from exc
-        await self._send_raw(frame)
+        return self._queue(frame)
+
+    def _queue(self, frame: bytes) -> bool:
+        if self._backlog or self._fd is None or self._send_lock.locked():
+            self._backlog += frame
+            return True
+        try:
+            written = os.write(self._fd, frame)
+        except OSError:
+            written = 0  # full (EAGAIN) or broken: flush() meets the error the trio way
+        if written < len(frame):
+            self._backlog += frame[written:]
+            return True
+        return False
+
+    @property
+    def needs_flush(self) -> bool:
+        return bool(self._backlog)
+
+    async def flush(self) -> None:
+        """Write every queued byte (waits while the socket is full)."""
+        async with self._send_lock:
+            while self._backlog:
+                data = bytes(self._backlog)
+                self._backlog.clear()
+                await self.stream.send_all(data)
 
     async def _send_raw(self, frame: bytes) -> None:
-        async with self._send_lock:
-            await self.stream.send_all(frame)
+        self._backlog += frame
+        await self.flush()
 
     async def aclose(
         self, code: int = CloseCode.NORMAL, reason: str = "", last: bytes = b""
