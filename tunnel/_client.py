@@ -196,6 +196,17 @@ async def _handshake(
             await ws.send(conn.send(Pong(payload=event.payload)))
 
 
+def _certificate_error(exc: BaseException) -> bool:
+    """Whether a connection failed because the server's certificate did not verify (retrying
+    cannot help, unlike a network failure)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _ssl_context(settings: ClientSettings) -> ssl.SSLContext | None:
     if not settings.url.startswith("wss://"):
         return None
@@ -330,6 +341,11 @@ async def _connect_forever(
             mux.finish("the server ended the session")
             raise
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            if _certificate_error(exc):
+                raise SessionRefused(
+                    "the gateway's TLS certificate failed verification "
+                    f"({exc.__cause__ or exc}); give the CA that signed it as ca_file"
+                ) from None
             reason = str(exc) or type(exc).__name__
         finally:
             if ws is not None:

@@ -6,11 +6,13 @@ import hashlib
 import os
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+import trustme
 from tunnel_fakes import TOKEN, FakeHooks, Rig, start_cut_proxy, start_rig
 
 from tunnel import (
@@ -403,3 +405,106 @@ async def test_if_the_legacy_endpoint_is_off_then_its_path_is_404(rig: Rig) -> N
             authorization="",
             receive_size=65536,
         )
+
+
+async def test_if_a_second_client_attaches_then_it_takes_the_session_over(rig: Rig) -> None:
+    """If another client attaches the same session, then it resumes it and the first stops."""
+    closed: list[SessionClosed] = []
+    done = trio.Event()
+
+    async def first_client(task_status: trio.TaskStatus[TunnelClient]) -> None:
+        try:
+            await serve_client(
+                rig.client_settings(), NewSession(token=TOKEN), task_status=task_status
+            )
+        except SessionClosed as exc:
+            closed.append(exc)
+        done.set()
+
+    first: TunnelClient = await rig.nursery.start(first_client)
+    events: list[ClientEvent] = []
+    second = await start_client(
+        rig,
+        events,
+        auth=AttachSession(session_id=first.session.session_id, secret=first.session.secret),
+    )
+    with trio.fail_after(5):
+        await done.wait()
+    assert "another connection attached this session" in str(closed[0])
+    assert Connected(session=second.session, resumed=True) in events
+    assert second.local_address is not None
+    assert await echo_roundtrip(second.local_address, b"mine now") == b"mine now"
+    second.close()
+
+
+async def test_if_the_client_never_comes_back_then_the_grace_period_ends_the_session(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """If a detached session is not resumed within 30 s, then it ends and the owner hears."""
+    rig = await start_rig(nursery)
+    ws, _conn = await raw_session(rig)
+    await trio.aclose_forcefully(ws.stream)
+    await trio.testing.wait_all_tasks_blocked(0.05)
+    assert rig.hooks.log[-1] == ("detached", "s1")
+    mock_clock.jump(29)
+    await trio.testing.wait_all_tasks_blocked(0.05)
+    assert rig.gateway.session_ids == frozenset({"s1"})
+    mock_clock.jump(2)
+    await trio.testing.wait_all_tasks_blocked(0.05)
+    assert rig.hooks.log[-1] == (
+        "ended",
+        "s1",
+        "the client did not resume within the grace period",
+    )
+    assert rig.gateway.session_ids == frozenset()
+
+
+async def test_if_a_peer_goes_silent_then_keepalive_detaches_it(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """If the client stops answering, then after the keepalive timeout the session detaches."""
+    rig = await start_rig(nursery)
+    ws, _conn = await raw_session(rig)  # never reads again, so never answers a PING
+    for _ in range(4):
+        mock_clock.jump(15)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+    assert rig.hooks.log[-1] == ("detached", "s1")
+    await ws.aclose()
+
+
+async def test_if_streams_carry_bytes_then_the_owner_hears_the_traffic(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    """If bytes move, then the traffic hook reports them per direction within a second."""
+    rig = await start_rig(nursery)
+    client = await start_client(rig)
+    assert client.local_address is not None
+    assert await echo_roundtrip(client.local_address, b"x" * 1000) == b"x" * 1000
+    await trio.testing.wait_all_tasks_blocked(0.05)
+    mock_clock.jump(1.1)
+    await trio.testing.wait_all_tasks_blocked(0.05)
+    assert rig.hooks.traffic_seen == {"s1": [1000, 1000]}
+    client.close()
+
+
+async def test_if_the_gateway_serves_tls_then_a_client_trusting_its_ca_gets_through(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """If the gateway listens with TLS, then wss:// works with the CA given and is refused
+    (no retry loop) without it."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    for blob in cert.cert_chain_pems[1:]:
+        blob.write_to_path(str(cert_file), append=True)
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    rig = await start_rig(nursery, tls_certificate=cert_file, tls_private_key=key_file)
+    url = f"wss://localhost:{rig.gateway.port}/tunnel"
+    client = await start_client(rig, url=url, ca_file=ca_file)
+    assert client.local_address is not None
+    assert await echo_roundtrip(client.local_address, b"secure") == b"secure"
+    with pytest.raises(SessionRefused, match="certificate failed verification"):
+        await serve_client(rig.client_settings(url=url), NewSession(token=TOKEN))
+    client.close()
