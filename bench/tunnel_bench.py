@@ -60,8 +60,8 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 
 def role_bulk_server(port: int) -> None:
-    """Byte source/sink: first byte 'D' = send BULK_BYTES; 'U' = read BULK_BYTES, reply 'k';
-    'E' = echo until EOF."""
+    """Byte source/sink: first byte 'D' = send BULK_BYTES ('G': 4x that); 'U' = read
+    BULK_BYTES, reply 'k'; 'E' = echo until EOF."""
     import trio
 
     payload = b"\x00" * CHUNK
@@ -69,8 +69,8 @@ def role_bulk_server(port: int) -> None:
     async def handler(stream: trio.SocketStream) -> None:
         async with stream:
             mode = await stream.receive_some(1)
-            if mode == b"D":
-                left = BULK_BYTES
+            if mode in (b"D", b"G"):
+                left = BULK_BYTES if mode == b"D" else 4 * BULK_BYTES
                 while left:
                     n = min(left, CHUNK)
                     await stream.send_all(payload[:n])
@@ -90,7 +90,7 @@ def role_bulk_server(port: int) -> None:
     trio.run(trio.serve_tcp, handler, port)
 
 
-def role_aldaas_gateway(port: int, target: str) -> None:
+def role_aldaas_gateway(port: int, target: str, first_target: str | None = None) -> None:
     import trio
 
     from tunnel import GatewaySettings, SessionGrant, serve_gateway
@@ -104,7 +104,15 @@ def role_aldaas_gateway(port: int, target: str) -> None:
         async def verify_session(self, session_id, secret):  # type: ignore[no-untyped-def]
             return secret == "s"
 
+        streams = 0
+
         async def resolve(self, session_id):  # type: ignore[no-untyped-def]
+            # With --first-target, the session's first stream goes elsewhere (the bulk
+            # source), the others to --target: one session, two kinds of traffic.
+            self.streams += 1
+            if first_target and self.streams == 1:
+                fhost, fport = first_target.rsplit(":", 1)
+                return fhost, int(fport)
             return host, int(tport)
 
         async def control(self, session_id, name, args):  # type: ignore[no-untyped-def]
@@ -255,7 +263,7 @@ def role_asyncio_ws_client(port: int, url: str) -> None:
 
 ROLES = {
     "bulk-server": lambda a: role_bulk_server(a.port),
-    "aldaas-gateway": lambda a: role_aldaas_gateway(a.port, a.target),
+    "aldaas-gateway": lambda a: role_aldaas_gateway(a.port, a.target, a.first_target),
     "aldaas-client": lambda a: role_aldaas_client(a.port, a.url),
     "trio-ws-server": lambda a: role_trio_ws_server(a.port, a.target),
     "trio-ws-client": lambda a: role_trio_ws_client(a.port, a.url),
@@ -487,12 +495,81 @@ def new_connections(port: int, count: int = 300) -> tuple[float, float]:
     return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
 
 
+def aldaas_extras(bindir: Path, pg_port: int, bulk_port: int) -> dict[str, float]:
+    """aldaas only: pgbench latency on one stream while another stream of the same session
+    downloads 1 GiB; gateway peak RSS while a client reads 256 MiB slowly."""
+    import threading
+
+    out: dict[str, float] = {}
+    server_port, local = free_port(), free_port()
+    url = f"ws://127.0.0.1:{server_port}/tunnel"
+    pg, bulk_target = f"127.0.0.1:{pg_port}", f"127.0.0.1:{bulk_port}"
+    gateway = spawn(
+        "aldaas-gateway", "--port", str(server_port), "--target", pg, "--first-target", bulk_target
+    )
+    wait_port(server_port)
+    client = spawn("aldaas-client", "--port", str(local), "--url", url)
+    try:
+        wait_port(local)
+        moved = [0.0, 0.0]
+
+        def download() -> None:
+            with socket.create_connection(("127.0.0.1", local)) as sock:
+                start = time.perf_counter()
+                sock.sendall(b"G")
+                buf = bytearray(CHUNK)
+                while n := sock.recv_into(buf):
+                    moved[0] += n
+                moved[1] = time.perf_counter() - start
+
+        thread = threading.Thread(target=download)
+        thread.start()
+        time.sleep(0.5)
+        _tps, p50, p99, _n = pgbench(bindir, local, 5, "-c", "1", "-j", "1")
+        thread.join()
+        out["select_during_1GiB_p50_ms"] = p50
+        out["select_during_1GiB_p99_ms"] = p99
+        out["1GiB_down_MBps"] = moved[0] / moved[1] / 1e6 if moved[1] else 0.0
+    finally:
+        for proc in (client, gateway):
+            proc.terminate()
+            proc.wait(5)
+    # Slow reader: the gateway may buffer about one window per stream plus the replay budget.
+    gateway = spawn("aldaas-gateway", "--port", str(server_port), "--target", bulk_target)
+    wait_port(server_port)
+    client = spawn("aldaas-client", "--port", str(local), "--url", url)
+    try:
+        wait_port(local)
+        rss_before = peak_rss_mib(gateway.pid)
+        with socket.create_connection(("127.0.0.1", local)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(b"D")
+            left = BULK_BYTES
+            start = time.perf_counter()
+            while left > 0:
+                n = len(sock.recv(64 * 1024))
+                if not n:
+                    break
+                left -= n
+                time.sleep(0.002)  # roughly 30 MB/s at most
+            out["slow_reader_MBps"] = (BULK_BYTES - left) / (time.perf_counter() - start) / 1e6
+        out["gateway_rss_before_MiB"] = rss_before
+        out["gateway_peak_rss_slow_reader_MiB"] = peak_rss_mib(gateway.pid)
+    finally:
+        for proc in (client, gateway):
+            proc.terminate()
+            proc.wait(5)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("role", nargs="?", choices=sorted(ROLES))
     parser.add_argument("--port", type=int)
     parser.add_argument("--target")
     parser.add_argument("--url")
+    parser.add_argument("--first-target")
+    parser.add_argument("--no-extras", action="store_true", help="skip the aldaas-only runs")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument(
@@ -551,6 +628,8 @@ def main() -> None:
                     finally:
                         bridge.stop()
                     print(name, {k: round(v[-1], 3) for k, v in row.items()}, flush=True)
+            run_extras = not args.no_extras and "aldaas" in names
+            extras = aldaas_extras(bindir, pg_port, bulk_port) if run_extras else {}
     finally:
         bulk_proc.terminate()
         bulk_proc.wait(5)
@@ -576,8 +655,10 @@ def main() -> None:
             values = row.get(key)
             cells.append(f"{statistics.median(values):.3g}" if values else "-")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    for key, value in extras.items():
+        print(f"aldaas {key}: {value:.3g}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps({"bridges": results, "aldaas": extras}, indent=2))
 
 
 if __name__ == "__main__":
