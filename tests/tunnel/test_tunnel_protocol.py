@@ -440,3 +440,33 @@ def test_if_well_framed_nonsense_arrives_then_only_remote_protocol_errors_escape
     for conn in (server, client):
         with contextlib.suppress(RemoteProtocolError):
             drain(conn, wire)
+
+
+def test_if_data_is_sent_while_detached_then_it_waits_in_the_replay_buffer() -> None:
+    """If the application writes while no websocket is attached, then the frames are kept
+    and replayed after the next welcome, and the handshake itself is not disturbed."""
+    client, server = handshake()
+    drain(server, client.send(OpenStream(stream_id=1)))
+    drain(client, server.ack())
+    client.connection_lost()
+    server.connection_lost()
+    offline = client.send(Data(stream_id=1, data=b"typed offline"))
+    assert client.replay() == offline
+    drain(server, client.send(Hello(mode="attach")))
+    welcome = server.send(Welcome(session_id="s1", resumed=True))
+    assert drain(client, welcome)[0] == Welcome(
+        session_id="s1", resumed=True, window=WINDOW, received=12
+    )
+    assert drain(server, client.replay()) == [Data(stream_id=1, data=b"typed offline")]
+
+
+def test_if_a_resuming_client_claims_unsent_bytes_then_the_welcome_is_refused() -> None:
+    """If a client's hello acknowledges more than the server ever sent, then the server
+    refuses to resume with a remote error (it would otherwise replay garbage)."""
+    _client, server = handshake()
+    server.connection_lost()
+    liar = Connection(Role.CLIENT)
+    liar._received = 5000  # a broken or malicious client
+    drain(server, liar.send(Hello(mode="attach")))
+    with pytest.raises(RemoteProtocolError, match="acknowledges offset 5000"):
+        server.send(Welcome(session_id="s1", resumed=True))
