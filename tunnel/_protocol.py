@@ -351,7 +351,7 @@ class Connection:
         self.max_frame_size = max_frame_size
         self.window = window
         self.state = State.IDLE
-        self._buffer = bytearray()
+        self._buffer: bytes | bytearray = b""
         self._pos = 0
         self._error: RemoteProtocolError | None = None
         self._peer_hello_received = 0
@@ -420,7 +420,7 @@ class Connection:
 
     def connection_lost(self) -> None:
         """The websocket is gone: drop partial input; a new handshake must follow."""
-        self._buffer = bytearray()
+        self._buffer = b""
         self._pos = 0
         self._error = None
         self._peer_hello_received = 0
@@ -597,35 +597,48 @@ class Connection:
                 f"({stream.send_window})"
             )
         stream.send_window -= len(data)
-        frames = []
-        view = memoryview(data)
         end = len(data)
-        pos = 0
-        while True:
-            chunk = bytes(view[pos : pos + MAX_DATA_CHUNK]) if end > MAX_DATA_CHUNK else data
-            pos += len(chunk)
-            last = pos >= end
-            flags = FLAG_FIN if (last and event.fin) else 0
-            frame = HEADER.pack(FrameType.DATA, flags, 0, event.stream_id, len(chunk)) + chunk
-            self._sent += len(frame)
-            self._replay.append(frame)
-            frames.append(frame)
-            if last:
-                break
+        sid = event.stream_id
+        fin_flag = FLAG_FIN if event.fin else 0
+        if end <= MAX_DATA_CHUNK:
+            blob = HEADER.pack(FrameType.DATA, fin_flag, 0, sid, end) + data
+        else:
+            # One copy for all the frames: headers and memoryview slices joined once.
+            parts: list[bytes | memoryview] = []
+            with memoryview(data) as view:
+                for pos in range(0, end, MAX_DATA_CHUNK):
+                    n = min(MAX_DATA_CHUNK, end - pos)
+                    flags = fin_flag if pos + n >= end else 0
+                    parts.append(HEADER.pack(FrameType.DATA, flags, 0, sid, n))
+                    parts.append(view[pos : pos + n])
+                blob = b"".join(parts)
+                parts.clear()
+        self._sent += len(blob)
+        self._replay.append(blob)
         if event.fin:
             stream.local_closed = True
             if stream.remote_closed:
-                del self._streams[event.stream_id]
-        return frames[0] if len(frames) == 1 else b"".join(frames)
+                del self._streams[sid]
+        return blob
 
     # ------------------------------------------------------------------ receiving
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Add bytes read from the websocket (any split: message boundaries do not matter)."""
-        if self._pos:
-            del self._buffer[: self._pos]
-            self._pos = 0
-        self._buffer += data
+    def receive_data(self, data: bytes | bytearray) -> None:
+        """Add bytes read from the websocket (any split: message boundaries do not matter).
+
+        The object is kept, not copied, when nothing is left over from earlier reads: do
+        not change a bytearray after passing it in.
+        """
+        buffer = self._buffer
+        if self._pos >= len(buffer):
+            self._buffer = data
+        else:
+            if not isinstance(buffer, bytearray) or self._pos:
+                with memoryview(buffer) as view:
+                    buffer = bytearray(view[self._pos :])
+            buffer += data
+            self._buffer = buffer
+        self._pos = 0
 
     def events(self) -> Iterator[Event]:
         """Yield the events in the bytes received so far; raise :class:`RemoteProtocolError`
@@ -663,11 +676,9 @@ class Connection:
                 end = pos + HEADER_SIZE + length
                 if len(buffer) < end:
                     return None
-                payload = bytes(buffer[pos + HEADER_SIZE : end])
+                with memoryview(buffer) as view:
+                    payload = bytes(view[pos + HEADER_SIZE : end])
                 self._pos = end
-                if end == len(buffer):
-                    buffer.clear()
-                    self._pos = 0
                 self.state = _transition(self.role, False, self.state, ftype)
                 if ftype in SEQUENCED:
                     self._received += HEADER_SIZE + length
