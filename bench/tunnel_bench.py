@@ -514,12 +514,14 @@ def aldaas_extras(bindir: Path, pg_port: int, bulk_port: int) -> dict[str, float
         moved = [0.0, 0.0]
 
         def download() -> None:
-            with socket.create_connection(("127.0.0.1", local)) as sock:
-                start = time.perf_counter()
-                sock.sendall(b"G")
-                buf = bytearray(CHUNK)
-                while n := sock.recv_into(buf):
-                    moved[0] += n
+            start = time.perf_counter()
+            try:
+                with socket.create_connection(("127.0.0.1", local)) as sock:
+                    sock.sendall(b"G")
+                    buf = bytearray(CHUNK)
+                    while n := sock.recv_into(buf):
+                        moved[0] += n
+            finally:
                 moved[1] = time.perf_counter() - start
 
         thread = threading.Thread(target=download)

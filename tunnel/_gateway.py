@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hmac
 import math
+import sys
+import traceback
 import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -37,6 +39,15 @@ from tunnel._splice import splice
 from tunnel._ws import WebSocket, accept, new_server_connection, read_request, reject
 
 log = structlog.get_logger("tunnel.gateway")
+
+
+def _failure(event: str, **fields: object) -> None:
+    """Log an unexpected exception as text without local variables: a renderer that shows
+    a traceback's locals would print the Authorization header or a secret."""
+    exc = sys.exc_info()[1]
+    trace = "".join(traceback.format_exception(exc)) if exc is not None else ""
+    log.error(event, error=repr(exc), traceback=trace, **fields)
+
 
 _HANDSHAKE_READ = 16 * 1024
 
@@ -181,7 +192,7 @@ class _Session:
             return
         except Exception:
             stream.reset(ResetCode.INTERNAL_ERROR, "the gateway failed to route the stream")
-            log.exception("tunnel resolve hook failed", session_id=self.id)
+            _failure(event="tunnel resolve hook failed", session_id=self.id)
             return
         await splice(stream, tcp)
 
@@ -242,7 +253,7 @@ class Gateway:
         try:
             getattr(self.hooks, name)(*args)
         except Exception:
-            log.exception("tunnel hook failed", hook=name)
+            _failure(event="tunnel hook failed", hook=name)
 
     def _count_protocol_error(self, exc: ProtocolError) -> None:
         self._protocol_errors += 1
@@ -262,7 +273,7 @@ class Gateway:
         except ControlError as exc:
             mux.respond(request.request_id, error=str(exc))
         except Exception:
-            log.exception("tunnel control hook failed", request=request.name)
+            _failure(event="tunnel control hook failed", request=request.name)
             mux.respond(
                 request.request_id,
                 error=f"the server failed to answer {request.name!r}; its log says why",
@@ -272,7 +283,7 @@ class Gateway:
         try:
             await self._handle(stream)
         except Exception:
-            log.exception("tunnel connection failed")
+            _failure(event="tunnel connection failed")
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -334,7 +345,7 @@ class Gateway:
                 try:
                     ok = bool(session_id) and await self.hooks.verify_session(session_id, secret)
                 except Exception:
-                    log.exception("tunnel verify hook failed", session_id=session_id)
+                    _failure(event="tunnel verify hook failed", session_id=session_id)
             if not ok:
                 self._auth_failures += 1
                 log.warning(
@@ -487,7 +498,7 @@ class Gateway:
                 except SessionRefused as exc:
                     refusal = str(exc)
                 except Exception:
-                    log.exception("tunnel open_session hook failed")
+                    _failure(event="tunnel open_session hook failed")
                     refusal = "the server failed to open a session; its log says why"
                 send.close()
                 await drained.wait()  # progress sent before the verdict arrives first
