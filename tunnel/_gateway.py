@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import math
+import ssl
 import sys
 import traceback
-import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable
 
