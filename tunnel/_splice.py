@@ -6,6 +6,7 @@ import trio
 
 from tunnel._mux import TunnelStream
 from tunnel._protocol import ResetCode
+from tunnel._ws import SocketReader
 
 TCP_READ_SIZE = 256 * 1024
 """Bytes asked of the TCP socket per read: large enough that bulk moves in few frames."""
@@ -16,9 +17,11 @@ _ABORTS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> None:
     """Relay until both directions finished; a broken end aborts the other one."""
 
+    reader = SocketReader(tcp, TCP_READ_SIZE)
+
     async def upstream() -> None:
         while True:
-            data = await tcp.receive_some(TCP_READ_SIZE)
+            data = await reader.read()
             if not data:
                 await tunnel.send_eof()
                 return
