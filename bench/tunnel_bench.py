@@ -107,10 +107,11 @@ def role_aldaas_gateway(port: int, target: str, first_target: str | None = None)
         streams = 0
 
         async def resolve(self, session_id):  # type: ignore[no-untyped-def]
-            # With --first-target, the session's first stream goes elsewhere (the bulk
-            # source), the others to --target: one session, two kinds of traffic.
+            # With --first-target, the session's first real stream goes elsewhere (the bulk
+            # source), the others to --target: one session, two kinds of traffic. Stream 1
+            # is wait_port()'s readiness probe of the client's local port.
             self.streams += 1
-            if first_target and self.streams == 1:
+            if first_target and self.streams == 2:
                 fhost, fport = first_target.rsplit(":", 1)
                 return fhost, int(fport)
             return host, int(tport)
