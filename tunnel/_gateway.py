@@ -35,7 +35,7 @@ from tunnel._protocol import (
     Welcome,
 )
 from tunnel._settings import GatewaySettings
-from tunnel._splice import splice
+from tunnel._splice import connect_tcp, splice
 from tunnel._ws import WebSocket, accept, new_server_connection, read_request, reject
 
 log = structlog.get_logger("tunnel.gateway")
@@ -185,7 +185,7 @@ class _Session:
         try:
             with trio.fail_after(gateway.settings.connect_timeout):
                 host, port = await gateway.hooks.resolve(self.id)
-                tcp = await trio.open_tcp_stream(host, port)
+                tcp = await connect_tcp(host, port)
         except (OSError, trio.TooSlowError, SessionRefused) as exc:
             stream.reset(ResetCode.CONNECT_FAILED, f"the gateway could not connect: {exc}")
             log.warning("tunnel stream connect failed", session_id=self.id, error=str(exc))
@@ -601,7 +601,7 @@ class Gateway:
         try:
             route = await self.hooks.resolve_legacy(name, session)
             with trio.fail_after(self.settings.connect_timeout):
-                tcp = await trio.open_tcp_stream(route.host, route.port)
+                tcp = await connect_tcp(route.host, route.port)
         except SessionRefused as exc:
             await reject(stream, ws_conn, 503, str(exc))
             return

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+
 import trio
 
 from tunnel._mux import TunnelStream
@@ -12,6 +15,22 @@ TCP_READ_SIZE = 256 * 1024
 """Bytes asked of the TCP socket per read: large enough that bulk moves in few frames."""
 
 _ABORTS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+async def connect_tcp(host: str, port: int) -> trio.SocketStream:
+    """Connect to ``host:port``; an IP literal skips resolution and happy eyeballs (a
+    nursery and several scheduler passes per new stream), a name goes the usual way."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> None:
