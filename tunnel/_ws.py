@@ -27,6 +27,7 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.events import Ping as WsPing
+from wsproto.events import Pong as WsPong
 from wsproto.events import Request as WsRequest
 from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
@@ -40,7 +41,7 @@ _HEADER64 = struct.Struct("!BBQ")
 _XOR_TABLES: list[bytes] = []
 
 
-def _mask(data: bytes, key: bytes) -> bytearray:
+def _mask(data: bytes | memoryview, key: bytes) -> bytearray:
     """XOR ``data`` with the 4-byte ``key`` (RFC 6455 client masking): one copy, then four
     strided ``bytes.translate`` passes in C."""
     if not _XOR_TABLES:
@@ -85,6 +86,97 @@ class SocketReader:
             return data
 
 
+class FrameError(Exception):
+    """The peer broke RFC 6455 framing; ``code`` is the close code to answer with."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FrameReader:
+    """Incremental RFC 6455 frame parser for an open websocket that carries only binary
+    messages: payload bytes come out as they arrive (a large frame is never buffered whole)
+    with one copy, unmasked by four strided ``bytes.translate`` passes; control frames come
+    out whole. wsproto's parser makes three or more copies and many calls per frame."""
+
+    def __init__(self, *, expect_masked: bool) -> None:
+        self._expect_masked = expect_masked
+        self._buffer = b""
+        self._remaining = 0
+        self._key = b""
+        self._offset = 0
+        self._in_message = False
+
+    def feed(self, data: bytes) -> tuple[list[bytes | bytearray], list[tuple[int, bytes]]]:
+        """Data payload chunks and (opcode, payload) control frames in ``data``."""
+        chunks: list[bytes | bytearray] = []
+        controls: list[tuple[int, bytes]] = []
+        whole = self._buffer + data if self._buffer else data
+        size = len(whole)
+        pos = 0
+        with memoryview(whole) as view:
+            while pos < size:
+                if self._remaining:
+                    n = min(self._remaining, size - pos)
+                    chunk = view[pos : pos + n]
+                    if self._key:
+                        shift = self._offset % 4
+                        chunks.append(_mask(chunk, self._key[shift:] + self._key[:shift]))
+                    else:
+                        chunks.append(bytes(chunk))
+                    pos += n
+                    self._remaining -= n
+                    self._offset += n
+                    continue
+                if size - pos < 2:
+                    break
+                first, second = view[pos], view[pos + 1]
+                opcode = first & 0x0F
+                masked = bool(second & 0x80)
+                length = second & 0x7F
+                header = 2
+                if length == 126:
+                    header = 4
+                elif length == 127:
+                    header = 10
+                if masked:
+                    header += 4
+                if size - pos < header:
+                    break
+                if length == 126:
+                    length = int.from_bytes(view[pos + 2 : pos + 4], "big")
+                elif length == 127:
+                    length = int.from_bytes(view[pos + 2 : pos + 10], "big")
+                if first & 0x70:
+                    raise FrameError(CloseCode.PROTOCOL_ERROR, "reserved bits set in a frame")
+                if masked != self._expect_masked:
+                    raise FrameError(CloseCode.PROTOCOL_ERROR, "frame masking is wrong")
+                key = bytes(view[pos + header - 4 : pos + header]) if masked else b""
+                if opcode >= 8:
+                    if length > 125 or not first & 0x80:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR, "malformed control frame")
+                    if size - pos < header + length:
+                        break
+                    payload = view[pos + header : pos + header + length]
+                    controls.append((opcode, bytes(_mask(payload, key) if key else payload)))
+                    pos += header + length
+                    continue
+                if (opcode == 2 and not self._in_message) or (opcode == 0 and self._in_message):
+                    pass
+                elif opcode == 1:
+                    raise FrameError(1003, "text messages are not part of aldaas.v1")
+                else:
+                    raise FrameError(CloseCode.PROTOCOL_ERROR, f"unexpected opcode {opcode}")
+                self._in_message = not first & 0x80
+                pos += header
+                self._remaining = length
+                self._key = key
+                self._offset = 0
+            self._buffer = bytes(view[pos:]) if pos < size else b""
+        return chunks, controls
+
+
 class HandshakeRejected(Exception):
     """The server answered the upgrade with an HTTP error; ``message`` is its one-line body."""
 
@@ -111,12 +203,25 @@ class WebSocket:
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self._client = ws.client
         self._reader = SocketReader(stream, receive_size)
+        self._frames: FrameReader | None = None
+        self._parse_ourselves: bool | None = None
 
     async def receive(self) -> bytes | bytearray:
         """Binary payload bytes that arrived (never empty); b"" once the websocket is closed.
 
         Raises ``trio.BrokenResourceError`` if the socket broke.
         """
+        if self._frames is None and self._parse_ourselves is None:
+            # Parse frames ourselves once wsproto holds no bytes past the handshake (it
+            # would otherwise own a partial frame); else stay with wsproto throughout.
+            connection = self.ws.connection
+            self._parse_ourselves = connection is not None and not len(
+                connection._proto._frame_decoder.buffer
+            )
+            if self._parse_ourselves:
+                self._frames = FrameReader(expect_masked=not self._client)
+        if self._frames is not None:
+            return await self._receive_frames(self._frames)
         while True:
             if self._closed:
                 return b""
@@ -153,6 +258,40 @@ class WebSocket:
             if not data:
                 self._closed = True
                 return b""
+
+    async def _receive_frames(self, frames: FrameReader) -> bytes | bytearray:
+        while True:
+            if self._closed:
+                return b""
+            try:
+                data = await self._reader.read()
+            except trio.ClosedResourceError:
+                return b""
+            if not data:
+                self._closed = True
+                return b""
+            try:
+                chunks, controls = frames.feed(data)
+            except FrameError as exc:
+                self._closed = True
+                self.close_code = exc.code
+                with contextlib.suppress(*WS_ERRORS, trio.BrokenResourceError, OSError):
+                    await self._send_raw(self.ws.send(CloseConnection(code=exc.code)))
+                raise trio.BrokenResourceError(f"websocket framing error: {exc}") from exc
+            for opcode, payload in controls:
+                if opcode == 9:  # ping
+                    await self._send_raw(self.ws.send(WsPong(payload=payload)))
+                elif opcode == 8:  # close
+                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                    self.close_code = code
+                    self.close_reason = payload[2:].decode(errors="replace")
+                    self._closed = True
+                    reply = CloseConnection(code=code if code not in (1005, 1006) else 1000)
+                    with contextlib.suppress(*WS_ERRORS, trio.BrokenResourceError, OSError):
+                        await self._send_raw(self.ws.send(reply))
+                    break
+            if chunks:
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def send(self, data: bytes) -> None:
         """Send ``data`` as one binary message."""

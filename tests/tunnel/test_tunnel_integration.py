@@ -290,6 +290,7 @@ async def raw_session(rig: Rig) -> tuple[WebSocket, Connection]:
         conn.receive_data(await ws.receive())
         events = list(conn.events())
         if any(isinstance(e, Welcome) for e in events):
+            assert ws._frames is not None  # frames parsed by the tunnel, not wsproto
             return ws, conn
 
 
