@@ -279,7 +279,7 @@ class Gateway:
                 error=f"the server failed to answer {request.name!r}; its log says why",
             )
 
-    async def handle(self, stream: trio.abc.Stream) -> None:
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         try:
             await self._handle(stream)
         except Exception:
@@ -674,6 +674,6 @@ async def serve_gateway(
         listeners = list(tcp_listeners)
     async with trio.open_nursery() as nursery:
         gateway = Gateway(settings, hooks, nursery, port)
-        await nursery.start(trio.serve_listeners, gateway.handle, listeners)
+        await nursery.start(trio.serve_listeners, gateway._serve_connection, listeners)
         log.info("tunnel gateway listening", host=settings.host, port=port)
         task_status.started(gateway)
