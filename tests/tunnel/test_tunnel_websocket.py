@@ -38,7 +38,7 @@ def collect(reader: FrameReader, wire: bytes, step: int) -> tuple[bytes, list[tu
     return data, controls
 
 
-@pytest.mark.parametrize("step", [1, 7, 100_000])
+@pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), 7, 100_000])
 def test_if_masked_frames_arrive_in_any_split_then_payload_and_controls_come_out(
     step: int,
 ) -> None:
