@@ -72,5 +72,5 @@ class GatewayHooks(Protocol):
         ...
 
     def session_ended(self, session_id: str, reason: str) -> None:
-        """The session is gone for good (grace period over, closed by either side)."""
+        """The session is gone for good (grace period over, closed, or the gateway stopped)."""
         ...
