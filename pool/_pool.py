@@ -616,6 +616,12 @@ class Pool:
                 resource = await self._provider.set_meta(
                     Kind.CLONE, clone.name, meta, expect_version=clone.version
                 )
+        except ConflictError as exc:
+            # Another broker replica claimed it first: the clone is now ITS lease. Forget
+            # it here (never destroy it) and let the caller try the next warm clone.
+            log.info("clone.claim_lost", clone=clone.name, error=str(exc))
+            self._forget_clone(clone)
+            raise _Lost from exc
         except ProviderError as exc:
             log.warning("clone.claim_failed", clone=clone.name, error=str(exc))
             self._report_error("lease", exc)
@@ -630,6 +636,13 @@ class Pool:
         clone.state = clone_transition(clone.name, clone.state, CloneEvent.HANDED_OUT)
         clone.lease = lease
         lease.clone = clone
+
+    def _forget_clone(self, clone: _Clone) -> None:
+        """Drop a clone from this pool's view without touching it (another replica owns it now)."""
+        self._warm.pop(clone.name, None)
+        if self._clones.get(clone.name) is clone:
+            del self._clones[clone.name]
+        self._wake(self._keeper_wakeup)
 
     def _checked_ttl(self, ttl: float | None) -> float:
         if ttl is None:

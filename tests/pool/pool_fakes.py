@@ -76,6 +76,10 @@ class FakeWorld:
     check_gate: trio.Event | None = None
     """When set, checks wait for this event (to crash the pool mid-verification)."""
     set_meta_calls: int = 0
+    conflicts: int = 0
+    """Compare-and-set writes refused because their ``expect_version`` was stale."""
+    destroyed_leased: list[str] = attrs.Factory(list)
+    """Clones destroyed while their meta still said ``leased`` (a lease's database vanished)."""
 
     def of(self, kind: Kind) -> list[FakeResource]:
         return [
@@ -241,6 +245,7 @@ class FakeProvider:
         if r is None:
             raise NotFoundError(f"{kind.value} {name!r} does not exist")
         if expect_version is not None and expect_version != str(r.version):
+            self.world.conflicts += 1
             raise ConflictError(
                 f"{kind.value} {name!r} is at version {r.version}, not {expect_version}"
             )
@@ -250,7 +255,9 @@ class FakeProvider:
 
     async def destroy(self, kind: Kind, name: str) -> None:
         await trio.lowlevel.checkpoint()
-        self.world.resources.pop((kind, name), None)
+        r = self.world.resources.pop((kind, name), None)
+        if r is not None and kind is Kind.CLONE and r.meta.get("status") == "leased":
+            self.world.destroyed_leased.append(name)
 
     async def list(self, kind: Kind | None = None) -> Sequence[Resource]:
         await trio.lowlevel.checkpoint()
