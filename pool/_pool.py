@@ -1585,12 +1585,19 @@ class Pool:
             if r.kind is not Kind.SNAPSHOT or state is None:
                 continue
             snap = self._snapshots.get(r.name)
-            if snap is None or (snap.state is not state and snap is not self._pipeline_snapshot):
+            finished_elsewhere = (
+                snap is not None
+                and snap.state is SnapshotState.VERIFYING
+                and state is not SnapshotState.VERIFYING
+                and snap is not self._pipeline_snapshot
+            )
+            if snap is None or finished_elsewhere:
                 self._snapshots[r.name] = self._snapshot_from(r, state)
-        for name, snap in list(self._snapshots.items()):
-            gone = (Kind.SNAPSHOT, name) not in listed
-            if gone and snap.state in (SnapshotState.READY, SnapshotState.FAILED):
-                del self._snapshots[name]  # pruned by the leader
+        if not self.leading:  # only a leader prunes, and it knows what it pruned
+            for name, snap in list(self._snapshots.items()):
+                gone = (Kind.SNAPSHOT, name) not in listed
+                if gone and snap.state in (SnapshotState.READY, SnapshotState.FAILED):
+                    del self._snapshots[name]
         # Which clone holds each lease now: the highest generation (a reset moves it).
         holders: dict[str, Resource] = {}
         for r in listed.values():
@@ -1664,7 +1671,8 @@ class Pool:
         if self._leases.get(lease.id) is lease:
             del self._leases[lease.id]
         self._dirty.discard(lease.id)
-        lease.state = lease_transition(lease.id, lease.state, LeaseEvent.RELEASE)
+        if lease.state in ACTIVE_LEASE_STATES:
+            lease.state = lease_transition(lease.id, lease.state, LeaseEvent.RELEASE)
         self._forget_clone(lease.clone)
         log.info("lease.forgotten", lease_id=lease.id, clone=lease.clone.name, why=why)
 
