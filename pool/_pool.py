@@ -916,6 +916,11 @@ class Pool:
                 resource = await self._provider.set_meta(
                     Kind.CLONE, clone.name, meta, expect_version=clone.version
                 )
+            except NotFoundError:
+                if not (self._shared and clone.lease is not None):
+                    raise
+                self._drop_lease(clone.lease, "another replica ended it and destroyed its clone")
+                return
             except ConflictError:
                 # Someone changed it behind our back (another replica writing the same
                 # lease): re-read it and write once more over its version.

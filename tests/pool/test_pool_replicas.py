@@ -226,3 +226,45 @@ async def test_if_the_leader_steps_down_mid_flight_then_the_new_leader_takes_ove
     assert world.destroyed_leased == []
     half_made = [r.name for r in world.of(Kind.CLONE) if r.meta.get("status") == "provisioning"]
     assert half_made == []
+
+
+async def test_if_a_lease_is_reset_on_a_follower_then_the_leader_follows_it_to_the_new_clone(
+    autojump_clock: MockClock,
+) -> None:
+    """If a follower resets a lease the leader handed out, then the leader's view moves to the
+    new clone, the old one goes, and releasing it on the leader destroys the new one."""
+    world, source = FakeWorld(), _source()
+    async with replica(world, source, SHARED) as a, replica(world, source, SHARED) as b:
+        await a.lead()
+        await wait_for(lambda: len(_warm_in(world)) == 3, what="3 warm clones")
+        lease = await a.pool.acquire(timeout=600)
+        reset = await b.pool.reset(lease.id, timeout=600)
+        assert reset.clone != lease.clone
+        await wait_for(lambda: world.get(Kind.CLONE, lease.clone) is None, what="the old clone")
+        await a.pool.refresh_view()
+        assert a.pool.lease(lease.id).clone == reset.clone
+        await a.pool.release(lease.id)
+        await wait_for(lambda: world.get(Kind.CLONE, reset.clone) is None, what="the new clone")
+        assert world.destroyed_leased == []
+
+
+async def test_if_a_replica_extends_a_lease_ended_elsewhere_then_it_says_not_found(
+    autojump_clock: MockClock,
+) -> None:
+    """If a lease was released on one replica, then extending it on another (whose view is
+    stale) raises LeaseNotFoundError and brings nothing back."""
+    world, source = FakeWorld(), _source()
+    async with replica(world, source, SLOW_VIEW) as a, replica(world, source, SLOW_VIEW) as b:
+        await a.lead()
+        await wait_for(lambda: len(_warm_in(world)) == 3, what="3 warm clones")
+        first, second = await a.pool.acquire(timeout=600), await a.pool.acquire(timeout=600)
+        await b.pool.refresh_view()
+        await a.pool.release(first.id)  # b still sees it; its clone is being destroyed
+        with pytest.raises(LeaseNotFoundError):
+            await b.pool.extend(first.id)
+        await a.pool.release(second.id)
+        await wait_for(lambda: world.get(Kind.CLONE, second.clone) is None, what="the destroy")
+        with pytest.raises(LeaseNotFoundError):
+            await b.pool.extend(second.id)  # b still sees it; its clone is gone
+        assert b.pool.leases() == ()
+        assert world.get(Kind.CLONE, first.clone) is None
