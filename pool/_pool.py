@@ -925,14 +925,18 @@ class Pool:
                 # Someone changed it behind our back (another replica writing the same
                 # lease): re-read it and write once more over its version.
                 fresh = await self._find(Kind.CLONE, clone.name)
+                lease = clone.lease
+                if (
+                    self._shared
+                    and lease is not None
+                    and (fresh is None or not _holds(fresh, lease))
+                ):
+                    # Ended or reset on another replica: never bring it back.
+                    self._drop_lease(lease, "it ended or moved on another replica")
+                    return
                 if fresh is None:
                     raise
-                lease = clone.lease
                 if lease is not None:
-                    if not _holds(fresh, lease):
-                        # Ended or reset on another replica: never bring it back.
-                        self._drop_lease(lease, "it ended or moved on another replica")
-                        return
                     self._merge_lease_meta(lease, fresh.meta, take_ttl=False)
                     meta = self._clone_meta(clone, clone.state, lease)
                 resource = await self._provider.set_meta(

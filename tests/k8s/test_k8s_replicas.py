@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import attrs
 import pytest
 import trio
-from conftest import make_api_client
 from k8s_fake_api import FakeKubernetes, wait_until
+from kubernetes import client
 
 from pool import Backup, Kind, Lease, Pool, PoolSettings, WarmPoolSettings
 from pool._kubernetes import KubernetesProvider, LeaderElector
@@ -30,6 +30,14 @@ class OneBackup:
 
     def open(self, backup: Backup) -> AsyncIterator[bytes]:
         raise AssertionError("the snapshot exists: nothing should be restored")
+
+
+def _api_client(fake: FakeKubernetes) -> client.ApiClient:
+    """One replica's own client (its own connection pool), configured as conftest's."""
+    configuration = client.Configuration(host=fake.url)
+    configuration.connection_pool_maxsize = 4
+    configuration.retries = False
+    return client.ApiClient(configuration)
 
 
 async def _seed_ready_snapshot(provider: KubernetesProvider) -> None:
@@ -77,7 +85,7 @@ async def test_if_two_replicas_serve_and_the_leader_leaves_then_hand_outs_stay_e
 ) -> None:
     """If two replicas hand out from one cluster and the leader leaves, then every lease has its
     own pod, leases survive, and the other replica refills as the new leader."""
-    clients = [make_api_client(fake), make_api_client(fake)]
+    clients = [_api_client(fake), _api_client(fake)]
     providers = [
         KubernetesProvider(attrs.evolve(settings, identity=name), api)
         for name, api in zip(("broker-a", "broker-b"), clients, strict=True)
