@@ -94,11 +94,11 @@ log = structlog.get_logger("aldaas.pool")
 
 _MAX_LABELS = 32
 _MAX_LABEL_CHARS = 256
+_HEARTBEAT_RETRY_SECONDS = 1.0
 _DUMMY_HASH = m.secret_hash("not a lease secret")
 _PROGRESS_LOG_SECONDS = 5.0
 _BACKOFF_MAX = 60.0
 _CLEANUP_SECONDS = 60.0
-_HEARTBEAT_RETRY_SECONDS = 1.0
 
 EndReason = Literal["released", "killed", "expired_idle", "expired_lifetime", "lost"]
 
