@@ -18,8 +18,10 @@ background work:
   clones of older snapshots),
 - health checks of warm clones,
 - TTL and lifetime enforcement,
-- pruning of old ready and expired failed snapshots,
-- persistence of attach/detach state.
+- pruning of old ready and expired failed snapshots.
+
+Persistence of attach/detach state runs on every replica (in :meth:`Pool.run`
+or :meth:`Pool.serve`); see docs/pool.md, "Several broker replicas".
 """
 
 from __future__ import annotations
