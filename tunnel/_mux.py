@@ -316,7 +316,6 @@ class Mux:
         self.goaway: str | None = None
         self._out = bytearray()
         self._ws: WebSocket | None = None
-        self._flushing = False
         self._out_lot = ParkingLot()
         self._room_lot = ParkingLot()
         self._live = False
@@ -335,12 +334,13 @@ class Mux:
 
     def write(self, frames: bytes) -> None:
         """Send frames on the attached websocket: straight into the socket when it has room
-        and nothing is queued, else queued for the writer task. Dropped while detached
-        (sequenced frames are in the replay buffer and go out after the next handshake)."""
+        and nothing is queued, else into the websocket's backlog (by reference, no copy)
+        for the writer task to flush. Dropped while detached (sequenced frames are in the
+        replay buffer and go out after the next handshake)."""
         if not frames or not self._live:
             return
         ws = self._ws
-        if self._out or self._flushing or ws is None:
+        if self._out or ws is None:
             self._out += frames
             self._out_lot.unpark_all()
             return
@@ -439,7 +439,6 @@ class Mux:
         """
         self._out = bytearray(first)
         self._ws = ws
-        self._flushing = False
         self._live = True
         self._ack_requested = False
         self._last_received = trio.current_time()
@@ -479,11 +478,7 @@ class Mux:
                     self._out.clear()
                     ws.send_nowait(data)
                 if ws.needs_flush:
-                    self._flushing = True
-                    try:
-                        await ws.flush()
-                    finally:
-                        self._flushing = False
+                    await ws.flush()
                     continue
                 if not self._out:
                     await self._out_lot.park()

@@ -39,6 +39,8 @@ WS_ERRORS = (WsLocalProtocolError, WsRemoteProtocolError)
 _HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")
 _XOR_TABLES: list[bytes] = []
+_IOV_MAX = 512
+"""Buffers per ``writev`` call (Linux allows 1024)."""
 _KEY_POOL_SIZE = 4096
 """Bytes of masking keys fetched from the OS at once: one ``getrandom`` per 1024 messages."""
 
@@ -155,7 +157,7 @@ class FrameReader:
                         shift = self._offset % 4
                         chunks.append(_mask(chunk, self._key[shift:] + self._key[:shift]))
                     else:
-                        chunks.append(bytes(chunk))
+                        chunks.append(whole if n == size else bytes(chunk))
                     pos += n
                     self._remaining -= n
                     self._offset += n
@@ -228,7 +230,7 @@ class WebSocket:
         self.close_reason = ""
         self._send_lock = trio.StrictFIFOLock()
         self._closed = False
-        self._backlog = bytearray()
+        self._backlog: list[bytes | bytearray | memoryview] = []
         # Plain TCP: frames are written straight to the non-blocking socket when it has
         # room and no trio send is in progress (TLS goes through flush()).
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
@@ -353,9 +355,13 @@ class WebSocket:
         return self._queue(header + key, _mask(data, key))
 
     def _queue(self, header: bytes, payload: bytes | bytearray = b"") -> bool:
-        if self._backlog or self._fd is None or self._send_lock.locked():
-            self._backlog += header
-            self._backlog += payload
+        """Write ``header`` + ``payload`` now if nothing is queued and the socket takes them,
+        else queue them (by reference: neither may change afterwards). True if queued."""
+        backlog = self._backlog
+        if backlog or self._fd is None or self._send_lock.locked():
+            backlog.append(header)
+            if payload:
+                backlog.append(payload)
             return True
         try:
             written = (
@@ -363,15 +369,14 @@ class WebSocket:
             )
         except OSError:
             written = 0  # full (EAGAIN) or broken: flush() meets the error the trio way
-        total = len(header) + len(payload)
-        if written >= total:
+        if written >= len(header) + len(payload):
             return False
         if written < len(header):
-            self._backlog += header[written:]
-            self._backlog += payload
+            backlog.append(header[written:])
+            if payload:
+                backlog.append(payload)
         else:
-            with memoryview(payload) as view:
-                self._backlog += view[written - len(header) :]
+            backlog.append(memoryview(payload)[written - len(header) :])
         return True
 
     @property
@@ -379,14 +384,41 @@ class WebSocket:
         return bool(self._backlog)
 
     async def flush(self) -> None:
-        """Write every queued byte (waits while the socket is full)."""
+        """Write every queued byte (waits while the socket is full).
+
+        The backlog is a list of buffers written with ``writev`` on plain TCP: a large
+        payload queued while the socket was full is never copied into a bigger buffer."""
         async with self._send_lock:
+            fd = self._fd
             while self._backlog:
-                data, self._backlog = self._backlog, bytearray()
-                await self.stream.send_all(data)
+                if fd is None:
+                    data = b"".join(self._backlog)
+                    self._backlog.clear()
+                    await self.stream.send_all(data)
+                    continue
+                await trio.lowlevel.wait_writable(fd)
+                self._write_backlog(fd)
+
+    def _write_backlog(self, fd: int) -> None:
+        backlog = self._backlog
+        try:
+            written = os.writev(fd, backlog[:_IOV_MAX])
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket write failed: {exc}") from exc
+        done = 0
+        for part in backlog:
+            if len(part) > written:
+                break
+            written -= len(part)
+            done += 1
+        del backlog[:done]
+        if written:
+            backlog[0] = memoryview(backlog[0])[written:]
 
     async def _send_raw(self, frame: bytes) -> None:
-        self._backlog += frame
+        self._backlog.append(frame)
         await self.flush()
 
     async def aclose(
