@@ -472,14 +472,16 @@ class Connection:
     def acknowledge_data(self, stream_id: int, nbytes: int) -> bytes:
         """The application consumed ``nbytes`` of ``stream_id``: maybe a WINDOW frame.
 
-        Credit is returned once a quarter of the window was consumed, so a slow reader
-        holds back only its own stream and memory per stream stays below one window.
+        Credit is returned once half the window was consumed (one WINDOW frame per half
+        window: a sender keeps at least half a window of credit, and the frames stay few),
+        so a slow reader holds back only its own stream and memory per stream stays below
+        one window.
         """
         stream = self._streams.get(stream_id)
         if stream is None or stream.remote_closed or nbytes <= 0:
             return b""
         stream.consumed += nbytes
-        if stream.consumed < self.window // 4:
+        if stream.consumed < self.window // 2:
             return b""
         increment, stream.consumed = stream.consumed, 0
         stream.recv_window += increment
