@@ -258,6 +258,19 @@ _HANDSHAKE_TABLE: dict[tuple[Role, bool, State, FrameType], State] = {
 }
 _ALWAYS = frozenset({FrameType.PING, FrameType.PONG})
 """Allowed in HELLO and OPEN states without changing them (keepalive while a client waits)."""
+_OPEN_ONLY = frozenset(
+    {
+        FrameType.ACK,
+        FrameType.PING,
+        FrameType.PONG,
+        FrameType.GOAWAY,
+        FrameType.DATA,
+        FrameType.WINDOW,
+        FrameType.RESET,
+    }
+)
+"""Frames either side may send in OPEN state without changing it (the hot path skips the
+table for them: ``_transition`` would return OPEN)."""
 _CLIENT_SENDS = frozenset({FrameType.HELLO, FrameType.OPEN, FrameType.REQUEST})
 _SERVER_SENDS = frozenset({FrameType.WELCOME, FrameType.PROGRESS, FrameType.RESPONSE})
 
@@ -681,7 +694,8 @@ class Connection:
                 with memoryview(buffer) as view:
                     payload = bytes(view[pos + HEADER_SIZE : end])
                 self._pos = end
-                self.state = _transition(self.role, False, self.state, ftype)
+                if not (ftype in _OPEN_ONLY and self.state is State.OPEN):
+                    self.state = _transition(self.role, False, self.state, ftype)
                 if ftype in SEQUENCED:
                     self._received += HEADER_SIZE + length
                 event = self._decode(ftype, flags, stream_id, payload)
