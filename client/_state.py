@@ -30,6 +30,8 @@ class CachedLease:
     name: str
     lease_id: str
     secret: str = attrs.field(repr=False)
+    info: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    """What the broker said about the database (user, database, password), to print the DSN again."""
     saved_at: float = 0.0
     """Wall-clock seconds since the epoch, for display only."""
 
@@ -62,6 +64,7 @@ def load(path: pathlib.Path) -> CachedLease | None:
             name=str(data["name"]),
             lease_id=str(data["lease_id"]),
             secret=str(data["secret"]),
+            info={str(k): str(v) for k, v in dict(data.get("info") or {}).items()},
             saved_at=float(data.get("saved_at", 0.0)),
         )
     except (OSError, ValueError, KeyError, TypeError):
@@ -78,6 +81,7 @@ def save(path: pathlib.Path, lease: CachedLease) -> None:
         "name": lease.name,
         "lease_id": lease.lease_id,
         "secret": lease.secret,
+        "info": dict(lease.info),
         "saved_at": lease.saved_at or time.time(),
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -34,12 +34,20 @@ def test_if_a_lease_is_saved_then_it_loads_back_with_owner_only_modes(
 ) -> None:
     """If a lease is saved, then it loads back equal, the file is 0600 and the folder 0700."""
     path = state_path(tmp_path / "aldaas", "s", "n")
-    lease = CachedLease(server="s", name="n", lease_id="L1", secret="sekrit", saved_at=12.5)
+    lease = CachedLease(
+        server="s",
+        name="n",
+        lease_id="L1",
+        secret="sekrit",
+        saved_at=12.5,
+        info={"user": "u", "password": "pw"},
+    )
     save(path, lease)
     assert load(path) == lease
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert "sekrit" not in repr(lease)
+    assert "pw" not in repr(lease)
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
