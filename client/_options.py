@@ -42,6 +42,8 @@ class Options:
     token: str | None = attrs.field(repr=False)
     port: int
     """Local listening port (``connect``, ``run``); 0 picks a free one."""
+    listen: str = "127.0.0.1"
+    """Local listening address; loopback unless asked (``0.0.0.0`` inside the client container)."""
     ttl: float | None
     """Idle TTL asked for the lease; ``None`` leaves the server's default (300 s)."""
     name: str
@@ -105,6 +107,7 @@ def resolve(
     name: str | None = None,
     protocol: str | None = None,
     ca_file: pathlib.Path | None = None,
+    listen: str | None = None,
     default_port: int = DEFAULT_PORT,
 ) -> Options:
     """Flags (the keyword arguments) win over ``ALDAAS_*`` variables, which win over defaults."""
@@ -153,6 +156,7 @@ def resolve(
 
     return Options(
         url=url,
+        listen=_pick(listen, environ, "ALDAAS_LISTEN") or "127.0.0.1",
         token=_pick(token, environ, "ALDAAS_TOKEN"),
         port=local_port,
         ttl=ttl_value,

@@ -68,6 +68,8 @@ def test_if_only_the_environment_is_set_then_it_is_honoured() -> None:
         "ci",
     )
     assert o.server == "ws://db.example.com"
+    assert o.listen == "127.0.0.1"
+    assert resolve(environ={**env, "ALDAAS_LISTEN": "0.0.0.0"}, state_dir=STATE).listen == "0.0.0.0"
     assert "t0k" not in repr(o)
 
 
