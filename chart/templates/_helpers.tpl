@@ -1,0 +1,135 @@
+{{/*
+Full name: release-chart, or the release name alone when it already contains
+the chart name; cut to 63 characters (a DNS label).
+*/}}
+{{- define "aldaas.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "aldaas.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "aldaas.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "aldaas.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: broker
+{{- end -}}
+
+{{- define "aldaas.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "aldaas.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "aldaas.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "aldaas.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "aldaas.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "aldaas.clientImage" -}}
+{{- $repository := default .Values.image.repository .Values.client.image -}}
+{{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.client.tag -}}
+{{- printf "%s:%s" $repository $tag -}}
+{{- end -}}
+
+{{/* The Secret holding `token` and `admin-token`. */}}
+{{- define "aldaas.tokenSecretName" -}}
+{{- if .Values.existingSecret -}}
+{{- tpl .Values.existingSecret $ -}}
+{{- else -}}
+{{- include "aldaas.fullname" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the broker gets S3 keys from a Secret at all ("true" or ""). */}}
+{{- define "aldaas.s3HasCredentials" -}}
+{{- if or .Values.s3.existingSecret .Values.s3.accesskey -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding `accesskey` and `secretkey` (the original's key names). */}}
+{{- define "aldaas.s3SecretName" -}}
+{{- if .Values.s3.existingSecret -}}
+{{- tpl .Values.s3.existingSecret $ -}}
+{{- else if .Values.s3.accesskey -}}
+{{- include "aldaas.fullname" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A generated secret value that survives upgrades: the explicit value if given,
+else what the release's Secret already holds (lookup; empty when rendering
+offline), else a fresh random string.
+Call with (dict "root" $ "key" "token" "value" .Values.tunnel.token).
+*/}}
+{{- define "aldaas.secretValue" -}}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace (include "aldaas.fullname" .root) -}}
+{{- $data := dict -}}
+{{- if and $existing (hasKey $existing "data") -}}
+{{- $data = $existing.data -}}
+{{- end -}}
+{{- if .value -}}
+{{- .value -}}
+{{- else if hasKey $data .key -}}
+{{- index $data .key | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 48 -}}
+{{- end -}}
+{{- end -}}
+
+{{/* [{name, value}] -> {name: "value"}, the broker config's form. */}}
+{{- define "aldaas.envMap" -}}
+{{- $env := dict -}}
+{{- range . -}}
+{{- $_ := set $env .name (toString .value) -}}
+{{- end -}}
+{{- toYaml $env -}}
+{{- end -}}
+
+{{/* {requests: {...}, limits: {...}} with string quantities. */}}
+{{- define "aldaas.resourceMap" -}}
+{{- $out := dict -}}
+{{- range $section, $quantities := . -}}
+{{- $q := dict -}}
+{{- range $name, $amount := $quantities -}}
+{{- $_ := set $q $name (toString $amount) -}}
+{{- end -}}
+{{- $_ := set $out $section $q -}}
+{{- end -}}
+{{- toYaml $out -}}
+{{- end -}}
+
+{{/*
+Checks that JSON schema cannot express: relations between values.
+*/}}
+{{- define "aldaas.validate" -}}
+{{- if gt (int .Values.lease.ttl) (int .Values.lease.maxTtl) -}}
+{{- fail (printf "lease.ttl (%v) is longer than lease.maxTtl (%v): lower lease.ttl or raise lease.maxTtl." .Values.lease.ttl .Values.lease.maxTtl) -}}
+{{- end -}}
+{{- if gt (int .Values.lease.maxTtl) (int .Values.lease.maxLifetime) -}}
+{{- fail (printf "lease.maxTtl (%v) is longer than lease.maxLifetime (%v): lower lease.maxTtl or raise lease.maxLifetime." .Values.lease.maxTtl .Values.lease.maxLifetime) -}}
+{{- end -}}
+{{- if and .Values.s3.accesskey (not .Values.s3.secretkey) (not .Values.s3.existingSecret) -}}
+{{- fail "s3.accesskey is set but s3.secretkey is empty: set both, or name a Secret in s3.existingSecret." -}}
+{{- end -}}
+{{- if eq (int .Values.tunnel.port) (int .Values.admin.port) -}}
+{{- fail (printf "tunnel.port and admin.port are both %v: give the gateway and the admin server different ports." .Values.tunnel.port) -}}
+{{- end -}}
+{{- end -}}
