@@ -196,6 +196,17 @@ class Provider(Protocol):
         """
         ...
 
+    async def record_failed_snapshot(self, name: str, meta: Mapping[str, str]) -> Resource:
+        """Create snapshot ``name`` holding no data, only ``meta`` (status, reason, backup key and ETag).
+
+        A failed restore or verification leaves such a record so that the same
+        backup is not restored again (also after a restart), while its
+        artefacts (volume, sealed data, verify clone) are already destroyed.
+        It is listed under :attr:`Kind.SNAPSHOT` and removed with
+        ``destroy(Kind.SNAPSHOT, name)``; it cannot be cloned. Idempotent.
+        """
+        ...
+
     async def clone(self, snapshot: str, name: str, meta: Mapping[str, str]) -> Endpoint:
         """Make clone ``name`` of ``snapshot`` and start it; returns once it accepts connections."""
         ...
