@@ -43,6 +43,10 @@ MAX_BODY_BYTES = 64 * 1024
 """Admin requests carry no meaningful body; anything bigger is refused."""
 
 
+class StartupError(Exception):
+    """A listener could not start (port in use, address not local); one sentence to show."""
+
+
 class AdminBackend(Protocol):
     """What the admin listener asks the broker."""
 
@@ -197,7 +201,13 @@ async def serve_admin(
 
     Reports the bound port through ``task_status``.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise StartupError(
+            f"The admin listener cannot listen on {host}:{port} ({exc.strerror or exc}); "
+            "set admin.listen/admin.port to a free address."
+        ) from None
     bound = listeners[0].socket.getsockname()[1]
     log.info("admin listening", host=host, port=bound)
 

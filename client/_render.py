@@ -15,12 +15,17 @@ from typing import Any
 
 
 def dsn(info: Mapping[str, Any], host: str, port: int) -> str:
-    """``postgresql://user[:password]@host:port/database`` for the local listener."""
+    """``postgresql://user[:password]@host:port/database?sslmode=disable`` for the local listener.
+
+    ``sslmode=disable``: the hop to the local listener is loopback and the tunnel is the secure
+    part (wss); libpq's default ``prefer`` would spend one more round trip through the tunnel
+    asking a database that has no TLS for it.
+    """
     user = urllib.parse.quote(str(info.get("user") or "postgres"), safe="")
     password = info.get("password")
     auth = f"{user}:{urllib.parse.quote(str(password), safe='')}" if password else user
     database = urllib.parse.quote(str(info.get("database") or "postgres"), safe="")
-    return f"postgresql://{auth}@{host}:{port}/{database}"
+    return f"postgresql://{auth}@{host}:{port}/{database}?sslmode=disable"
 
 
 def database_environ(info: Mapping[str, Any], host: str, port: int) -> dict[str, str]:

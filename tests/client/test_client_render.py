@@ -18,7 +18,10 @@ from client._render import (
 def test_if_the_lease_has_a_password_then_the_dsn_and_env_carry_it_quoted() -> None:
     """If user, password or database need quoting, then the DSN quotes them and PG* are raw."""
     info = {"user": "al daas", "password": "p@ss/w", "database": "shop"}
-    assert dsn(info, "127.0.0.1", 5432) == "postgresql://al%20daas:p%40ss%2Fw@127.0.0.1:5432/shop"
+    assert (
+        dsn(info, "127.0.0.1", 5432)
+        == "postgresql://al%20daas:p%40ss%2Fw@127.0.0.1:5432/shop?sslmode=disable"
+    )
     env = database_environ(info, "127.0.0.1", 6000)
     assert env["PGPASSWORD"] == "p@ss/w"
     assert (env["PGHOST"], env["PGPORT"], env["PGUSER"], env["PGDATABASE"]) == (
@@ -32,7 +35,9 @@ def test_if_the_lease_has_a_password_then_the_dsn_and_env_carry_it_quoted() -> N
 def test_if_there_is_no_password_then_none_is_set() -> None:
     """If the lease has no password, then neither the DSN nor the environment carries one."""
     info = {"user": "aldaas", "database": "aldaas", "password": None}
-    assert dsn(info, "localhost", 5432) == "postgresql://aldaas@localhost:5432/aldaas"
+    assert (
+        dsn(info, "localhost", 5432) == "postgresql://aldaas@localhost:5432/aldaas?sslmode=disable"
+    )
     assert "PGPASSWORD" not in database_environ(info, "localhost", 5432)
 
 
