@@ -103,3 +103,14 @@ def forget(path: pathlib.Path) -> None:
     """Remove the cached lease; a missing file is fine."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def forget_if_unchanged(path: pathlib.Path, lease: CachedLease) -> None:
+    """Remove the cached lease only if the file still holds ``lease`` as this process saved it.
+
+    Another ``aldaas connect`` that took the lease over re-saves the file (a newer
+    ``saved_at``); the process it replaced must not delete that.
+    """
+    current = load(path)
+    if current is not None and current.saved_at == lease.saved_at:
+        forget(path)

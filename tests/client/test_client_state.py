@@ -5,7 +5,15 @@ from __future__ import annotations
 import pathlib
 import stat
 
-from client._state import CachedLease, forget, load, save, state_dir, state_path
+from client._state import (
+    CachedLease,
+    forget,
+    forget_if_unchanged,
+    load,
+    save,
+    state_dir,
+    state_path,
+)
 
 
 def test_if_xdg_state_home_is_set_then_it_is_used_else_home() -> None:
@@ -67,4 +75,18 @@ def test_if_a_lease_is_forgotten_twice_then_nothing_fails(tmp_path: pathlib.Path
     save(path, CachedLease(server="s", name="n", lease_id="L", secret="k"))
     forget(path)
     forget(path)
+    assert not path.exists()
+
+
+def test_if_another_process_resaved_the_lease_then_the_old_one_does_not_delete_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    """If the file was re-saved since, then forget_if_unchanged keeps it; unchanged, removes it."""
+    path = tmp_path / "x.json"
+    mine = CachedLease(server="s", name="n", lease_id="L", secret="k", saved_at=100.25)
+    theirs = CachedLease(server="s", name="n", lease_id="L", secret="k", saved_at=200.5)
+    save(path, theirs)
+    forget_if_unchanged(path, mine)
+    assert load(path) == theirs
+    forget_if_unchanged(path, theirs)
     assert not path.exists()
