@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 SECRET = "fetch-s3cr3t-never-shown"
 BODY = os.urandom(700_000)
+BUCKET = "broker-fetch-test"
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +32,24 @@ def endpoint() -> Iterator[str]:
         aws_access_key_id="test",
         aws_secret_access_key=SECRET,
     )
-    client.create_bucket(Bucket="backups")
-    client.put_object(Bucket="backups", Key="nightly/db.sql.gz", Body=BODY)
-    client.put_object(Bucket="backups", Key="nightly/db.sql.gz.old", Body=b"old")
+    # moto keeps one in-memory S3 per process, shared by every server: a bucket of our own,
+    # removed afterwards, keeps other tests' buckets as they expect them.
+    client.create_bucket(Bucket=BUCKET)
+    client.put_object(Bucket=BUCKET, Key="nightly/db.sql.gz", Body=BODY)
+    client.put_object(Bucket=BUCKET, Key="nightly/db.sql.gz.old", Body=b"old")
     try:
         yield url
     finally:
+        for key in ("nightly/db.sql.gz", "nightly/db.sql.gz.old"):
+            client.delete_object(Bucket=BUCKET, Key=key)
+        client.delete_bucket(Bucket=BUCKET)
         server.stop()
 
 
 def _args(endpoint: str, key: str, to: pathlib.Path) -> list[str]:
     return [
         "fetch-backup", "--key", key, "--to", str(to),
-        "--set", "s3.bucket=backups", "--set", f"s3.endpoint_url={endpoint}",
+        "--set", f"s3.bucket={BUCKET}", "--set", f"s3.endpoint_url={endpoint}",
         "--set", "s3.region=us-east-1", "--set", "s3.addressing_style=path",
         "--set", "s3.access_key_id=test", "--set", f"s3.secret_access_key={SECRET}",
     ]  # fmt: skip
@@ -73,7 +79,7 @@ def test_if_the_key_is_missing_then_one_sentence_names_it_without_secrets(
     # (moto's in-process server also logs its requests to stderr; only our line matters)
     errors = [line for line in captured.err.splitlines() if line.startswith("aldaas:")]
     assert errors == [
-        "aldaas: error: The backup 'nightly/nope.sql.gz' is not in bucket 'backups'; "
+        f"aldaas: error: The backup 'nightly/nope.sql.gz' is not in bucket '{BUCKET}'; "
         "check the key and s3.bucket."
     ]
     assert SECRET not in captured.err
