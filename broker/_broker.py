@@ -48,7 +48,7 @@ from ._supervise import supervised
 
 log = structlog.get_logger("aldaas.broker")
 
-TASKS = ("pool", "gateway", "admin")
+TASKS = ("pool", "leader", "gateway", "admin")
 COMPONENTS = ("adopt", "destroy", "health", "lease", "pipeline", "provision", "prune", "source")
 """The pool's background steps (``PoolErrorEvent.component``), pre-created as 0 in the metrics."""
 
@@ -59,9 +59,6 @@ _ENDED = {
     "expired_lifetime": "the lease reached its maximum lifetime",
     "lost": "the lease's database was lost",
 }
-
-
-_STANDBY = "This broker replica is standing by (another one is the leader); retry in a few seconds."
 
 
 class Elector(Protocol):
@@ -107,7 +104,8 @@ class Broker:
         self.settings = settings
         self.pool = the_pool
         self.elector = elector
-        """With several replicas (Kubernetes), only the elected one runs the pool and hands out."""
+        """With several replicas (Kubernetes): every replica hands out and answers for leases,
+        only the elected one runs the pool's background work (pipeline, keeper, TTL, pruning)."""
         self.metrics = metrics or Metrics(self.readings, tasks=TASKS, components=COMPONENTS)
         self.gateway: tunnel.Gateway | None = None
         self.draining = False
@@ -170,8 +168,6 @@ class Broker:
         stats = self.pool.statistics()
         if self.draining or stats.draining:
             return False, "The broker is draining and hands out no new databases."
-        if self.elector is not None and not self.elector.is_leader:
-            return False, _STANDBY
         if self.gateway is None:
             return False, "The gateway is not listening yet."
         if stats.newest_ready_snapshot is None:
@@ -188,6 +184,7 @@ class Broker:
             "ready": ready,
             "reason": reason,
             "draining": self.draining or stats.draining,
+            "leader": self.elector.is_leader if self.elector is not None else True,
             "pool": {
                 "size": self.pool.settings.pool.size,
                 "clones": dict(stats.clones),
@@ -232,8 +229,6 @@ class Broker:
     async def open_session(
         self, params: tunnel.JSONObject, progress: tunnel.ProgressCallback
     ) -> tunnel.SessionGrant:
-        if self.elector is not None and not self.elector.is_leader:
-            raise tunnel.SessionRefused(_STANDBY)
         ttl = params.get("ttl")
         if ttl is not None and not (
             isinstance(ttl, int | float) and not isinstance(ttl, bool) and math.isfinite(ttl)
@@ -489,17 +484,29 @@ async def serve(
             pool_scope = trio.CancelScope()
             gateway_scope = trio.CancelScope()
 
-            async def pool_task(*, task_status: trio.TaskStatus[None]) -> None:
-                if elector is None:
-                    await the_pool.run(task_status=task_status)
-                else:
-                    # Only the leader adopts and runs the pool; losing the lease cancels it, a
-                    # new election runs it again (it re-adopts from the cluster's objects).
-                    await elector.serve(the_pool.run, task_status=task_status)
-
             async def run_pool(task_status: trio.TaskStatus[None]) -> None:
                 with pool_scope:
-                    await supervised("pool", pool_task, on_restart=restart, task_status=task_status)
+                    if elector is None:
+                        await supervised(
+                            "pool", the_pool.run, on_restart=restart, task_status=task_status
+                        )
+                        return
+                    # Several replicas: every one serves hand-outs and leases; the elected one
+                    # also leads (pipeline, keeper, health, TTL, pruning). Losing the election
+                    # cancels lead(); winning it again starts it anew.
+                    async with trio.open_nursery() as inner:
+                        await inner.start(
+                            partial(supervised, "pool", the_pool.serve, on_restart=restart)
+                        )
+                        inner.start_soon(
+                            partial(
+                                supervised,
+                                "leader",
+                                partial(elector.serve, the_pool.lead),
+                                on_restart=restart,
+                            )
+                        )
+                        task_status.started()
 
             async def run_gateway(task_status: trio.TaskStatus[int]) -> None:
                 with gateway_scope:

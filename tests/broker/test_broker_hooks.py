@@ -312,23 +312,20 @@ class FakeElector:
         raise AssertionError("not used by these tests")
 
 
-async def test_if_this_replica_is_not_the_leader_then_it_is_unready_and_refuses(
+async def test_if_this_replica_is_not_the_leader_then_it_still_hands_out(
     autojump_clock: MockClock,
 ) -> None:
-    """If another replica leads, then readyz fails and new sessions are refused; leading, served."""
+    """If another replica leads, then this one is still ready and serves; status says who leads."""
     async with wired() as w:
         await _warm(w, 2)
         elector = FakeElector(is_leader=False)
         w.broker.elector = elector
-        ready, reason = w.broker.is_ready()
-        assert not ready
-        assert reason.startswith("This broker replica is standing by")
-        with pytest.raises(tunnel.SessionRefused, match="standing by"):
-            await w.broker.open_session({}, _no_progress)
-        elector.is_leader = True
         assert w.broker.is_ready() == (True, "")
         grant = await w.broker.open_session({}, _no_progress)
         assert w.h.pool.lease(grant.session_id).id == grant.session_id
+        assert w.broker.status()["leader"] is False
+        elector.is_leader = True
+        assert w.broker.status()["leader"] is True
 
 
 def test_if_kubernetes_is_chosen_with_a_directory_source_then_startup_says_to_use_s3() -> None:
