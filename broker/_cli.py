@@ -13,7 +13,7 @@ import trio
 
 from client._cli import add_commands, run_command
 
-from ._config import ConfigError, load_settings
+from ._config import ConfigError, load_settings, render_reference
 from ._logging import configure_logging
 
 
@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--config", type=pathlib.Path, metavar="FILE", help="YAML settings file")
     fetch.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override"
+    )
+    sub.add_parser(
+        "settings",
+        help="print every broker setting with its default and environment variable (Markdown)",
+        description="Print the configuration reference that docs/configuration.md holds.",
     )
     add_commands(sub)
     return parser
@@ -123,6 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "fetch-backup":
         return _fetch_backup(args)
+    if args.command == "settings":
+        from ._settings import Settings
+
+        sys.stdout.write(render_reference(Settings))
+        return 0
     # The client shows its own progress; library logs (the tunnel's) only matter when they warn,
     # and never go to stdout, which carries the DSN and status output.
     level = os.environ.get("ALDAAS_LOG_LEVEL", "warning").strip().lower() or "warning"
