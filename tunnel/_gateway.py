@@ -51,6 +51,10 @@ def _failure(event: str, **fields: object) -> None:
 
 _HANDSHAKE_READ = 16 * 1024
 
+_FRESH_ATTACH = (
+    "a new client process attached the session without replay state; its old streams were reset"
+)
+
 
 @attrs.frozen(kw_only=True)
 class GatewayStatistics:
@@ -398,6 +402,16 @@ class Gateway:
             await self._open_new(ws, conn, hello)
         else:
             assert session_id is not None
+            if live is not None and not live.ended and hello.fresh:
+                # A client without replay state (a new process with the cached secret) cannot
+                # resume the old streams: reset them (their TCP connections close) and count
+                # afresh. The owner hears session_ended, then attached, as after a grace period.
+                log.info(
+                    "tunnel session restarted by a fresh client",
+                    session_id=session_id,
+                    streams_reset=len(live.mux.streams),
+                )
+                live.end(_FRESH_ATTACH)
             if live is None or live.ended:
                 # The owner still accepts the secret, but the streams are gone: start afresh.
                 live = await self._register(session_id, conn)
