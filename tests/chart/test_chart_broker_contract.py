@@ -159,6 +159,11 @@ def test_if_the_broker_pod_starts_then_its_tokens_come_from_the_secret(
         assert env["AWS_ACCESS_KEY_ID"] == f"secret:{s3_secret}/accesskey"
         assert env["AWS_SECRET_ACCESS_KEY"] == f"secret:{s3_secret}/secretkey"
     assert settings.kubernetes.s3_credentials_secret == s3_secret
+    # The restore Job's download container gets the same keys under the names boto3 reads.
+    assert settings.kubernetes.s3_credentials_env == {
+        "AWS_ACCESS_KEY_ID": "accesskey",
+        "AWS_SECRET_ACCESS_KEY": "secretkey",
+    }
 
 
 @pytest.mark.parametrize("values", CONTRACT_SETS.values(), ids=CONTRACT_SETS.keys())

@@ -204,6 +204,10 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
             "storage_size": "10Gi",
             "helper_image": "ghcr.io/negashev/aldaas:0.1.0",
             "s3_credentials_secret": None,
+            "s3_credentials_env": {
+                "AWS_ACCESS_KEY_ID": "accesskey",
+                "AWS_SECRET_ACCESS_KEY": "secretkey",
+            },
             "leader_election": {"lease_name": "demo-aldaas-leader"},
             "application": {
                 "image": "postgres:latest",
