@@ -17,6 +17,8 @@ import pytest
 import yaml
 from test_chart_render import VALUE_SETS
 
+import pool
+from broker._broker import make_pool
 from broker._config import describe_settings, load_settings
 from broker._settings import Settings
 
@@ -190,6 +192,42 @@ def test_if_the_restore_job_downloads_then_fetch_backup_sees_the_brokers_bucket(
         settings.s3.endpoint_url,
         settings.s3.region,
     )
+
+
+@pytest.mark.slow
+async def test_if_the_broker_starts_from_the_chart_then_it_builds_the_kubernetes_pool(
+    render: Render, tmp_path: pathlib.Path
+) -> None:
+    """If `aldaas serve` wires up what the chart rendered, then it gets a pool on the provider."""
+    # A kubeconfig for an address nothing listens on: building makes no API call.
+    kubeconfig = tmp_path / "kubeconfig"
+    cluster = {"server": "https://127.0.0.1:9"}
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "test",
+                "clusters": [{"name": "test", "cluster": cluster}],
+                "users": [{"name": "test", "user": {"token": "placeholder"}}],
+                "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+            }
+        ),
+        encoding="utf-8",
+    )
+    for name, values in CONTRACT_SETS.items():
+        rendered = render(values)
+        config = tmp_path / f"{name}.yaml"
+        data = rendered.get("ConfigMap", f"{RELEASE}-aldaas")["data"]["config.yaml"]
+        config.write_text(data, encoding="utf-8")
+        environ = {**_pod_env(rendered), "ALDAAS_KUBERNETES_KUBECONFIG": str(kubeconfig)}
+        settings = load_settings(Settings, path=config, environ=environ)
+        the_pool, provider = make_pool(settings)
+        try:
+            assert isinstance(provider, pool.KubernetesProvider), name
+            assert isinstance(the_pool, pool.Pool), name
+        finally:
+            await provider.aclose()
 
 
 def test_if_extra_env_names_a_setting_then_it_overrides_the_config(
