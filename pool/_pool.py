@@ -612,6 +612,10 @@ class Pool:
         assert clone.lease is None, clone
         meta = self._clone_meta(clone, CloneState.LEASED, lease)
         try:
+            # A warm clone may have died since the last health check: never hand out a
+            # dead database (the acquire takes the next clone instead).
+            if not await self._provider.is_healthy(clone.name):
+                raise ProviderError(f"the database of clone {clone.name!r} stopped answering")
             async with clone.lock:
                 resource = await self._provider.set_meta(
                     Kind.CLONE, clone.name, meta, expect_version=clone.version

@@ -1,0 +1,11 @@
+"""Fixtures for the reliability tests; they reuse the pool's fakes from tests/pool."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+# tests/ has no __init__.py: make tests/pool's helper modules (pool_fakes) importable from here.
+_POOL_TESTS = str(pathlib.Path(__file__).resolve().parent.parent / "pool")
+if _POOL_TESTS not in sys.path:
+    sys.path.insert(0, _POOL_TESTS)
