@@ -19,7 +19,6 @@ import pathlib
 import pwd
 import random
 import re
-import shlex
 import signal
 import socket
 import stat
@@ -251,23 +250,24 @@ def log_tail(path: pathlib.Path, limit: int = TAIL_BYTES) -> str:
 
 
 def command_env(bin_dir: pathlib.Path, extra: Mapping[str, str]) -> dict[str, str]:
-    """A small, explicit environment: PATH with ``bin_dir`` first, C messages, plus ``extra``.
+    """A small, explicit environment: ``bin_dir`` first on PATH, C messages, plus ``extra``.
 
     The broker's own environment (which may hold cloud credentials) is not
     passed on; commands that need more get it through their ``env`` setting.
     """
-    path = os.pathsep.join([str(bin_dir), os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")])
+    # As root, commands run as the run user, for whom root's own PATH entries (~/.pyenv, ...)
+    # are unreachable: give it the standard system folders instead.
+    system = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    rest = system if os.geteuid() == 0 else os.environ.get("PATH", system)
+    path = os.pathsep.join([str(bin_dir), rest])
     env = {"PATH": path, "LC_ALL": "C", "LANG": "C"}
     env.update(extra)
     return env
 
 
 def describe_argv(argv: Sequence[str]) -> str:
-    """A command as shown in messages: shell-quoted, cut at 120 characters."""
-    if not argv:
-        return "(empty command)"
-    text = shlex.join(argv)
-    return text if len(text) <= 120 else text[:117] + "..."
+    """A command as shown in messages: its program only (arguments may hold secrets)."""
+    return repr(argv[0]) if argv else "(an empty command)"
 
 
 class _Tail:

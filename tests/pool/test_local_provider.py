@@ -602,3 +602,16 @@ async def test_if_the_broker_is_killed_then_its_clones_keep_serving_and_are_adop
     assert adopted.meta == {"lease_id": "L9"}
     assert await aquery(adopted.endpoint, "SELECT count(*) FROM items") == [(1000,)]
     await provider.destroy(Kind.CLONE, "orphan")
+
+
+async def test_if_a_command_cannot_start_then_the_error_names_the_program_only(
+    settings: LocalSettings,
+) -> None:
+    """If a check's program does not exist, then the error names it but none of its arguments."""
+    provider = LocalProvider(settings)
+    missing = Command(argv=("no-such-tool", "--password=hunter2"))
+    with pytest.raises(ProviderError) as caught:
+        await provider.check("scratch", missing)
+    message = str(caught.value)
+    assert "could not start 'no-such-tool' (No such file or directory)" in message
+    assert "hunter2" not in message
