@@ -94,6 +94,8 @@ _DUMMY_HASH = m.secret_hash("not a lease secret")
 _PROGRESS_LOG_SECONDS = 5.0
 _BACKOFF_MAX = 60.0
 _CLEANUP_SECONDS = 60.0
+_TEMPORARY_ATTEMPTS = 3
+"""A backup whose pipeline fails temporarily this many times in a row is recorded as failed."""
 
 EndReason = Literal["released", "killed", "expired_idle", "expired_lifetime", "lost"]
 
@@ -183,6 +185,8 @@ class Pool:
         self._doomed: dict[tuple[Kind, str], str] = {}
         """Resources whose destroy failed, retried by the health loop (value: why)."""
         self._to_verify: list[_Snapshot] = []
+        self._temporary: dict[tuple[str, str], tuple[int, float]] = {}
+        """(backup key, ETag) → (temporary failures in a row, trio time of the next attempt)."""
         self._pipeline_snapshot: _Snapshot | None = None
         self._restore: RestoreStatus | None = None
         self._draining = False
@@ -942,7 +946,10 @@ class Pool:
             for snap in pending:
                 await self._guarded("pipeline", self._resume_verification, snap)
             await self._guarded("source", self._poll_once)
-            with trio.move_on_after(self._settings.source.poll_interval):
+            next_poll = trio.current_time() + self._settings.source.poll_interval
+            now = trio.current_time()
+            retry_at = min((at for _, at in self._temporary.values() if at > now), default=math.inf)
+            with trio.move_on_at(min(next_poll, retry_at)):
                 await self._refresh_wakeup.wait()
 
     async def _poll_once(self) -> None:
@@ -959,6 +966,13 @@ class Pool:
             # The newer backup was deleted from the source: never roll back to older data.
             log.info("source.only_older_backups", backup_key=newest.key)
             return
+        # Back-off state is only kept for the backup that is newest now.
+        self._temporary = {
+            k: v for k, v in self._temporary.items() if k == (newest.key, newest.etag)
+        }
+        _, retry_at = self._temporary.get((newest.key, newest.etag), (0, 0.0))
+        if trio.current_time() < retry_at:
+            return  # backing off after a temporary failure
         await self._pipeline(newest)
 
     async def _pipeline(self, backup: Backup) -> None:
@@ -993,12 +1007,28 @@ class Pool:
             try:
                 await self._restore_and_seal(snap, backup)
                 await self._verify(snap)
+                self._temporary.pop((backup.key, backup.etag), None)
             except TemporaryProviderError as exc:
-                log.warning("snapshot.retry_later", error=str(exc))
+                # Retried with exponential back-off; after a few failures in a row it is
+                # recorded as failed with the reason (a new backup or ETag starts afresh).
+                attempts = self._temporary.get((backup.key, backup.etag), (0, 0.0))[0] + 1
                 self._report_error("pipeline", exc)
-                await self._clean_artefacts(snap)
-                self._snapshots.pop(name, None)
+                if attempts >= _TEMPORARY_ATTEMPTS:
+                    self._temporary.pop((backup.key, backup.etag), None)
+                    await self._fail(snap, f"gave up after {attempts} attempts: {exc}")
+                else:
+                    delay = min(_BACKOFF_MAX, max(exc.delay, 1.0) * 2.0 ** (attempts - 1))
+                    self._temporary[(backup.key, backup.etag)] = (
+                        attempts,
+                        trio.current_time() + delay,
+                    )
+                    log.warning(
+                        "snapshot.retry_later", error=str(exc), attempt=attempts, retry_in=delay
+                    )
+                    await self._clean_artefacts(snap)
+                    self._snapshots.pop(name, None)
             except ProviderError as exc:
+                self._temporary.pop((backup.key, backup.etag), None)
                 await self._fail(snap, str(exc))
             except Exception as exc:
                 log.exception("snapshot.pipeline_crashed")
