@@ -124,3 +124,40 @@ __all__ = [
     "default_restore_command",
     "format_of",
 ]
+
+from typing import TYPE_CHECKING
+
+# Kubernetes provider (branch k8s). Its settings import nothing heavy; the
+# provider and the elector load the kubernetes client only when first used,
+# so `import pool` stays light for the local provider.
+from ._kubernetes_settings import (
+    ApplicationSettings,
+    CheckSettings,
+    KubernetesSettings,
+    LeaderElectionSettings,
+    ResourceSettings,
+    RestoreSettings,
+)
+
+__all__ += [
+    "ApplicationSettings",
+    "CheckSettings",
+    "KubernetesProvider",
+    "KubernetesSettings",
+    "LeaderElectionSettings",
+    "LeaderElector",
+    "ResourceSettings",
+    "RestoreSettings",
+]
+
+
+if TYPE_CHECKING:
+    from ._kubernetes import KubernetesProvider, LeaderElector
+
+
+def __getattr__(name: str) -> object:
+    if name in ("KubernetesProvider", "LeaderElector"):
+        from . import _kubernetes
+
+        return getattr(_kubernetes, name)
+    raise AttributeError(f"module 'pool' has no attribute {name!r}")

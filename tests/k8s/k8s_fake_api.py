@@ -1,0 +1,809 @@
+"""A small, real-HTTP fake of the Kubernetes API server, plus simulated controllers.
+
+The official ``kubernetes`` client talks to it over loopback exactly as it would
+to a kube-apiserver: JSON objects, resourceVersion preconditions (409), 404s,
+label and field selectors, merge patches, and chunked watch streams that honour
+``timeoutSeconds`` and answer a too-old ``resourceVersion`` with 410 Gone.
+
+The store is generic over the resources aldaas uses (core/v1 pods, PVCs,
+services, secrets; batch/v1 jobs; snapshot.storage.k8s.io/v1 volumesnapshots;
+coordination.k8s.io/v1 leases). A controller thread plays the cluster's part:
+PVCs bind, snapshots become ``readyToUse``, pods become Running/Ready with a
+127.0.0.x IP, Jobs run a pod that succeeds or fails by a rule the test sets.
+
+Why not kmock: it is a fine HTTP mock, but its Kubernetes emulator keeps no
+resourceVersions (no 409 on a stale update, no 410 on a watch), ignores label
+selectors and watch timeouts, and runs on asyncio; the parts we need would have
+been a rewrite, so this module is the compact version of just those parts.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import http.server
+import itertools
+import json
+import re
+import select
+import socket
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+Obj = dict[str, Any]
+
+KINDS: dict[tuple[str, str], str] = {
+    ("", "pods"): "Pod",
+    ("", "persistentvolumeclaims"): "PersistentVolumeClaim",
+    ("", "services"): "Service",
+    ("", "secrets"): "Secret",
+    ("", "configmaps"): "ConfigMap",
+    ("batch", "jobs"): "Job",
+    ("snapshot.storage.k8s.io", "volumesnapshots"): "VolumeSnapshot",
+    ("coordination.k8s.io", "leases"): "Lease",
+}
+VERSIONS = {"": "v1", "batch": "v1", "snapshot.storage.k8s.io": "v1", "coordination.k8s.io": "v1"}
+
+_PATH = re.compile(
+    r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+    r"/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
+)
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+    def status(self) -> Obj:
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (also used for strategic merge: enough for what aldaas sends)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _split_requirements(selector: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in selector:
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+            continue
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        current += char
+    if current.strip():
+        parts.append(current.strip())
+    return parts
+
+
+def label_selector_matches(selector: str, labels: dict[str, str]) -> bool:
+    for req in _split_requirements(selector):
+        if m := re.fullmatch(r"(\S+)\s+(in|notin)\s+\((.*)\)", req):
+            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
+            if (labels.get(key) in values) != (op == "in"):
+                return False
+        elif m := re.fullmatch(r"([^!=\s]+)\s*(==|=|!=)\s*(\S*)", req):
+            key, op, value = m.groups()
+            if (labels.get(key) == value) != (op != "!="):
+                return False
+        elif req.startswith("!"):
+            if req[1:] in labels:
+                return False
+        elif req not in labels:
+            return False
+    return True
+
+
+def field_selector_matches(selector: str, obj: Obj) -> bool:
+    for req in _split_requirements(selector):
+        m = re.fullmatch(r"([^!=]+)(==|=|!=)(.*)", req)
+        if m is None or m.group(1) not in ("metadata.name", "metadata.namespace"):
+            raise ApiError(400, "BadRequest", f"field selector {req!r} is not supported")
+        actual = obj["metadata"].get(m.group(1).split(".")[1])
+        if (actual == m.group(3)) != (m.group(2) != "!="):
+            return False
+    return True
+
+
+@attrs.define
+class Fault:
+    """Answer the next ``times`` matching requests with ``code`` (or delay them by ``delay`` s)."""
+
+    method: str | None
+    path_contains: str
+    code: int | None = 500
+    times: int = 1
+    delay: float = 0.0
+    watch: bool | None = None
+
+
+@attrs.define
+class PodOutcome:
+    """What the simulated kubelet does with a database pod."""
+
+    ready: bool = True
+    waiting_reason: str | None = None
+    ip: str | None = None
+
+
+@attrs.define
+class JobOutcome:
+    """What a simulated Job's pod does: exit status and the log it leaves."""
+
+    succeeded: bool = True
+    log: str = ""
+    fetch_log: str = ""
+    """What the init container "fetch" has printed while the Job is held."""
+    fetch_failed: bool = False
+    """The download fails (init container exits 1 with ``fetch_log``); the command never runs."""
+    hold: threading.Event | None = None
+    """When set, the Job's pod stays in its init container until the event is set."""
+
+
+class FakeKubernetes:
+    """The store, the HTTP server and the controllers; start with ``start()``, stop with ``stop()``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self.objects: dict[tuple[str, str, str], Obj] = {}  # (plural, namespace, name) -> object
+        self.rv = 100
+        self.events: list[tuple[int, str, str, Obj]] = []  # (rv, plural, type, object)
+        self.compacted_rv = 0
+        self.faults: list[Fault] = []
+        self.requests: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, str, bool]] = []  # (method, path, is a watch)
+        self.created: list[tuple[str, Obj]] = []  # (plural, object) in creation order
+        self.logs: dict[tuple[str, str, str], str] = {}
+        self.open_watches = 0
+        self.watch_requests = 0
+        self.compact_on_next_watch = False
+        self.stopping = False
+        self._ips = itertools.count(2)
+        # Rules the tests change: what the simulated cluster does with new objects.
+        self.pod_rule: Callable[[Obj], PodOutcome] = lambda pod: PodOutcome()
+        self.job_rule: Callable[[Obj], JobOutcome] = lambda job: JobOutcome()
+        self.snapshot_ready: Callable[[Obj], bool] = lambda snap: True
+        self.controllers_enabled = True
+        self.kubelet: Any = None
+        """A LocalKubelet (k8s_local_kubelet.py) makes pods, snapshots and Jobs real, or None."""
+        self._done: set[tuple[str, str, str]] = set()  # (plural, ns, name) started by a controller
+        self._queue: list[tuple[str, str, Obj, int]] = []  # (plural, type, object, watch mark)
+        self.watches_by_plural: dict[str, int] = {}
+        self.act_when_watched = False
+        """Controllers act on a new pod, Job or snapshot only once a watch on its kind has begun
+        after it was created: every wait then deterministically goes through a watch."""
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._server.daemon_threads = True
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> None:
+        for target in (self._serve, self._control_loop):
+            thread = threading.Thread(
+                target=target, name=f"fake-k8s-{target.__name__}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self) -> None:
+        self._server.serve_forever(poll_interval=0.02)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.lock.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    # -- store (callers hold no lock; every method takes it) ---------------------------------
+    def _emit(self, plural: str, type_: str, obj: Obj) -> None:
+        self.events.append(
+            (int(obj["metadata"]["resourceVersion"]), plural, type_, copy.deepcopy(obj))
+        )
+        del self.events[:-2000]
+        mark = self.watches_by_plural.get(plural, 0)
+        self._queue.append((plural, type_, copy.deepcopy(obj), mark))
+        self.lock.notify_all()
+
+    def _bump(self, obj: Obj) -> None:
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+
+    def get(self, plural: str, namespace: str, name: str) -> Obj | None:
+        with self.lock:
+            obj = self.objects.get((plural, namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    def all(self, plural: str) -> list[Obj]:
+        with self.lock:
+            return [
+                copy.deepcopy(o) for (p, _, _), o in sorted(self.objects.items()) if p == plural
+            ]
+
+    def put(self, group: str, plural: str, namespace: str, obj: Obj) -> Obj:
+        """Create an object directly (as another client would)."""
+        with self.lock:
+            return self._create(group, plural, namespace, copy.deepcopy(obj))
+
+    def update_status(self, plural: str, namespace: str, name: str, status: Obj) -> None:
+        """Merge ``status`` into an object as its controller would (bumps resourceVersion)."""
+        with self.lock:
+            obj = self.objects.get((plural, namespace, name))
+            if obj is None:
+                return
+            obj["status"] = merge_patch(obj.get("status", {}), status)
+            self._bump(obj)
+            self._emit(plural, "MODIFIED", obj)
+
+    def remove(self, plural: str, namespace: str, name: str) -> None:
+        """Delete an object directly (as another client or a node failure would)."""
+        with self.lock:
+            self._delete(plural, namespace, name, None)
+
+    def compact(self) -> None:
+        """Forget the event history, so a watch from any older resourceVersion gets 410 Gone."""
+        with self.lock:
+            self.compacted_rv = self.rv
+            self.events.clear()
+
+    def _create(self, group: str, plural: str, namespace: str, obj: Obj) -> Obj:
+        meta = obj.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        name = meta.get("name")
+        if not name:
+            raise ApiError(422, "Invalid", f"{plural} must have metadata.name")
+        key = (plural, namespace, name)
+        if key in self.objects:
+            raise ApiError(409, "AlreadyExists", f'{plural} "{name}" already exists')
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta.update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=now, generation=1)
+        obj["apiVersion"] = f"{group}/{VERSIONS[group]}" if group else "v1"
+        obj["kind"] = KINDS[(group, plural)]
+        self._bump(obj)
+        self.objects[key] = obj
+        self.created.append((plural, copy.deepcopy(obj)))
+        self._emit(plural, "ADDED", obj)
+        return copy.deepcopy(obj)
+
+    def _delete(self, plural: str, namespace: str, name: str, propagation: str | None) -> Obj:
+        obj = self.objects.pop((plural, namespace, name), None)
+        if obj is None:
+            raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
+        self._bump(obj)
+        self._emit(plural, "DELETED", obj)
+        if propagation in ("Background", "Foreground"):
+            uid = obj["metadata"]["uid"]
+            for (p, ns, n), child in list(self.objects.items()):
+                owners = child["metadata"].get("ownerReferences", [])
+                if ns == namespace and any(o.get("uid") == uid for o in owners):
+                    self._delete(p, ns, n, propagation)
+        return copy.deepcopy(obj)
+
+    def _patch(self, plural: str, namespace: str, name: str, patch: Obj, replace: bool) -> Obj:
+        obj = self.objects.get((plural, namespace, name))
+        if obj is None:
+            raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
+        expected = (patch.get("metadata") or {}).get("resourceVersion")
+        if expected is not None and expected != obj["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {plural} "{name}": the object has been '
+                "modified; please apply your changes to the latest version and try again",
+            )
+        if replace:
+            kept = {
+                k: obj["metadata"][k]
+                for k in ("uid", "creationTimestamp", "namespace", "generation")
+            }
+            new = copy.deepcopy(patch)
+            new["metadata"].update(kept)
+            if "status" in obj:
+                new["status"] = obj["status"]
+            new["apiVersion"], new["kind"] = obj["apiVersion"], obj["kind"]
+        else:
+            new = merge_patch(obj, patch)
+        self._bump(new)
+        self.objects[(plural, namespace, name)] = new
+        self._emit(plural, "MODIFIED", new)
+        return copy.deepcopy(new)
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    def take_fault(self, method: str, path: str, watch: bool) -> Fault | None:
+        with self.lock:
+            self.requests.append((method, path))
+            self.calls.append((method, path, watch))
+            for fault in self.faults:
+                if fault.times <= 0 or (fault.method and fault.method != method):
+                    continue
+                if fault.path_contains in path and (fault.watch is None or fault.watch == watch):
+                    fault.times -= 1
+                    return fault
+        return None
+
+    def handle(self, method: str, path: str, query: dict[str, str], body: Any) -> Obj:
+        m = _PATH.match(path)
+        if m is None:
+            raise ApiError(
+                404, "NotFound", f"the server could not find the requested resource {path}"
+            )
+        group, plural, namespace = m.group("group") or "", m.group("plural"), m.group("ns")
+        name, sub = m.group("name"), m.group("sub")
+        if (group, plural) not in KINDS:
+            raise ApiError(
+                404, "NotFound", f"the server could not find the requested resource {plural}"
+            )
+        with self.lock:
+            if name is None and method == "GET":
+                return self._list(group, plural, namespace, query)
+            if name is None and method == "POST":
+                return self._create(group, plural, namespace, body)
+            if name is not None and sub is None and method == "GET":
+                obj = self.objects.get((plural, namespace, name))
+                if obj is None:
+                    raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
+                return copy.deepcopy(obj)
+            if name is not None and sub is None and method == "PATCH":
+                return self._patch(plural, namespace, name, body, replace=False)
+            if name is not None and sub is None and method == "PUT":
+                return self._patch(plural, namespace, name, body, replace=True)
+            if name is not None and sub is None and method == "DELETE":
+                propagation = (body or {}).get("propagationPolicy") or query.get(
+                    "propagationPolicy"
+                )
+                return self._delete(plural, namespace, name, propagation)
+        raise ApiError(405, "MethodNotAllowed", f"{method} {path} is not supported by the fake")
+
+    def _list(self, group: str, plural: str, namespace: str, query: dict[str, str]) -> Obj:
+        items = [
+            copy.deepcopy(o)
+            for (p, ns, _), o in sorted(self.objects.items())
+            if p == plural and ns == namespace and self._matches(o, query)
+        ]
+        kind = KINDS[(group, plural)] + "List"
+        api_version = f"{group}/{VERSIONS[group]}" if group else "v1"
+        meta = {"resourceVersion": str(self.rv)}
+        return {"kind": kind, "apiVersion": api_version, "metadata": meta, "items": items}
+
+    @staticmethod
+    def _matches(obj: Obj, query: dict[str, str]) -> bool:
+        labels = obj["metadata"].get("labels") or {}
+        if query.get("labelSelector") and not label_selector_matches(
+            query["labelSelector"], labels
+        ):
+            return False
+        return not query.get("fieldSelector") or field_selector_matches(query["fieldSelector"], obj)
+
+    def stream_watch(
+        self,
+        path: str,
+        query: dict[str, str],
+        write: Callable[[Obj], None],
+        closed: Callable[[], bool],
+    ) -> None:
+        m = _PATH.match(path)
+        assert m is not None
+        assert m.group("name") is None
+        plural, namespace = m.group("plural"), m.group("ns")
+        deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
+        since = query.get("resourceVersion") or ""
+        with self.lock:
+            self.open_watches += 1
+            self.watch_requests += 1
+            self.watches_by_plural[plural] = self.watches_by_plural.get(plural, 0) + 1
+            self.lock.notify_all()
+            if self.compact_on_next_watch:  # as if etcd compacted between the list and this watch
+                self.compact_on_next_watch = False
+                self.rv += 1
+                self.compacted_rv = self.rv
+                self.events.clear()
+        try:
+            with self.lock:
+                if since in ("", "0"):
+                    pending: list[Obj] = [
+                        {"type": "ADDED", "object": copy.deepcopy(o)}
+                        for (p, ns, _), o in sorted(self.objects.items())
+                        if p == plural and ns == namespace and self._matches(o, query)
+                    ]
+                    last = self.rv
+                elif int(since) < self.compacted_rv:
+                    gone = ApiError(
+                        410, "Expired", f"too old resource version: {since} ({self.rv})"
+                    )
+                    pending, last = [{"type": "ERROR", "object": gone.status()}], -1
+                else:
+                    pending, last = [], int(since)
+            for event in pending:
+                write(event)
+            if last < 0:
+                return
+            while True:
+                with self.lock:
+                    fresh = [
+                        {"type": type_, "object": copy.deepcopy(o)}
+                        for rv, p, type_, o in self.events
+                        if rv > last
+                        and p == plural
+                        and o["metadata"]["namespace"] == namespace
+                        and self._matches(o, query)
+                    ]
+                    last = self.rv
+                    if not fresh and not self.stopping:
+                        self.lock.wait(timeout=0.05)
+                for event in fresh:
+                    write(event)
+                if self.stopping or time.monotonic() >= deadline or closed():
+                    return
+        finally:
+            with self.lock:
+                self.open_watches -= 1
+                self.lock.notify_all()
+
+    # -- simulated controllers ----------------------------------------------------------------
+    def _control_loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self._queue and not self.stopping:
+                    self.lock.wait(timeout=0.5)
+                if self.stopping:
+                    return
+                batch, self._queue = self._queue, []
+            if not self.controllers_enabled:
+                continue
+            for plural, type_, obj, mark in batch:
+                if type_ == "DELETED":
+                    if self.kubelet is not None:
+                        self._kubelet_deleted(plural, obj)
+                    continue
+                if self.act_when_watched and type_ == "ADDED" and self._watched_kind(plural, obj):
+                    with self.lock:
+                        deadline = time.monotonic() + 2.0
+                        while self.watches_by_plural.get(plural, 0) <= mark and not self.stopping:
+                            if time.monotonic() > deadline:
+                                break
+                            self.lock.wait(timeout=0.05)
+                try:
+                    self._reconcile(plural, obj)
+                except Exception as exc:  # pragma: no cover - a bug in the fake, make it visible
+                    print(f"fake kubernetes controller failed on {plural}: {exc!r}")
+
+    @staticmethod
+    def _watched_kind(plural: str, obj: Obj) -> bool:
+        if plural == "pods":
+            return "job-name" not in obj["metadata"].get("labels", {})
+        return plural in ("jobs", "volumesnapshots")
+
+    def _reconcile(self, plural: str, obj: Obj) -> None:
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        status = obj.get("status") or {}
+        if plural == "persistentvolumeclaims" and status.get("phase") != "Bound":
+            source = obj["spec"].get("dataSource")
+            if source and source.get("kind") == "VolumeSnapshot":
+                snap = self.get("volumesnapshots", ns, source["name"])
+                if snap is None or not (snap.get("status") or {}).get("readyToUse"):
+                    return
+            size = ((obj["spec"].get("resources") or {}).get("requests") or {}).get(
+                "storage", "1Gi"
+            )
+            self.update_status(plural, ns, name, {"phase": "Bound", "capacity": {"storage": size}})
+            for pod in self.all("pods") if not self.act_when_watched else []:
+                if pod["metadata"]["namespace"] == ns:
+                    self._reconcile("pods", pod)
+        elif plural == "volumesnapshots" and not status.get("readyToUse"):
+            pvc = self.get(
+                "persistentvolumeclaims", ns, obj["spec"]["source"]["persistentVolumeClaimName"]
+            )
+            if pvc is None or not self.snapshot_ready(obj):
+                return
+            if self.kubelet is not None:
+                if not self._first_time(plural, obj):
+                    return
+                try:
+                    self.kubelet.take_snapshot(obj)
+                except Exception as exc:
+                    self.update_status(plural, ns, name, {"error": {"message": str(exc)}})
+                    return
+            self.update_status(
+                plural,
+                ns,
+                name,
+                {
+                    "readyToUse": True,
+                    "restoreSize": pvc["spec"]["resources"]["requests"]["storage"],
+                    "boundVolumeSnapshotContentName": f"snapcontent-{obj['metadata']['uid']}",
+                },
+            )
+            for pvc in self.all("persistentvolumeclaims"):
+                if (pvc["spec"].get("dataSource") or {}).get("name") == name:
+                    self._reconcile("persistentvolumeclaims", pvc)
+        elif plural == "jobs" and not status:
+            self._run_job(obj)
+        elif (
+            plural == "pods"
+            and not status.get("phase")
+            and "job-name" not in obj["metadata"].get("labels", {})
+        ):
+            self._run_pod(obj)
+
+    def _claims_bound(self, pod: Obj) -> bool:
+        ns = pod["metadata"]["namespace"]
+        for volume in pod["spec"].get("volumes", []):
+            claim = volume.get("persistentVolumeClaim")
+            if claim:
+                pvc = self.get("persistentvolumeclaims", ns, claim["claimName"])
+                if pvc is None or (pvc.get("status") or {}).get("phase") != "Bound":
+                    return False
+        return True
+
+    def _kubelet_deleted(self, plural: str, obj: Obj) -> None:
+        labels = obj["metadata"].get("labels") or {}
+        try:
+            if plural == "pods" and "job-name" not in labels:
+                self.kubelet.stop_pod(obj)
+            elif plural == "persistentvolumeclaims" and labels.get("aldaas.io/kind"):
+                self.kubelet.deleted_pvc(obj)
+            elif plural == "volumesnapshots":
+                self.kubelet.deleted_snapshot(obj)
+        except Exception as exc:  # pragma: no cover - visible in the test's output
+            print(f"fake kubelet failed on deleted {plural}: {exc!r}")
+
+    def _first_time(self, plural: str, obj: Obj) -> bool:
+        key = (plural, obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if key in self._done:
+            return False
+        self._done.add(key)
+        return True
+
+    def _run_pod(self, pod: Obj) -> None:
+        if not self._claims_bound(pod) or not self._first_time("pods", pod):
+            return
+        outcome = self.pod_rule(pod)
+        ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        ip = outcome.ip or f"127.0.0.{next(self._ips) % 250 + 2}"
+        container = pod["spec"]["containers"][0]["name"]
+        if self.kubelet is not None:
+            claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+            try:
+                self.kubelet.start_pod(pod, self.get("persistentvolumeclaims", ns, claim), ip)
+            except Exception as exc:
+                with self.lock:
+                    self.logs[(ns, name, container)] = f"{exc}\n"
+                outcome = PodOutcome(waiting_reason="CrashLoopBackOff")
+        if outcome.waiting_reason:
+            state: Obj = {"waiting": {"reason": outcome.waiting_reason, "message": "simulated"}}
+        else:
+            state = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+        ready = "True" if outcome.ready and not outcome.waiting_reason else "False"
+        self.update_status(
+            "pods",
+            ns,
+            name,
+            {
+                "phase": "Running" if not outcome.waiting_reason else "Pending",
+                "podIP": ip,
+                "conditions": [{"type": "Ready", "status": ready}],
+                "containerStatuses": [
+                    {"name": container, "ready": ready == "True", "restartCount": 0, "state": state}
+                ],
+            },
+        )
+
+    def _run_job(self, job: Obj) -> None:
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        template = copy.deepcopy(job["spec"]["template"])
+        labels = {**template["metadata"].get("labels", {}), "job-name": name}
+        labels["batch.kubernetes.io/job-name"] = name
+        pod_meta = {
+            "generateName": f"{name}-",
+            "labels": labels,
+            "ownerReferences": [{"kind": "Job", "name": name, "uid": job["metadata"]["uid"]}],
+        }
+        with self.lock:
+            pod = self._create("", "pods", ns, {"metadata": pod_meta, "spec": template["spec"]})
+        outcome = self.kubelet.run_job(job) if self.kubelet is not None else self.job_rule(job)
+        if outcome.hold is not None:
+            hold = outcome.hold
+            threading.Thread(
+                target=self._finish_job, args=(job, pod, outcome, hold), daemon=True
+            ).start()
+        else:
+            self._finish_job(job, pod, outcome, None)
+
+    def _finish_job(
+        self, job: Obj, pod: Obj, outcome: JobOutcome, hold: threading.Event | None
+    ) -> None:
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        pod_name = pod["metadata"]["name"]
+        if hold is not None:
+            with self.lock:
+                self.logs[(ns, pod_name, "fetch")] = outcome.fetch_log
+            running = {"name": "fetch", "state": {"running": {}}}
+            self.update_status(
+                "pods", ns, pod_name, {"phase": "Pending", "initContainerStatuses": [running]}
+            )
+            while not hold.wait(timeout=0.05):
+                if self.stopping:
+                    return
+        if outcome.fetch_failed:
+            with self.lock:
+                self.logs[(ns, pod_name, "fetch")] = outcome.fetch_log
+            failed = {"name": "fetch", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}
+            self.update_status(
+                "pods", ns, pod_name, {"phase": "Failed", "initContainerStatuses": [failed]}
+            )
+            conditions = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
+            self.update_status("jobs", ns, name, {"failed": 1, "conditions": conditions})
+            return
+        main = pod["spec"]["containers"][0]["name"]
+        with self.lock:
+            self.logs[(ns, pod_name, main)] = outcome.log
+        phase = "Succeeded" if outcome.succeeded else "Failed"
+        code = 0 if outcome.succeeded else 1
+        terminated = {
+            "terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+        }
+        self.update_status(
+            "pods",
+            ns,
+            pod_name,
+            {
+                "phase": phase,
+                "containerStatuses": [{"name": main, "ready": False, "state": terminated}],
+            },
+        )
+        condition = "Complete" if outcome.succeeded else "Failed"
+        counts = {"succeeded": 1} if outcome.succeeded else {"failed": 1}
+        self.update_status(
+            "jobs", ns, name, {**counts, "conditions": [{"type": condition, "status": "True"}]}
+        )
+
+
+def rbac_verbs(calls: list[tuple[str, str, bool]]) -> set[tuple[str, str, str]]:
+    """The (apiGroup, resource, verb) an RBAC Role must grant for these requests."""
+    used = set()
+    for method, path, watch in calls:
+        sub = path.endswith("/log")
+        m = _PATH.match(path.removesuffix("/log") if sub else path)
+        assert m is not None, path
+        group, plural, name = m.group("group") or "", m.group("plural"), m.group("name")
+        resource = f"{plural}/log" if sub else plural
+        if method == "GET":
+            verb = "watch" if watch else ("get" if name else "list")
+        else:
+            verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
+        used.add((group, resource, verb))
+    return used
+
+
+async def wait_until(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Poll a condition of the fake (it changes in other threads: no Event to wait on)."""
+    with trio.fail_after(seconds):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+def _make_handler(fake: FakeKubernetes) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _serve(self) -> None:
+            parsed = urllib.parse.urlsplit(self.path)
+            query = dict(urllib.parse.parse_qsl(parsed.query))
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            watch = query.get("watch") in ("true", "1", "True")
+            fault = fake.take_fault(self.command, parsed.path, watch)
+            if fault is not None and fault.delay:
+                time.sleep(fault.delay)
+            try:
+                if fault is not None and fault.code is not None:
+                    raise ApiError(fault.code, "InternalError", "simulated failure")
+                if parsed.path.endswith("/log") and self.command == "GET":
+                    self._send_log(parsed.path, query)
+                    return
+                body = json.loads(raw) if raw else None
+                if watch:
+                    self._watch(parsed.path, query)
+                    return
+                result, code = fake.handle(self.command, parsed.path, query, body), 200
+                if self.command == "POST":
+                    code = 201
+            except ApiError as exc:
+                result, code = exc.status(), exc.code
+            self._send_json(code, result)
+
+        def _send_json(self, code: int, payload: Obj) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                self.wfile.write(data)
+            except OSError:  # the client gave up waiting (a request timeout test)
+                self.close_connection = True
+
+        def _send_log(self, path: str, query: dict[str, str]) -> None:
+            m = _PATH.match(path.removesuffix("/log"))
+            assert m is not None
+            ns, name = m.group("ns"), m.group("name")
+            if fake.get("pods", ns, name) is None:
+                self._send_json(404, ApiError(404, "NotFound", f'pods "{name}" not found').status())
+                return
+            text = fake.logs.get((ns, name, query.get("container", "")), "")
+            if not query.get("container"):
+                text = next((v for (n, p, _), v in fake.logs.items() if (n, p) == (ns, name)), "")
+            lines = text.splitlines(keepends=True)
+            if query.get("tailLines"):
+                lines = lines[-int(query["tailLines"]) :]
+            data = "".join(lines).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _watch(self, path: str, query: dict[str, str]) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.flush()
+            conn: socket.socket = self.connection
+
+            def write(event: Obj) -> None:
+                line = json.dumps(event).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+
+            def closed() -> bool:
+                readable, _, _ = select.select([conn], [], [], 0)
+                return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+
+            try:
+                fake.stream_watch(path, query, write, closed)
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:  # the client hung up: what a cancelled watch does
+                self.close_connection = True
+
+        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
+
+    return Handler

@@ -1,0 +1,81 @@
+"""The fake API server itself: selectors, merge patches and CRUD the real client relies on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from k8s_fake_api import FakeKubernetes, field_selector_matches, label_selector_matches, merge_patch
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        ("app=db", True),
+        ("app==db,tier=x", False),
+        ("app!=db", False),
+        ("app", True),
+        ("!app", False),
+        ("!missing", True),
+        ("tier in (a, b)", True),
+        ("tier notin (a,b)", False),
+        ("tier in (c)", False),
+        ("app=db,tier in (b,c),!missing", True),
+    ],
+)
+def test_if_a_label_selector_is_given_then_it_matches_as_kubernetes_does(
+    selector: str, expected: bool
+) -> None:
+    """If labels are matched against equality, set and existence requirements, then as the API does."""
+    assert label_selector_matches(selector, {"app": "db", "tier": "b"}) is expected
+
+
+def test_if_a_merge_patch_has_nulls_then_those_keys_go() -> None:
+    """If a merge patch sets a key to null, then the key is removed; nested maps merge."""
+    target = {"metadata": {"labels": {"a": "1", "b": "2"}}, "spec": {"x": [1, 2]}}
+    patch = {"metadata": {"labels": {"a": None, "c": "3"}}, "spec": {"x": [3]}}
+    assert merge_patch(target, patch) == {
+        "metadata": {"labels": {"b": "2", "c": "3"}},
+        "spec": {"x": [3]},
+    }
+
+
+def test_if_a_field_selector_names_something_unsupported_then_it_is_refused() -> None:
+    """If a field selector is not on metadata.name/namespace, then the fake says so (400)."""
+    obj = {"metadata": {"name": "x", "namespace": "n"}}
+    assert field_selector_matches("metadata.name=x", obj) is True
+    assert field_selector_matches("metadata.name!=x", obj) is False
+    with pytest.raises(Exception, match="not supported"):
+        field_selector_matches("status.phase=Running", obj)
+
+
+def test_if_services_and_secrets_are_written_then_the_real_client_reads_them_back(
+    fake: FakeKubernetes, api_client: client.ApiClient
+) -> None:
+    """If the client creates, patches, lists and deletes core objects, then the fake answers like the API."""
+    core = client.CoreV1Api(api_client)
+    service = {
+        "metadata": {"name": "db", "labels": {"app": "db"}},
+        "spec": {"ports": [{"port": 1}]},
+    }
+    core.create_namespaced_service("n", service)
+    secret = {"metadata": {"name": "s", "labels": {"app": "other"}}, "stringData": {"k": "v"}}
+    core.create_namespaced_secret("n", secret)
+    with pytest.raises(ApiException) as exists:
+        core.create_namespaced_service("n", service)
+    assert exists.value.status == 409
+    patched = core.patch_namespaced_service("db", "n", {"metadata": {"labels": {"tier": "x"}}})
+    assert patched.metadata.labels == {"app": "db", "tier": "x"}
+    listed = core.list_namespaced_service("n", label_selector="tier=x")
+    assert [s.metadata.name for s in listed.items] == ["db"]
+    stale = {"metadata": {"resourceVersion": "1", "labels": {"tier": "y"}}}
+    with pytest.raises(ApiException) as conflict:
+        core.patch_namespaced_service("db", "n", stale)
+    assert conflict.value.status == 409
+    assert "modified" in json.loads(conflict.value.body)["message"]
+    core.delete_namespaced_secret("s", "n")
+    with pytest.raises(ApiException) as gone:
+        core.read_namespaced_secret("s", "n")
+    assert gone.value.status == 404
