@@ -185,6 +185,8 @@ class Pool:
         self._doomed: dict[tuple[Kind, str], str] = {}
         """Resources whose destroy failed, retried by the health loop (value: why)."""
         self._to_verify: list[_Snapshot] = []
+        self._dead_leases: set[str] = set()
+        """Active leases whose database the health loop found dead (until reset or end)."""
         self._temporary: dict[tuple[str, str], tuple[int, float]] = {}
         """(backup key, ETag) → (temporary failures in a row, trio time of the next attempt)."""
         self._pipeline_snapshot: _Snapshot | None = None
@@ -361,6 +363,7 @@ class Pool:
             lease.state = lease_transition(lease.id, lease.state, LeaseEvent.RESET)
             lease.resets += 1
             lease.idle_deadline = trio.current_time() + lease.ttl
+            self._dead_leases.discard(lease.id)
             old.lease = None
         self._emit(LeaseReset(lease_id=lease.id, old_clone=old.name, new_clone=clone.name))
         log.info(
@@ -673,6 +676,7 @@ class Pool:
         lease.state = lease_transition(lease.id, lease.state, event)
         self._leases.pop(lease.id, None)
         self._dirty.discard(lease.id)
+        self._dead_leases.discard(lease.id)
         clone = lease.clone
         seconds = trio.current_time() - lease.started
         log.info(
@@ -921,7 +925,27 @@ class Pool:
                 if not healthy and self._warm.get(clone.name) is clone:
                     log.warning("clone.unhealthy", clone=clone.name, snapshot=clone.snapshot)
                     self._break(clone, "its database stopped answering")
+            await self._check_leased()
             await self._retry_doomed()
+
+    async def _check_leased(self) -> None:
+        """Find leases whose database died: reported (statistics, log, event) until reset."""
+        for lease in list(self._leases.values()):
+            clone = lease.clone
+            try:
+                healthy = await self._provider.is_healthy(clone.name)
+            except ProviderError as exc:
+                self._report_error("health", exc)
+                continue
+            if self._leases.get(lease.id) is not lease or lease.clone is not clone:
+                continue  # ended or reset meanwhile
+            if healthy:
+                self._dead_leases.discard(lease.id)
+            elif lease.id not in self._dead_leases:
+                self._dead_leases.add(lease.id)
+                reason = "its database stopped answering during the lease; reset the lease"
+                log.warning("lease.database_died", lease_id=lease.id, clone=clone.name)
+                self._emit(CloneFailed(clone=clone.name, snapshot=clone.snapshot, reason=reason))
 
     async def _retry_doomed(self) -> None:
         for (kind, name), _why in list(self._doomed.items()):
@@ -1403,6 +1427,7 @@ class Pool:
             expires_at=self._to_wall(lease.lifetime_deadline),
             idle_deadline=None if lease.attached else self._to_wall(lease.idle_deadline),
             resets=lease.resets,
+            healthy=lease.id not in self._dead_leases,
         )
 
     def _emit(self, event: PoolEvent) -> None:

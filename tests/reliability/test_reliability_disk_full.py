@@ -111,5 +111,3 @@ async def test_if_the_disk_fills_during_restore_and_cloning_then_the_old_snapsho
             for held in (lease, served, taken, third):
                 await pool.release(held.id)
             nursery.cancel_scope.cancel()
-        for resource in await provider.list():
-            await provider.destroy(resource.kind, resource.name)
