@@ -19,7 +19,7 @@ import pathlib
 import textwrap
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -161,7 +161,11 @@ def _convert(path: str, tp: Any, value: object, origin_desc: str, *, from_text: 
     if origin in (tuple, list):
         item_types: list[Any] = [a for a in typing.get_args(tp) if a is not Ellipsis] or [str]
         if from_text and isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = (
+                _yaml_text(value, fail, "a list")
+                if value.strip().startswith("[")
+                else value.split(",")
+            )
         if not isinstance(value, list | tuple):
             raise fail("a list")
         items = [
@@ -172,7 +176,7 @@ def _convert(path: str, tp: Any, value: object, origin_desc: str, *, from_text: 
     if origin in (dict, Mapping) or tp is dict:
         key_tp, val_tp = typing.get_args(tp) or (str, str)
         if from_text and isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_text(value, fail, "a mapping")
         if not isinstance(value, Mapping):
             raise fail("a mapping")
         return {
@@ -182,6 +186,14 @@ def _convert(path: str, tp: Any, value: object, origin_desc: str, *, from_text: 
             for k, v in value.items()
         }
     raise ConfigError(f"setting {path} has a type this loader does not know ({tp!r}); report a bug")
+
+
+def _yaml_text(text: str, fail: Callable[[str], ConfigError], expected: str) -> object:
+    """Parse a flag's or variable's YAML value; broken YAML is a ConfigError, never a YAMLError."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise fail(f"{expected} written as YAML (e.g. {{a: b}} or [a, b])") from None
 
 
 def _build(cls: type[T], data: Mapping[str, object], prefix: str, origin_desc: str) -> T:
