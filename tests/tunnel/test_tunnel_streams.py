@@ -1,0 +1,102 @@
+"""Multiplexed streams between two muxes joined in memory: stream semantics, flow control."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import trio
+import trio.testing
+from tunnel_fakes import mux_pair
+
+from tunnel import TunnelStream
+
+WINDOW = 64 * 1024
+
+
+async def stream_pair(nursery: trio.Nursery) -> tuple[TunnelStream, TunnelStream]:
+    client, accepted = await mux_pair(nursery, window=WINDOW)
+    left = client.open_stream()
+    right = await accepted.receive()
+    return left, right
+
+
+async def test_if_streams_are_checked_generically_then_they_behave_like_tcp(
+    nursery: trio.Nursery,
+) -> None:
+    """If trio's generic half-closeable stream checks run, then every one passes."""
+
+    async def maker() -> tuple[TunnelStream, TunnelStream]:
+        return await stream_pair(nursery)
+
+    async def clogged() -> tuple[TunnelStream, TunnelStream]:
+        left, right = await stream_pair(nursery)
+        # Spend the whole credit both ways (the check also runs flipped): sends must wait.
+        await left.send_all(b"x" * WINDOW)
+        await right.send_all(b"y" * WINDOW)
+        return left, right
+
+    await trio.testing.check_half_closeable_stream(maker, clogged)
+
+
+async def test_if_a_reader_is_slow_then_only_its_stream_waits_and_memory_stays_bounded(
+    nursery: trio.Nursery,
+) -> None:
+    """If one stream's reader stops, then its sender stalls at one window and others flow."""
+    client, accepted = await mux_pair(nursery, window=WINDOW)
+    slow_out = client.open_stream()
+    slow_in = await accepted.receive()
+    fast_out = client.open_stream()
+    fast_in = await accepted.receive()
+    payload = os.urandom(10 * WINDOW)
+    sent = trio.Event()
+
+    async def send_everything() -> None:
+        await slow_out.send_all(payload)
+        sent.set()
+
+    nursery.start_soon(send_everything)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not sent.is_set()
+    assert len(slow_in._buffer) == WINDOW
+    await fast_out.send_all(b"ping")
+    assert await fast_in.receive_some() == b"ping"
+    received = bytearray()
+    while len(received) < len(payload):
+        received += await slow_in.receive_some(5000)
+        assert len(slow_in._buffer) <= WINDOW
+    await sent.wait()
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_if_the_replay_budget_is_full_then_senders_wait_for_an_ack(
+    nursery: trio.Nursery,
+) -> None:
+    """If unacknowledged bytes reach the replay budget, then a PING fetches an ACK and
+    the transfer completes."""
+    client, accepted = await mux_pair(nursery, window=WINDOW)
+    client.replay_limit = 3 * WINDOW // 2
+    out = client.open_stream()
+    into = await accepted.receive()
+    payload = os.urandom(6 * WINDOW)
+    async with trio.open_nursery() as inner:
+        inner.start_soon(out.send_all, payload)
+        received = bytearray()
+        while len(received) < len(payload):
+            received += await into.receive_some()
+            assert client.conn.replay_size <= client.replay_limit + WINDOW
+    assert bytes(received) == payload
+
+
+async def test_if_a_stream_is_reset_then_the_peer_reads_and_writes_fail(
+    nursery: trio.Nursery,
+) -> None:
+    """If one side resets a stream, then the other side's receive and send break."""
+    left, right = await stream_pair(nursery)
+    left.reset(code=2, reason="no route")
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(trio.BrokenResourceError, match=r"reset the stream \(code 2\): no route"):
+        await right.receive_some()
+    with pytest.raises(trio.BrokenResourceError):
+        await right.send_all(b"x")

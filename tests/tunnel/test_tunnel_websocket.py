@@ -1,0 +1,80 @@
+"""The tunnel's own websocket frame parser against frames wsproto produces."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wsproto.frame_protocol import FrameProtocol
+
+from tunnel._ws import FrameError, FrameReader
+
+
+def client_frames() -> tuple[bytes, bytes]:
+    """Masked frames as a client sends them: a fragmented binary message, a ping in the
+    middle, a large message, a close. Returns the wire bytes and the payload they carry."""
+    proto = FrameProtocol(client=True, extensions=[])
+    big = bytes(range(256)) * 300
+    wire = (
+        proto.send_data(b"hello ", fin=False)
+        + proto.ping(b"are you there")
+        + proto.send_data(b"world", fin=True)
+        + proto.send_data(big)
+        + proto.send_data(b"")
+        + proto.close(1000, "bye")
+    )
+    return bytes(wire), b"hello world" + big
+
+
+def collect(reader: FrameReader, wire: bytes, step: int) -> tuple[bytes, list[tuple[int, bytes]]]:
+    data = b""
+    controls: list[tuple[int, bytes]] = []
+    for i in range(0, len(wire), step):
+        chunks, found = reader.feed(wire[i : i + step])
+        data += b"".join(chunks)
+        controls += found
+    return data, controls
+
+
+@pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), 7, 100_000])
+def test_if_masked_frames_arrive_in_any_split_then_payload_and_controls_come_out(
+    step: int,
+) -> None:
+    """If client frames arrive whole or a byte at a time, then the same bytes come out."""
+    wire, payload = client_frames()
+    data, controls = collect(FrameReader(expect_masked=True), wire, step)
+    assert data == payload
+    assert controls == [(9, b"are you there"), (8, b"\x03\xe8bye")]
+
+
+def test_if_a_server_frame_is_parsed_then_no_mask_is_expected() -> None:
+    """If a server sends unmasked frames, then a client-side reader takes them as they are."""
+    wire = bytes(FrameProtocol(client=False, extensions=[]).send_data(b"x" * 70_000))
+    assert collect(FrameReader(expect_masked=False), wire, 4096)[0] == b"x" * 70_000
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (bytes(FrameProtocol(client=False, extensions=[]).send_data(b"x")), "masking"),
+        (bytes(FrameProtocol(client=True, extensions=[]).send_data("text")), "text messages"),
+        (b"\xc2\x80abcd", "reserved bits"),
+        (b"\x89\xfe\x00\x80abcd", "malformed control frame"),
+        (b"\x83\x80abcd", "unexpected opcode 3"),
+    ],
+)
+def test_if_a_frame_breaks_the_rfc_then_the_reader_says_how(wire: bytes, message: str) -> None:
+    """If a frame is unmasked, textual, has reserved bits or a bad opcode, it is refused."""
+    with pytest.raises(FrameError, match=message):
+        FrameReader(expect_masked=True).feed(wire)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_if_arbitrary_bytes_arrive_then_only_frame_errors_escape(junk: bytes) -> None:
+    """If any bytes at all arrive, then the frame reader raises nothing but FrameError."""
+    with contextlib.suppress(FrameError):
+        FrameReader(expect_masked=True).feed(junk)

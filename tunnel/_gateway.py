@@ -1,0 +1,679 @@
+"""The gateway: one websocket port, many sessions, each stream relayed to a TCP address."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import math
+import ssl
+import sys
+import traceback
+import urllib.parse
+from collections.abc import Awaitable, Callable
+
+import attrs
+import structlog
+import trio
+from wsproto import WSConnection
+from wsproto.events import Request as WsRequest
+
+from tunnel._errors import CloseCode, ControlError, ProtocolError, SessionClosed, SessionRefused
+from tunnel._hooks import GatewayHooks, SessionGrant
+from tunnel._mux import Mux, TunnelStream, error_frame
+from tunnel._protocol import (
+    SUBPROTOCOL,
+    Connection,
+    Error,
+    Hello,
+    JSONObject,
+    Ping,
+    Pong,
+    Progress,
+    Request,
+    ResetCode,
+    Role,
+    Welcome,
+)
+from tunnel._settings import GatewaySettings
+from tunnel._splice import connect_tcp, splice
+from tunnel._ws import WebSocket, accept, new_server_connection, read_request, reject
+
+log = structlog.get_logger("tunnel.gateway")
+
+
+def _failure(event: str, **fields: object) -> None:
+    """Log an unexpected exception as text without local variables: a renderer that shows
+    a traceback's locals would print the Authorization header or a secret."""
+    exc = sys.exc_info()[1]
+    trace = "".join(traceback.format_exception(exc)) if exc is not None else ""
+    log.error(event, error=repr(exc), traceback=trace, **fields)
+
+
+_HANDSHAKE_READ = 16 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class GatewayStatistics:
+    """Counters for metrics, read at scrape time."""
+
+    sessions: int
+    """Live sessions (attached or in their grace period)."""
+    sessions_attached: int
+    sessions_opened_total: int
+    streams: int
+    """Open streams across live sessions."""
+    streams_opened_total: int
+    bytes_up_total: int
+    """Stream bytes from clients to servers."""
+    bytes_down_total: int
+    auth_failures_total: int
+    """Upgrades refused for a missing or wrong token or secret (401/403)."""
+    protocol_errors_total: int
+    """Websockets closed for a protocol violation."""
+
+
+class _Session:
+    def __init__(self, gateway: Gateway, session_id: str, conn: Connection) -> None:
+        self.gateway = gateway
+        self.id = session_id
+        self.conn = conn
+        settings = gateway.settings
+        self.mux = Mux(
+            conn,
+            replay_limit=settings.replay_buffer_size,
+            keepalive_interval=settings.keepalive_interval,
+            keepalive_timeout=settings.keepalive_timeout,
+            on_stream=self._on_stream,
+            on_request=self._on_request,
+            on_protocol_error=gateway._count_protocol_error,
+        )
+        self.nursery: trio.Nursery | None = None
+        self.scope: trio.CancelScope | None = None
+        self.handler_done: trio.Event | None = None
+        self.attach_changed = trio.Event()
+        self.detached_at = trio.current_time()
+        self.ended = False
+        self.end_reason = ""
+        self.end_code: int = CloseCode.SESSION_CLOSED
+        self.replaced = False
+        self._reported_up = 0
+        self._reported_down = 0
+
+    @property
+    def attached(self) -> bool:
+        return self.scope is not None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the session's streams and request tasks; end it after the grace period."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._report_traffic)
+                task_status.started()
+                while not self.ended:
+                    if self.attached:
+                        await self._wait_attach_change()
+                        continue
+                    deadline = self.detached_at + self.gateway.settings.grace_period
+                    with trio.move_on_at(deadline):
+                        await self._wait_attach_change()
+                        continue
+                    self.end("the client did not resume within the grace period")
+                nursery.cancel_scope.cancel()
+        finally:
+            self.end("the gateway shut down")
+            self._flush_traffic()
+
+    async def _wait_attach_change(self) -> None:
+        await self.attach_changed.wait()
+        self.attach_changed = trio.Event()
+
+    def _changed(self) -> None:
+        self.attach_changed.set()
+
+    async def _report_traffic(self) -> None:
+        while True:
+            await trio.sleep(self.gateway.settings.traffic_report_interval)
+            self._flush_traffic()
+
+    def _flush_traffic(self) -> None:
+        up = self.mux.bytes_received - self._reported_up
+        down = self.mux.bytes_sent - self._reported_down
+        if up or down:
+            self._reported_up += up
+            self._reported_down += down
+            self.gateway._call_hook("traffic", self.id, up, down)
+
+    def end(self, reason: str, code: int = CloseCode.SESSION_CLOSED) -> None:
+        """End the session for good; an attached client gets ERROR + close ``code``."""
+        if self.ended:
+            return
+        self.ended = True
+        self.end_reason = reason
+        self.end_code = code
+        gateway = self.gateway
+        if gateway._sessions.get(self.id) is self:
+            del gateway._sessions[self.id]
+        self.mux.finish(reason)
+        gateway._closed_bytes_up += self.mux.bytes_received
+        gateway._closed_bytes_down += self.mux.bytes_sent
+        if self.scope is not None:
+            self.scope.cancel()
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+        self._changed()
+        self._flush_traffic()
+        log.info("tunnel session ended", session_id=self.id, reason=reason)
+        gateway._call_hook("session_ended", self.id, reason)
+
+    # -------------------------------------------------------------- streams and requests
+
+    def _on_stream(self, stream: TunnelStream) -> None:
+        limit = self.gateway.settings.max_streams_per_session
+        if len(self.mux.streams) > limit or self.nursery is None:
+            stream.reset(
+                ResetCode.REFUSED,
+                f"the session already has {limit} open streams, the gateway's limit; "
+                "close some connections",
+            )
+            return
+        self.gateway._streams_opened += 1
+        self.nursery.start_soon(self._bridge, stream)
+
+    async def _bridge(self, stream: TunnelStream) -> None:
+        gateway = self.gateway
+        try:
+            with trio.fail_after(gateway.settings.connect_timeout):
+                host, port = await gateway.hooks.resolve(self.id)
+                tcp = await connect_tcp(host, port)
+        except (OSError, trio.TooSlowError, SessionRefused) as exc:
+            stream.reset(ResetCode.CONNECT_FAILED, f"the gateway could not connect: {exc}")
+            log.warning("tunnel stream connect failed", session_id=self.id, error=str(exc))
+            return
+        except Exception:
+            stream.reset(ResetCode.INTERNAL_ERROR, "the gateway failed to route the stream")
+            _failure(event="tunnel resolve hook failed", session_id=self.id)
+            return
+        await splice(stream, tcp)
+
+    def _on_request(self, request: Request) -> None:
+        if self.nursery is not None:
+            self.nursery.start_soon(self.gateway._answer, self.mux, self.id, request)
+
+
+class Gateway:
+    """Handle on a running gateway (from ``nursery.start(serve_gateway, ...)``)."""
+
+    def __init__(
+        self, settings: GatewaySettings, hooks: GatewayHooks, nursery: trio.Nursery, port: int
+    ) -> None:
+        self.settings = settings
+        self.hooks = hooks
+        self.port = port
+        self._nursery = nursery
+        self._sessions: dict[str, _Session] = {}
+        self._sessions_opened = 0
+        self._streams_opened = 0
+        self._auth_failures = 0
+        self._protocol_errors = 0
+        self._closed_bytes_up = 0
+        self._closed_bytes_down = 0
+
+    # -------------------------------------------------------------- public
+
+    def close_session(self, session_id: str, reason: str) -> bool:
+        """End a session from the server side (lease killed or expired); False if not live."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        session.end(reason)
+        return True
+
+    @property
+    def session_ids(self) -> frozenset[str]:
+        return frozenset(self._sessions)
+
+    def statistics(self) -> GatewayStatistics:
+        sessions = list(self._sessions.values())
+        return GatewayStatistics(
+            sessions=len(sessions),
+            sessions_attached=sum(1 for s in sessions if s.attached),
+            sessions_opened_total=self._sessions_opened,
+            streams=sum(len(s.mux.streams) for s in sessions),
+            streams_opened_total=self._streams_opened,
+            bytes_up_total=self._closed_bytes_up + sum(s.mux.bytes_received for s in sessions),
+            bytes_down_total=self._closed_bytes_down + sum(s.mux.bytes_sent for s in sessions),
+            auth_failures_total=self._auth_failures,
+            protocol_errors_total=self._protocol_errors,
+        )
+
+    # -------------------------------------------------------------- internals
+
+    def _call_hook(self, name: str, *args: str | int) -> None:
+        try:
+            getattr(self.hooks, name)(*args)
+        except Exception:
+            _failure(event="tunnel hook failed", hook=name)
+
+    def _count_protocol_error(self, exc: ProtocolError) -> None:
+        self._protocol_errors += 1
+        log.warning("tunnel protocol error", error=str(exc), close_code=int(exc.close_code))
+
+    def _new_connection(self) -> Connection:
+        return Connection(
+            Role.SERVER,
+            max_frame_size=self.settings.max_frame_size,
+            window=self.settings.stream_window,
+        )
+
+    async def _answer(self, mux: Mux, session_id: str | None, request: Request) -> None:
+        try:
+            result = await self.hooks.control(session_id, request.name, request.args)
+            mux.respond(request.request_id, result=result)
+        except ControlError as exc:
+            mux.respond(request.request_id, error=str(exc))
+        except Exception:
+            _failure(event="tunnel control hook failed", request=request.name)
+            mux.respond(
+                request.request_id,
+                error=f"the server failed to answer {request.name!r}; its log says why",
+            )
+
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        try:
+            await self._handle(stream)
+        except Exception:
+            _failure(event="tunnel connection failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        settings = self.settings
+        ws_conn = new_server_connection()
+        deadline = trio.current_time() + settings.handshake_timeout
+        request = None
+        with trio.move_on_at(deadline):
+            request = await read_request(stream, ws_conn, _HANDSHAKE_READ)
+        if request is None:
+            return  # garbage, a slow peer or a hang-up before the upgrade: just drop it
+        path = urllib.parse.urlsplit(request.target).path
+        if path == settings.path:
+            await self._tunnel(stream, ws_conn, request, deadline)
+            return
+        parts = path.strip("/").split("/")
+        if settings.legacy_endpoint and len(parts) == 3 and all(parts):
+            await self._legacy(stream, ws_conn, request, parts)
+            return
+        await reject(stream, ws_conn, 404, f"no tunnel endpoint here; use {settings.path}")
+
+    async def _tunnel(
+        self,
+        stream: trio.abc.Stream,
+        ws_conn: WSConnection,
+        request: WsRequest,
+        deadline: float,
+    ) -> None:
+        settings = self.settings
+        if SUBPROTOCOL not in request.subprotocols:
+            await reject(
+                stream,
+                ws_conn,
+                400,
+                f"the websocket must ask for subprotocol {SUBPROTOCOL}; upgrade the aldaas client",
+            )
+            return
+        auth = ""
+        for name, value in request.extra_headers:
+            if name.lower() == b"authorization":
+                auth = value.decode("latin-1").strip()
+        scheme, _, credentials = auth.partition(" ")
+        session_id: str | None = None
+        if scheme.lower() == "bearer":
+            token = credentials.strip().encode()
+            expected = settings.instance_token.encode()
+            if not expected or not hmac.compare_digest(token, expected):
+                self._auth_failures += 1
+                log.warning("tunnel auth failed", reason="wrong instance token")
+                await reject(
+                    stream, ws_conn, 401, "the instance token is wrong; check ALDAAS_TOKEN"
+                )
+                return
+        elif scheme.lower() == "aldaas-session":
+            session_id, _, secret = credentials.strip().partition(":")
+            ok = False
+            with trio.move_on_at(deadline):
+                try:
+                    ok = bool(session_id) and await self.hooks.verify_session(session_id, secret)
+                except Exception:
+                    _failure(event="tunnel verify hook failed", session_id=session_id)
+            if not ok:
+                self._auth_failures += 1
+                log.warning(
+                    "tunnel auth failed", reason="wrong session secret", session_id=session_id
+                )
+                await reject(
+                    stream,
+                    ws_conn,
+                    403,
+                    f"session {session_id!r} is unknown or its secret is wrong; open a new session",
+                )
+                return
+        else:
+            self._auth_failures += 1
+            await reject(
+                stream,
+                ws_conn,
+                401,
+                "no credentials: send 'Authorization: Bearer <instance token>' "
+                "or 'Aldaas-Session <id>:<secret>'",
+            )
+            return
+        ws = await accept(stream, ws_conn, settings.receive_buffer_size, SUBPROTOCOL)
+        live = self._sessions.get(session_id) if session_id is not None else None
+        if live is not None and live.attached:
+            await self._take_over(live)
+        conn = live.conn if live is not None else self._new_connection()
+        hello: Hello | None = None
+        try:
+            with trio.move_on_at(deadline):
+                hello = await self._read_hello(ws, conn)
+        except ProtocolError as exc:
+            await self._protocol_failure(ws, exc)
+            return
+        if hello is None:
+            await ws.aclose(CloseCode.HANDSHAKE_TIMEOUT, "no HELLO in time")
+            return
+        expected_modes = ("new", "control") if session_id is None else ("attach",)
+        if hello.mode not in expected_modes:
+            message = f"HELLO mode {hello.mode!r} does not match the credentials sent"
+            await ws.aclose(
+                CloseCode.POLICY_VIOLATION,
+                message,
+                last=error_frame(CloseCode.POLICY_VIOLATION, message),
+            )
+            return
+        if hello.mode == "control":
+            await self._control(ws, conn)
+        elif hello.mode == "new":
+            await self._open_new(ws, conn, hello)
+        else:
+            assert session_id is not None
+            if live is None or live.ended:
+                # The owner still accepts the secret, but the streams are gone: start afresh.
+                live = await self._register(session_id, conn)
+                first = conn.send(Welcome(session_id=session_id, resumed=False))
+            else:
+                try:
+                    first = conn.send(Welcome(session_id=session_id, resumed=True))
+                except ProtocolError as exc:
+                    await self._protocol_failure(ws, exc)
+                    return
+                first += conn.replay()
+            await self._attach(live, ws, first)
+
+    async def _read_hello(self, ws: WebSocket, conn: Connection) -> Hello | None:
+        while True:
+            event = conn.next_event()
+            if event is None:
+                data = await ws.receive()
+                if not data:
+                    return None
+                conn.receive_data(data)
+                continue
+            if isinstance(event, Hello):
+                return event
+            if isinstance(event, Ping):
+                await ws.send(conn.send(Pong(payload=event.payload)))
+
+    async def _protocol_failure(self, ws: WebSocket, exc: ProtocolError) -> None:
+        self._protocol_errors += 1
+        log.warning("tunnel protocol error", error=str(exc), close_code=int(exc.close_code))
+        await ws.aclose(exc.close_code, str(exc), last=error_frame(exc.close_code, str(exc)))
+
+    async def _take_over(self, session: _Session) -> None:
+        session.replaced = True
+        if session.scope is not None:
+            session.scope.cancel()
+        if session.handler_done is not None:
+            await session.handler_done.wait()
+
+    async def _register(self, session_id: str, conn: Connection) -> _Session:
+        session = _Session(self, session_id, conn)
+        old = self._sessions.get(session_id)
+        if old is not None:
+            old.end("the session was opened again")
+        self._sessions[session_id] = session
+        self._sessions_opened += 1
+        await self._nursery.start(session.serve)
+        return session
+
+    async def _open_new(self, ws: WebSocket, conn: Connection, hello: Hello) -> None:
+        settings = self.settings
+        if len(self._sessions) >= settings.max_sessions:
+            message = (
+                f"the gateway already holds {len(self._sessions)} sessions, its limit "
+                "(max_sessions); try again later"
+            )
+            await ws.aclose(
+                CloseCode.POLICY_VIOLATION,
+                message,
+                last=conn.send(Error(code=CloseCode.POLICY_VIOLATION, message=message)),
+            )
+            return
+        send, receive = trio.open_memory_channel[JSONObject](math.inf)
+        grant: SessionGrant | None = None
+        refusal: str | None = None
+        broken = False
+        failures: list[ProtocolError] = []
+
+        def progress(params: JSONObject) -> None:
+            send.send_nowait(params)
+
+        drained = trio.Event()
+
+        async def send_progress() -> None:
+            async for params in receive:
+                await ws.send(conn.send(Progress(params=params)))
+            drained.set()
+
+        async def watch_client(scope: trio.CancelScope) -> None:
+            # While the owner makes the client wait, notice a hang-up and answer pings.
+            while True:
+                event = conn.next_event()
+                if event is None:
+                    data = await ws.receive()
+                    if not data:
+                        scope.cancel()
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, Ping):
+                    await ws.send(conn.send(Pong(payload=event.payload)))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_progress)
+                nursery.start_soon(watch_client, nursery.cancel_scope)
+                try:
+                    grant = await self.hooks.open_session(hello.params, progress)
+                except SessionRefused as exc:
+                    refusal = str(exc)
+                except Exception:
+                    _failure(event="tunnel open_session hook failed")
+                    refusal = "the server failed to open a session; its log says why"
+                send.close()
+                await drained.wait()  # progress sent before the verdict arrives first
+                nursery.cancel_scope.cancel()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            broken = True
+        except* ProtocolError as group:
+            failures.extend(e for e in group.exceptions if isinstance(e, ProtocolError))
+        if failures:
+            await self._protocol_failure(ws, failures[0])
+            return
+        if broken:
+            return
+        if refusal is not None:
+            log.info("tunnel session refused", reason=refusal)
+            await ws.aclose(
+                CloseCode.SESSION_REFUSED,
+                refusal,
+                last=conn.send(Error(code=CloseCode.SESSION_REFUSED, message=refusal)),
+            )
+            return
+        if grant is None:
+            return  # the client hung up while waiting
+        session = await self._register(grant.session_id, conn)
+        log.info("tunnel session opened", session_id=grant.session_id)
+        first = conn.send(
+            Welcome(session_id=grant.session_id, secret=grant.secret, info=grant.info)
+        )
+        await self._attach(session, ws, first)
+
+    async def _attach(self, session: _Session, ws: WebSocket, first: bytes) -> None:
+        session.replaced = False
+        session.handler_done = done = trio.Event()
+        session.scope = scope = trio.CancelScope()
+        session._changed()
+        self._call_hook("attached", session.id)
+        log.info("tunnel session attached", session_id=session.id)
+        code: int = CloseCode.GOING_AWAY
+        reason = "the gateway is shutting down"
+        try:
+            with scope:
+                await session.mux.run(ws, first)
+        except ProtocolError as exc:
+            session.end(f"protocol error: {exc}", exc.close_code)
+            return
+        except SessionClosed as exc:
+            session.end(str(exc), exc.close_code)
+            return
+        finally:
+            if session.scope is scope:
+                session.scope = None
+            session.detached_at = trio.current_time()
+            session._changed()
+            if not session.ended:
+                self._call_hook("detached", session.id)
+                log.info("tunnel session detached", session_id=session.id)
+            if scope.cancelled_caught:
+                if session.ended:
+                    code, reason = session.end_code, session.end_reason
+                    with trio.CancelScope(shield=True):
+                        await ws.aclose(code, reason, last=error_frame(code, reason))
+                elif session.replaced:
+                    code, reason = CloseCode.REPLACED, "another connection attached this session"
+                    with trio.CancelScope(shield=True):
+                        await ws.aclose(code, reason)
+            done.set()
+        await ws.aclose(code, reason)
+
+    async def _control(self, ws: WebSocket, conn: Connection) -> None:
+        settings = self.settings
+        async with trio.open_nursery() as nursery:
+
+            def on_request(request: Request) -> None:
+                nursery.start_soon(self._answer, mux, None, request)
+
+            mux = Mux(
+                conn,
+                replay_limit=settings.replay_buffer_size,
+                keepalive_interval=settings.keepalive_interval,
+                keepalive_timeout=settings.keepalive_timeout,
+                on_request=on_request,
+                on_protocol_error=self._count_protocol_error,
+            )
+            with contextlib.suppress(ProtocolError, SessionClosed):
+                await mux.run(ws, conn.send(Welcome(session_id="")))
+            mux.finish("the control connection ended")
+            nursery.cancel_scope.cancel()
+        await ws.aclose()
+
+    async def _legacy(
+        self, stream: trio.abc.Stream, ws_conn: WSConnection, request: WsRequest, parts: list[str]
+    ) -> None:
+        name, token, session = (urllib.parse.unquote(p) for p in parts)
+        expected = self.settings.instance_token.encode()
+        if not expected or not hmac.compare_digest(token.encode(), expected):
+            self._auth_failures += 1
+            log.warning("tunnel auth failed", reason="wrong instance token", endpoint="legacy")
+            await reject(stream, ws_conn, 401, "the instance token is wrong; check ALDAAS_TOKEN")
+            return
+        try:
+            route = await self.hooks.resolve_legacy(name, session)
+            with trio.fail_after(self.settings.connect_timeout):
+                tcp = await connect_tcp(route.host, route.port)
+        except SessionRefused as exc:
+            await reject(stream, ws_conn, 503, str(exc))
+            return
+        except (OSError, trio.TooSlowError) as exc:
+            await reject(stream, ws_conn, 502, f"the gateway could not connect: {exc}")
+            return
+        subprotocol = request.subprotocols[0] if request.subprotocols else None
+        ws = await accept(stream, ws_conn, self.settings.receive_buffer_size, subprotocol)
+        self._call_hook("attached", route.session_id)
+        up = down = 0
+
+        async def upstream() -> None:
+            nonlocal up
+            while True:
+                data = await ws.receive()
+                if not data:
+                    return
+                up += len(data)
+                await tcp.send_all(data)
+
+        async def downstream() -> None:
+            nonlocal down
+            while True:
+                data = await tcp.receive_some(256 * 1024)
+                if not data:
+                    return
+                down += len(data)
+                await ws.send(data)
+
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def run(fn: Callable[[], Awaitable[None]]) -> None:
+                    try:
+                        await fn()
+                    finally:
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(run, upstream)
+                nursery.start_soon(run, downstream)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self._closed_bytes_up += up
+            self._closed_bytes_down += down
+            self._call_hook("traffic", route.session_id, up, down)
+            self._call_hook("detached", route.session_id)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(tcp)
+                await ws.aclose()
+
+
+async def serve_gateway(
+    settings: GatewaySettings,
+    hooks: GatewayHooks,
+    *,
+    task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the gateway until cancelled; ``nursery.start`` returns its :class:`Gateway`."""
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
+    tcp_listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+    port = tcp_listeners[0].socket.getsockname()[1]
+    if settings.tls_certificate is not None:
+        if settings.tls_private_key is None:
+            raise ValueError("tls_certificate needs tls_private_key")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
+        listeners = [trio.SSLListener(lst, context, https_compatible=True) for lst in tcp_listeners]
+    else:
+        listeners = list(tcp_listeners)
+    async with trio.open_nursery() as nursery:
+        gateway = Gateway(settings, hooks, nursery, port)
+        await nursery.start(trio.serve_listeners, gateway._serve_connection, listeners)
+        log.info("tunnel gateway listening", host=settings.host, port=port)
+        task_status.started(gateway)

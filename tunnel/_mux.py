@@ -1,0 +1,588 @@
+"""The trio side of a session: streams, flow control and the reader/writer of one websocket.
+
+A :class:`Mux` outlives websockets. While one is attached, :meth:`Mux.run` runs a reader
+(the caller's task: socket → protocol → stream buffers, no task switch per frame) and a
+writer task that coalesces every pending frame into one websocket message. While none is
+attached, streams keep working until their credit or the replay budget runs out: what they
+send waits in the protocol's replay buffer for the next websocket.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+from collections.abc import Callable
+
+import trio
+from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint_if_cancelled
+
+from tunnel._errors import CloseCode, ProtocolError, SessionClosed
+from tunnel._protocol import (
+    HEADER,
+    Acknowledged,
+    Connection,
+    Data,
+    Error,
+    FrameType,
+    GoAway,
+    JSONObject,
+    JSONValue,
+    OpenStream,
+    Ping,
+    Pong,
+    Progress,
+    Request,
+    ResetCode,
+    ResetStream,
+    Response,
+    State,
+    WindowUpdate,
+)
+from tunnel._ws import WebSocket
+
+ACK_THRESHOLD = 256 * 1024
+"""Acknowledge after this many received sequenced bytes (and with every PONG)."""
+
+
+def error_frame(code: int, message: str) -> bytes:
+    """An ERROR frame that can be sent whatever the state (the session is ending anyway)."""
+    payload = json.dumps({"code": int(code), "message": message}).encode()
+    return HEADER.pack(FrameType.ERROR, 0, 0, 0, len(payload)) + payload
+
+
+class TunnelStream(trio.abc.HalfCloseableStream):
+    """One multiplexed TCP stream; behaves like a ``trio.SocketStream``.
+
+    ``aclose`` finishes our direction (FIN) and, if the peer's direction is still open,
+    resets the stream so the peer's writes fail like writes to a closed TCP socket.
+    """
+
+    def __init__(self, mux: Mux, stream_id: int) -> None:
+        self._mux = mux
+        self.stream_id = stream_id
+        self._buffer = bytearray()
+        self._eof = False
+        self._eof_sent = False
+        self._closed = False
+        self._broken: str | None = None
+        self._receiving = False
+        self._sending = False
+        self._receive_lot = ParkingLot()
+        self._send_lot = ParkingLot()
+        self.sink_fd: int | None = None
+        """A non-blocking TCP socket the reader may write received data into directly."""
+        self.sink_busy = False
+        """Set while a task writes to ``sink_fd`` the trio way (no direct writes then)."""
+
+    # -------------------------------------------------------------- called by the mux
+
+    def _feed(self, data: bytes, fin: bool) -> None:
+        if self._closed:
+            return
+        if data:
+            if self.sink_fd is not None and not self._buffer and not self.sink_busy:
+                # Splice fast path: straight into the TCP socket, no task switch.
+                try:
+                    written = os.write(self.sink_fd, data)
+                except OSError:
+                    written = 0  # full or broken: the splice task finds out the trio way
+                if written:
+                    mux = self._mux
+                    mux.bytes_received += written
+                    mux.write(mux.conn.acknowledge_data(self.stream_id, written))
+                    data = data[written:]
+            if data:
+                self._buffer += data
+        if fin:
+            self._eof = True
+        if self._buffer or fin:
+            self._receive_lot.unpark_all()
+
+    def _break(self, reason: str) -> None:
+        if self._broken is None:
+            self._broken = reason
+        self._receive_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    def _wake_sender(self) -> None:
+        self._send_lot.unpark_all()
+
+    # -------------------------------------------------------------- receiving
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            await checkpoint_if_cancelled()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("this stream was closed")
+                if self._buffer:
+                    break
+                if self._eof:
+                    await cancel_shielded_checkpoint()
+                    return b""
+                if self._broken is not None:
+                    raise trio.BrokenResourceError(self._broken)
+                await self._receive_lot.park()
+            buffer = self._buffer
+            if max_bytes is None or max_bytes >= len(buffer):
+                data = bytes(buffer)
+                buffer.clear()
+            else:
+                data = bytes(buffer[:max_bytes])
+                del buffer[:max_bytes]
+            if self.sink_fd is not None:
+                self.sink_busy = True  # until the splice has written ``data`` (order!)
+            mux = self._mux
+            mux.bytes_received += len(data)
+            if not self._eof:
+                mux.write(mux.conn.acknowledge_data(self.stream_id, len(data)))
+            await cancel_shielded_checkpoint()
+            return data
+        finally:
+            self._receiving = False
+
+    # -------------------------------------------------------------- sending
+
+    def _check_send(self) -> None:
+        if self._closed or self._eof_sent:
+            raise trio.ClosedResourceError("this stream was closed for sending")
+        if self._broken is not None:
+            raise trio.BrokenResourceError(self._broken)
+
+    async def _wait_writable(self) -> int:
+        """Park until the stream has credit and the session has replay room; return credit."""
+        mux = self._mux
+        conn = mux.conn
+        while True:
+            self._check_send()
+            window = conn.send_window(self.stream_id)
+            if window > 0:
+                if mux.has_room():
+                    return window
+                await mux.wait_room()
+            else:
+                await self._send_lot.park()
+
+    def send_available(self, data: bytes) -> int:
+        """Send as much of ``data`` as credit allows right now, without a checkpoint; the
+        splice calls this first and ``send_all`` for the rest. Returns bytes sent."""
+        if self._sending or self._closed or self._eof_sent or self._broken is not None:
+            return 0
+        mux = self._mux
+        conn = mux.conn
+        window = conn.send_window(self.stream_id)
+        if window <= 0 or not mux.has_room():
+            return 0
+        n = min(len(data), window)
+        chunk = data if n == len(data) else data[:n]
+        mux.write(conn.send(Data(stream_id=self.stream_id, data=chunk)))
+        mux.bytes_sent += n
+        return n
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await checkpoint_if_cancelled()
+            self._check_send()
+            mux = self._mux
+            conn = mux.conn
+            with memoryview(data) as view, view.cast("B") as raw:
+                total = len(raw)
+                pos = 0
+                while pos < total:
+                    window = conn.send_window(self.stream_id)
+                    if window <= 0 or not mux.has_room() or self._broken is not None:
+                        window = await self._wait_writable()
+                    n = min(total - pos, window)
+                    chunk = bytes(raw[pos : pos + n]) if (pos or n < total) else bytes(raw)
+                    mux.write(conn.send(Data(stream_id=self.stream_id, data=chunk)))
+                    mux.bytes_sent += n
+                    pos += n
+            await cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await checkpoint_if_cancelled()
+            conn = self._mux.conn
+            if conn.send_window(self.stream_id) > 0 and self._mux.has_room():
+                self._check_send()
+                await cancel_shielded_checkpoint()
+                return
+            await self._wait_writable()
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        await checkpoint_if_cancelled()
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        if not self._eof_sent:
+            if self._broken is not None:
+                raise trio.BrokenResourceError(self._broken)
+            self._eof_sent = True
+            self._mux.write(self._mux.conn.send(Data(stream_id=self.stream_id, data=b"", fin=True)))
+        await cancel_shielded_checkpoint()
+
+    # -------------------------------------------------------------- closing
+
+    def reset(self, code: int = ResetCode.CANCELLED, reason: str = "") -> None:
+        """Abort the stream at once (the peer's reads and writes fail); never blocks."""
+        if self._closed:
+            return
+        self._closed = True
+        mux = self._mux
+        if self._broken is None and mux.usable:
+            mux.write(
+                mux.conn.send(ResetStream(stream_id=self.stream_id, code=code, reason=reason))
+            )
+        self._finish()
+
+    def _finish(self) -> None:
+        self._closed = True
+        self._buffer = bytearray()
+        self._mux.forget(self)
+        self._receive_lot.unpark_all()
+        self._send_lot.unpark_all()
+        self._mux.wake_room()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            mux = self._mux
+            conn = mux.conn
+            if self._broken is None and mux.usable:
+                frames = b""
+                if not self._eof_sent:
+                    self._eof_sent = True
+                    frames = conn.send(Data(stream_id=self.stream_id, data=b"", fin=True))
+                if not self._eof:
+                    frames += conn.send(
+                        ResetStream(stream_id=self.stream_id, code=ResetCode.CANCELLED)
+                    )
+                mux.write(frames)
+            self._finish()
+        await trio.lowlevel.checkpoint()
+
+
+RequestHandler = Callable[[Request], None]
+StreamHandler = Callable[[TunnelStream], None]
+
+
+class Mux:
+    """Streams of one session over whichever websocket is attached now."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        replay_limit: int,
+        keepalive_interval: float,
+        keepalive_timeout: float,
+        on_stream: StreamHandler | None = None,
+        on_request: RequestHandler | None = None,
+        on_protocol_error: Callable[[ProtocolError], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.on_protocol_error = on_protocol_error
+        self.replay_limit = replay_limit
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.on_stream = on_stream
+        self.on_request = on_request
+        self.streams: dict[int, TunnelStream] = {}
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.streams_opened = 0
+        self.finished = False
+        self.finish_reason = ""
+        self.rtt: float | None = None
+        self.goaway: str | None = None
+        self._out = bytearray()
+        self._ws: WebSocket | None = None
+        self._flushing = False
+        self._out_lot = ParkingLot()
+        self._room_lot = ParkingLot()
+        self._live = False
+        self._ack_requested = False
+        self._last_received = 0.0
+        self._ping_sent_at: dict[bytes, float] = {}
+        self._responses: dict[int, trio.Event] = {}
+        self._results: dict[int, Response] = {}
+
+    @property
+    def usable(self) -> bool:
+        """Whether stream frames may be produced (welcomed once, not over)."""
+        return self.conn.established and not self.finished and self.conn.state is not State.CLOSED
+
+    # -------------------------------------------------------------- output
+
+    def write(self, frames: bytes) -> None:
+        """Send frames on the attached websocket: straight into the socket when it has room
+        and nothing is queued, else queued for the writer task. Dropped while detached
+        (sequenced frames are in the replay buffer and go out after the next handshake)."""
+        if not frames or not self._live:
+            return
+        ws = self._ws
+        if self._out or self._flushing or ws is None:
+            self._out += frames
+            self._out_lot.unpark_all()
+            return
+        try:
+            if not ws.send_nowait(frames):
+                return
+        except trio.BrokenResourceError:
+            pass  # the reader ends this websocket; the replay buffer keeps the frames
+        self._out_lot.unpark_all()
+
+    def has_room(self) -> bool:
+        return self.conn.replay_size < self.replay_limit
+
+    async def wait_room(self) -> None:
+        if not self._ack_requested and self._live:
+            # Ask for an ACK: the peer answers every PING with PONG + ACK.
+            self._ack_requested = True
+            self._send_ping()
+        await self._room_lot.park()
+
+    def wake_room(self) -> None:
+        self._room_lot.unpark_all()
+
+    def _send_ping(self) -> None:
+        payload = os.urandom(8)
+        self._ping_sent_at[payload] = trio.current_time()
+        if len(self._ping_sent_at) > 16:
+            self._ping_sent_at.pop(next(iter(self._ping_sent_at)))
+        self.write(self.conn.send(Ping(payload=payload)))
+
+    # -------------------------------------------------------------- streams
+
+    def open_stream(self) -> TunnelStream:
+        """Open a new stream (client side); usable at once, even while detached."""
+        if self.finished:
+            raise trio.BrokenResourceError(f"the session is over: {self.finish_reason}")
+        stream_id = self.conn.next_stream_id()
+        self.write(self.conn.send(OpenStream(stream_id=stream_id)))
+        stream = TunnelStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self.streams_opened += 1
+        return stream
+
+    def forget(self, stream: TunnelStream) -> None:
+        self.streams.pop(stream.stream_id, None)
+
+    async def request(self, name: str, args: JSONObject) -> Response:
+        """Send a control request and wait for its response (survives a resumption)."""
+        if self.finished:
+            raise trio.BrokenResourceError(f"the session is over: {self.finish_reason}")
+        request_id = self.conn.next_request_id()
+        done = trio.Event()
+        self._responses[request_id] = done
+        self.write(self.conn.send(Request(request_id=request_id, name=name, args=args)))
+        try:
+            await done.wait()
+        finally:
+            self._responses.pop(request_id, None)
+        response = self._results.pop(request_id, None)
+        if response is None:
+            raise trio.BrokenResourceError(f"the session is over: {self.finish_reason}")
+        return response
+
+    def respond(self, request_id: int, result: JSONValue = None, error: str | None = None) -> None:
+        if not self.finished:
+            self.write(self.conn.send(Response(request_id=request_id, result=result, error=error)))
+
+    def finish(self, reason: str) -> None:
+        """The session is over: every stream breaks, every waiter wakes."""
+        if self.finished:
+            return
+        self.finished = True
+        self.finish_reason = reason
+        for stream in list(self.streams.values()):
+            stream._break(f"the tunnel session ended: {reason}")
+        self.streams.clear()
+        for done in self._responses.values():
+            done.set()
+        self.wake_room()
+
+    def reset_streams(self, reason: str) -> None:
+        """The peer started the session afresh: our old streams are gone."""
+        for stream in list(self.streams.values()):
+            stream._break(reason)
+        self.streams.clear()
+        for done in self._responses.values():
+            done.set()
+
+    # -------------------------------------------------------------- one websocket
+
+    async def run(self, ws: WebSocket, first: bytes) -> None:
+        """Carry the session over ``ws`` until it drops (returns) or the session fails (raises
+        :class:`ProtocolError` after closing ``ws`` with its code, or :class:`SessionClosed`).
+
+        ``first`` is sent before anything else (the WELCOME and the replay).
+        """
+        self._out = bytearray(first)
+        self._ws = ws
+        self._flushing = False
+        self._live = True
+        self._ack_requested = False
+        self._last_received = trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, ws)
+                nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+                try:
+                    await self._reader(ws)
+                except ProtocolError as exc:
+                    self.finish(f"protocol error: {exc}")
+                    if self.on_protocol_error is not None:
+                        self.on_protocol_error(exc)
+                    nursery.cancel_scope.cancel()
+                    await ws.aclose(
+                        exc.close_code, str(exc), last=error_frame(exc.close_code, str(exc))
+                    )
+                    raise
+                except SessionClosed:
+                    nursery.cancel_scope.cancel()
+                    await ws.aclose(CloseCode.NORMAL)
+                    raise
+                nursery.cancel_scope.cancel()
+        finally:
+            self._live = False
+            self._ws = None
+            self._out = bytearray()
+            self.conn.connection_lost()
+            self._ack_requested = False
+            self.wake_room()
+
+    async def _writer(self, ws: WebSocket) -> None:
+        try:
+            while True:
+                if self._out:
+                    data = bytes(self._out)
+                    self._out.clear()
+                    ws.send_nowait(data)
+                if ws.needs_flush:
+                    self._flushing = True
+                    try:
+                        await ws.flush()
+                    finally:
+                        self._flushing = False
+                    continue
+                if not self._out:
+                    await self._out_lot.park()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            # The reader sees the same failure and ends this websocket.
+            await trio.aclose_forcefully(ws.stream)
+
+    async def _keepalive(self, ws: WebSocket, scope: trio.CancelScope) -> None:
+        interval = self.keepalive_interval
+        while True:
+            await trio.sleep(interval)
+            idle = trio.current_time() - self._last_received
+            if idle >= self.keepalive_timeout:
+                await trio.aclose_forcefully(ws.stream)
+                scope.cancel()
+                return
+            if idle >= interval * 0.9:
+                self._send_ping()
+
+    async def _reader(self, ws: WebSocket) -> None:
+        conn = self.conn
+        self._dispatch()  # bytes that arrived with the handshake
+        while True:
+            try:
+                data = await ws.receive()
+            except (trio.BrokenResourceError, OSError):
+                return
+            if not data:
+                return
+            self._last_received = trio.current_time()
+            conn.receive_data(data)
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        conn = self.conn
+        streams = self.streams
+        while True:
+            event = conn.next_event()
+            if event is None:
+                break
+            kind = type(event)
+            if kind is Data:
+                assert isinstance(event, Data)
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._feed(event.data, event.fin)
+            elif kind is WindowUpdate:
+                assert isinstance(event, WindowUpdate)
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._wake_sender()
+            elif kind is Acknowledged:
+                self._ack_requested = False
+                self._room_lot.unpark_all()
+            elif kind is OpenStream:
+                assert isinstance(event, OpenStream)
+                stream = TunnelStream(self, event.stream_id)
+                streams[event.stream_id] = stream
+                self.streams_opened += 1
+                if self.on_stream is None:
+                    stream.reset(ResetCode.REFUSED, "this side accepts no streams")
+                else:
+                    self.on_stream(stream)
+            elif kind is ResetStream:
+                assert isinstance(event, ResetStream)
+                stream = streams.pop(event.stream_id, None)
+                if stream is not None:
+                    why = f": {event.reason}" if event.reason else ""
+                    stream._break(f"the peer reset the stream (code {event.code}){why}")
+            elif kind is Ping:
+                assert isinstance(event, Ping)
+                self.write(conn.send(Pong(payload=event.payload)) + conn.ack())
+            elif kind is Pong:
+                assert isinstance(event, Pong)
+                sent = self._ping_sent_at.pop(event.payload, None)
+                if sent is not None:
+                    self.rtt = trio.current_time() - sent
+            elif kind is Request:
+                assert isinstance(event, Request)
+                if self.on_request is None:
+                    self.respond(event.request_id, error="this side answers no requests")
+                else:
+                    self.on_request(event)
+            elif kind is Response:
+                assert isinstance(event, Response)
+                done = self._responses.get(event.request_id)
+                if done is not None:
+                    self._results[event.request_id] = event
+                    done.set()
+            elif kind is GoAway:
+                assert isinstance(event, GoAway)
+                self.goaway = event.reason
+            elif kind is Error:
+                assert isinstance(event, Error)
+                self.finish(event.message)
+                raise SessionClosed(event.message, event.code)
+            elif kind is Progress:
+                pass  # late progress after the welcome: nothing to show any more
+            else:
+                raise ProtocolError(f"unexpected {kind.__name__} in an open session")
+        if conn.unacknowledged_received >= ACK_THRESHOLD:
+            self.write(conn.ack())

@@ -1,0 +1,77 @@
+"""Copy bytes both ways between a tunnel stream and a TCP connection."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import trio
+
+from tunnel._mux import TunnelStream
+from tunnel._protocol import ResetCode
+from tunnel._ws import SocketReader
+
+TCP_READ_SIZE = 256 * 1024
+"""Bytes asked of the TCP socket per read: large enough that bulk moves in few frames."""
+
+_ABORTS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+async def connect_tcp(host: str, port: int) -> trio.SocketStream:
+    """Connect to ``host:port``; an IP literal skips resolution and happy eyeballs (a
+    nursery and several scheduler passes per new stream), a name goes the usual way."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> None:
+    """Relay until both directions finished; a broken end aborts the other one."""
+
+    reader = SocketReader(tcp, TCP_READ_SIZE)
+
+    async def upstream() -> None:
+        while True:
+            data = await reader.read()
+            if not data:
+                await tunnel.send_eof()
+                return
+            sent = tunnel.send_available(bytes(data))
+            if sent < len(data):
+                await tunnel.send_all(memoryview(data)[sent:])
+
+    async def downstream() -> None:
+        while True:
+            data = await tunnel.receive_some()
+            if not data:
+                await tcp.send_eof()
+                return
+            try:
+                await tcp.send_all(data)
+            finally:
+                tunnel.sink_busy = False  # set by receive_some, so no byte overtakes ``data``
+
+    if isinstance(tcp, trio.SocketStream):
+        tunnel.sink_fd = tcp.socket.fileno()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upstream)
+            nursery.start_soon(downstream)
+    except* _ABORTS:
+        tunnel.reset(ResetCode.CONNECTION_LOST, "the TCP connection at the other end broke")
+    finally:
+        tunnel.sink_fd = None
+        # Both close synchronously before their checkpoint, which may raise Cancelled.
+        try:
+            await trio.aclose_forcefully(tcp)
+        finally:
+            await trio.aclose_forcefully(tunnel)

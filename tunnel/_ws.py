@@ -1,0 +1,503 @@
+"""A thin websocket over a trio stream, driven by wsproto directly.
+
+trio-websocket runs a reader task and hands each message over a channel: two task switches
+per message and a 4 KiB read size. Here the caller's task reads the socket (large reads) and
+gets the binary payloads of everything that arrived in one go; the tunnel does not care
+about message boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import ssl
+import struct
+import urllib.parse
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    RejectConnection,
+    RejectData,
+    TextMessage,
+)
+from wsproto.events import Ping as WsPing
+from wsproto.events import Pong as WsPong
+from wsproto.events import Request as WsRequest
+from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
+from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
+
+from tunnel._errors import CloseCode
+from tunnel._protocol import SUBPROTOCOL
+
+WS_ERRORS = (WsLocalProtocolError, WsRemoteProtocolError)
+_HEADER16 = struct.Struct("!BBH")
+_HEADER64 = struct.Struct("!BBQ")
+_XOR_TABLES: list[bytes] = []
+
+
+def _mask(data: bytes | memoryview, key: bytes) -> bytearray:
+    """XOR ``data`` with the 4-byte ``key`` (RFC 6455 client masking): one copy, then four
+    strided ``bytes.translate`` passes in C."""
+    if not _XOR_TABLES:
+        _XOR_TABLES.extend(bytes(a ^ b for a in range(256)) for b in range(256))
+    masked = bytearray(data)
+    for i in range(4):
+        masked[i::4] = masked[i::4].translate(_XOR_TABLES[key[i]])
+    return masked
+
+
+class SocketReader:
+    """``receive_some`` for a hot loop: on plain TCP, ``os.read`` on the non-blocking socket,
+    and after a short read wait for readability *first* (the socket is most likely
+    drained), which saves trio's speculative ``recv`` (a syscall failing with EAGAIN) and
+    its checkpoint sandwich on every message. TLS streams use ``receive_some``."""
+
+    def __init__(self, stream: trio.abc.Stream, size: int) -> None:
+        self._stream = stream
+        self._size = size
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        self._drained = True
+
+    async def read(self) -> bytes:
+        fd = self._fd
+        if fd is None:
+            return bytes(await self._stream.receive_some(self._size))
+        if self._drained:
+            await trio.lowlevel.wait_readable(fd)
+        else:
+            await trio.lowlevel.checkpoint()  # a busy socket must not starve other tasks
+        while True:
+            try:
+                data = os.read(fd, self._size)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("the socket was closed") from exc
+                raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
+            self._drained = len(data) < self._size
+            return data
+
+
+class FrameError(Exception):
+    """The peer broke RFC 6455 framing; ``code`` is the close code to answer with."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FrameReader:
+    """Incremental RFC 6455 frame parser for an open websocket that carries only binary
+    messages: payload bytes come out as they arrive (a large frame is never buffered whole)
+    with one copy, unmasked by four strided ``bytes.translate`` passes; control frames come
+    out whole. wsproto's parser makes three or more copies and many calls per frame."""
+
+    def __init__(self, *, expect_masked: bool) -> None:
+        self._expect_masked = expect_masked
+        self._buffer = b""
+        self._remaining = 0
+        self._key = b""
+        self._offset = 0
+        self._in_message = False
+
+    def feed(self, data: bytes) -> tuple[list[bytes | bytearray], list[tuple[int, bytes]]]:
+        """Data payload chunks and (opcode, payload) control frames in ``data``."""
+        chunks: list[bytes | bytearray] = []
+        controls: list[tuple[int, bytes]] = []
+        whole = self._buffer + data if self._buffer else data
+        size = len(whole)
+        pos = 0
+        with memoryview(whole) as view:
+            while pos < size:
+                if self._remaining:
+                    n = min(self._remaining, size - pos)
+                    chunk = view[pos : pos + n]
+                    if self._key:
+                        shift = self._offset % 4
+                        chunks.append(_mask(chunk, self._key[shift:] + self._key[:shift]))
+                    else:
+                        chunks.append(bytes(chunk))
+                    pos += n
+                    self._remaining -= n
+                    self._offset += n
+                    continue
+                if size - pos < 2:
+                    break
+                first, second = view[pos], view[pos + 1]
+                opcode = first & 0x0F
+                masked = bool(second & 0x80)
+                length = second & 0x7F
+                header = 2
+                if length == 126:
+                    header = 4
+                elif length == 127:
+                    header = 10
+                if masked:
+                    header += 4
+                if size - pos < header:
+                    break
+                if length == 126:
+                    length = int.from_bytes(view[pos + 2 : pos + 4], "big")
+                elif length == 127:
+                    length = int.from_bytes(view[pos + 2 : pos + 10], "big")
+                if first & 0x70:
+                    raise FrameError(CloseCode.PROTOCOL_ERROR, "reserved bits set in a frame")
+                if masked != self._expect_masked:
+                    raise FrameError(CloseCode.PROTOCOL_ERROR, "frame masking is wrong")
+                key = bytes(view[pos + header - 4 : pos + header]) if masked else b""
+                if opcode >= 8:
+                    if length > 125 or not first & 0x80:
+                        raise FrameError(CloseCode.PROTOCOL_ERROR, "malformed control frame")
+                    if size - pos < header + length:
+                        break
+                    payload = view[pos + header : pos + header + length]
+                    controls.append((opcode, bytes(_mask(payload, key) if key else payload)))
+                    pos += header + length
+                    continue
+                if (opcode == 2 and not self._in_message) or (opcode == 0 and self._in_message):
+                    pass
+                elif opcode == 1:
+                    raise FrameError(1003, "text messages are not part of aldaas.v1")
+                else:
+                    raise FrameError(CloseCode.PROTOCOL_ERROR, f"unexpected opcode {opcode}")
+                self._in_message = not first & 0x80
+                pos += header
+                self._remaining = length
+                self._key = key
+                self._offset = 0
+            self._buffer = bytes(view[pos:]) if pos < size else b""
+        return chunks, controls
+
+
+class HandshakeRejected(Exception):
+    """The server answered the upgrade with an HTTP error; ``message`` is its one-line body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class WebSocket:
+    """One open websocket. ``receive`` and ``send`` may run in two different tasks."""
+
+    def __init__(self, stream: trio.abc.Stream, ws: WSConnection, receive_size: int) -> None:
+        self.stream = stream
+        self.ws = ws
+        self.receive_size = receive_size
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._send_lock = trio.StrictFIFOLock()
+        self._closed = False
+        self._backlog = bytearray()
+        # Plain TCP: frames are written straight to the non-blocking socket when it has
+        # room and no trio send is in progress (TLS goes through flush()).
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
+        self._client = ws.client
+        self._reader = SocketReader(stream, receive_size)
+        self._frames: FrameReader | None = None
+        self._parse_ourselves: bool | None = None
+
+    async def receive(self) -> bytes | bytearray:
+        """Binary payload bytes that arrived (never empty); b"" once the websocket is closed.
+
+        Raises ``trio.BrokenResourceError`` if the socket broke.
+        """
+        if self._frames is None and self._parse_ourselves is None:
+            # Parse frames ourselves once wsproto holds no bytes past the handshake (it
+            # would otherwise own a partial frame); else stay with wsproto throughout.
+            connection = self.ws.connection
+            self._parse_ourselves = connection is not None and not len(
+                connection._proto._frame_decoder.buffer
+            )
+            if self._parse_ourselves:
+                self._frames = FrameReader(expect_masked=not self._client)
+        if self._frames is not None:
+            return await self._receive_frames(self._frames)
+        while True:
+            if self._closed:
+                return b""
+            try:
+                data = await self._reader.read()
+            except trio.ClosedResourceError:
+                return b""
+            self.ws.receive_data(bytes(data) if data else None)
+            chunks: list[bytes | bytearray] = []
+            try:
+                for event in self.ws.events():
+                    if isinstance(event, BytesMessage):
+                        chunks.append(event.data)
+                    elif isinstance(event, WsPing):
+                        await self._send_raw(self.ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        self.close_code = event.code
+                        self.close_reason = event.reason or ""
+                        self._closed = True
+                        with contextlib.suppress(
+                            trio.BrokenResourceError, trio.ClosedResourceError
+                        ):
+                            await self._send_raw(self.ws.send(event.response()))
+                        break
+                    elif isinstance(event, TextMessage):
+                        self.close_code = CloseCode.PROTOCOL_ERROR
+                        self._closed = True
+                        raise trio.BrokenResourceError("text messages are not part of aldaas.v1")
+            except WS_ERRORS as exc:
+                self._closed = True
+                raise trio.BrokenResourceError(f"websocket framing error: {exc}") from exc
+            if chunks:
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if not data:
+                self._closed = True
+                return b""
+
+    async def _receive_frames(self, frames: FrameReader) -> bytes | bytearray:
+        while True:
+            if self._closed:
+                return b""
+            try:
+                data = await self._reader.read()
+            except trio.ClosedResourceError:
+                return b""
+            if not data:
+                self._closed = True
+                return b""
+            try:
+                chunks, controls = frames.feed(data)
+            except FrameError as exc:
+                self._closed = True
+                self.close_code = exc.code
+                with contextlib.suppress(*WS_ERRORS, trio.BrokenResourceError, OSError):
+                    await self._send_raw(self.ws.send(CloseConnection(code=exc.code)))
+                raise trio.BrokenResourceError(f"websocket framing error: {exc}") from exc
+            for opcode, payload in controls:
+                if opcode == 9:  # ping
+                    await self._send_raw(self.ws.send(WsPong(payload=payload)))
+                elif opcode == 8:  # close
+                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                    self.close_code = code
+                    self.close_reason = payload[2:].decode(errors="replace")
+                    self._closed = True
+                    reply = CloseConnection(code=code if code not in (1005, 1006) else 1000)
+                    with contextlib.suppress(*WS_ERRORS, trio.BrokenResourceError, OSError):
+                        await self._send_raw(self.ws.send(reply))
+                    break
+            if chunks:
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def send(self, data: bytes) -> None:
+        """Send ``data`` as one binary message."""
+        if self.send_nowait(data):
+            await self.flush()
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Frame ``data`` as one binary message and write it at once if the socket takes it
+        (no task switch, no scheduler pass); True if bytes are left for :meth:`flush`.
+
+        Data frames are serialized here rather than by wsproto, which copies the payload
+        three times (seven when masking); a server frame is header + payload with no copy.
+        """
+        if self._closed or self.ws.state is not ConnectionState.OPEN:
+            raise trio.BrokenResourceError("the websocket is closing")
+        length = len(data)
+        mask_bit = 0x80 if self._client else 0
+        if length < 126:
+            header = bytes((0x82, mask_bit | length))
+        elif length < 65536:
+            header = _HEADER16.pack(0x82, mask_bit | 126, length)
+        else:
+            header = _HEADER64.pack(0x82, mask_bit | 127, length)
+        if not self._client:
+            return self._queue(header, data)
+        key = os.urandom(4)
+        return self._queue(header + key, _mask(data, key))
+
+    def _queue(self, header: bytes, payload: bytes | bytearray = b"") -> bool:
+        if self._backlog or self._fd is None or self._send_lock.locked():
+            self._backlog += header
+            self._backlog += payload
+            return True
+        try:
+            written = (
+                os.writev(self._fd, (header, payload)) if payload else os.write(self._fd, header)
+            )
+        except OSError:
+            written = 0  # full (EAGAIN) or broken: flush() meets the error the trio way
+        total = len(header) + len(payload)
+        if written >= total:
+            return False
+        if written < len(header):
+            self._backlog += header[written:]
+            self._backlog += payload
+        else:
+            with memoryview(payload) as view:
+                self._backlog += view[written - len(header) :]
+        return True
+
+    @property
+    def needs_flush(self) -> bool:
+        return bool(self._backlog)
+
+    async def flush(self) -> None:
+        """Write every queued byte (waits while the socket is full)."""
+        async with self._send_lock:
+            while self._backlog:
+                data, self._backlog = self._backlog, bytearray()
+                await self.stream.send_all(data)
+
+    async def _send_raw(self, frame: bytes) -> None:
+        self._backlog += frame
+        await self.flush()
+
+    async def aclose(
+        self, code: int = CloseCode.NORMAL, reason: str = "", last: bytes = b""
+    ) -> None:
+        """Send ``last`` and a close frame (best effort, bounded), then close the socket."""
+        with trio.move_on_after(2) as scope:
+            scope.shield = True
+            try:
+                frames = b""
+                if last:
+                    frames += self.ws.send(BytesMessage(data=last))
+                if not self._closed:
+                    frames += self.ws.send(CloseConnection(code=code, reason=reason[:120]))
+                self._closed = True
+                if frames:
+                    await self._send_raw(frames)
+            except (*WS_ERRORS, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        await trio.aclose_forcefully(self.stream)
+
+
+# ---------------------------------------------------------------------------- client side
+
+
+def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file)
+
+
+async def connect(
+    url: str,
+    *,
+    authorization: str,
+    receive_size: int,
+    ssl_context: ssl.SSLContext | None = None,
+) -> WebSocket:
+    """Open a websocket to ``url`` (ws:// or wss://) with our subprotocol.
+
+    Raises :class:`HandshakeRejected` if the server refuses the upgrade, ``OSError`` or
+    ``trio.BrokenResourceError`` if the network fails. The caller bounds the time.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"the tunnel url must be ws:// or wss://host/path, got {url!r}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    tcp = await trio.open_tcp_stream(parts.hostname, port)  # trio sets TCP_NODELAY
+    stream: trio.abc.Stream = tcp
+    try:
+        if secure:
+            context = ssl_context or client_ssl_context(None)
+            tls = trio.SSLStream(tcp, context, server_hostname=parts.hostname)
+            await tls.do_handshake()
+            stream = tls
+        ws = WSConnection(ConnectionType.CLIENT)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        await stream.send_all(
+            ws.send(
+                WsRequest(
+                    host=host,
+                    target=target,
+                    subprotocols=[SUBPROTOCOL],
+                    extra_headers=[(b"authorization", authorization.encode())],
+                )
+            )
+        )
+        body = b""
+        status = 0
+        while True:
+            data = await stream.receive_some(65536)
+            ws.receive_data(bytes(data) if data else None)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    return WebSocket(stream, ws, receive_size)
+                if isinstance(event, RejectConnection):
+                    status = event.status_code
+                    if not event.has_body:
+                        raise HandshakeRejected(status, "")
+                elif isinstance(event, RejectData):
+                    body += event.data
+                    if event.body_finished:
+                        raise HandshakeRejected(status, body.decode(errors="replace").strip())
+            if not data:
+                raise trio.BrokenResourceError("the server closed the connection during upgrade")
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+# ---------------------------------------------------------------------------- server side
+
+
+async def read_request(
+    stream: trio.abc.Stream, ws: WSConnection, receive_size: int
+) -> WsRequest | None:
+    """Read until the upgrade request is complete; None if the peer closed or sent garbage."""
+    while True:
+        try:
+            data = await stream.receive_some(receive_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        try:
+            ws.receive_data(bytes(data) if data else None)
+            for event in ws.events():
+                if isinstance(event, WsRequest):
+                    return event
+        except WS_ERRORS:
+            return None
+        if not data:
+            return None
+
+
+async def reject(stream: trio.abc.Stream, ws: WSConnection, status: int, message: str) -> None:
+    """Refuse an upgrade with ``status`` and a one-line plain-text reason, then hang up."""
+    body = (message + "\n").encode()
+    try:
+        frames = ws.send(
+            RejectConnection(
+                status_code=status,
+                headers=[
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+                has_body=True,
+            )
+        )
+        frames += ws.send(RejectData(data=body, body_finished=True))
+        with trio.move_on_after(2):
+            await stream.send_all(frames)
+    except (*WS_ERRORS, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    await trio.aclose_forcefully(stream)
+
+
+async def accept(
+    stream: trio.abc.Stream, ws: WSConnection, receive_size: int, subprotocol: str | None
+) -> WebSocket:
+    await stream.send_all(ws.send(AcceptConnection(subprotocol=subprotocol)))
+    return WebSocket(stream, ws, receive_size)
+
+
+def new_server_connection() -> WSConnection:
+    return WSConnection(ConnectionType.SERVER)
