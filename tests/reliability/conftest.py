@@ -9,3 +9,8 @@ import sys
 _POOL_TESTS = str(pathlib.Path(__file__).resolve().parent.parent / "pool")
 if _POOL_TESTS not in sys.path:
     sys.path.insert(0, _POOL_TESTS)
+
+# ... and tests/tunnel's (tunnel_fakes), for the gateway fuzzing.
+_TUNNEL_TESTS = str(pathlib.Path(__file__).resolve().parent.parent / "tunnel")
+if _TUNNEL_TESTS not in sys.path:
+    sys.path.insert(0, _TUNNEL_TESTS)
