@@ -348,11 +348,17 @@ class Pool:
                     self._return_clone(clone)
                     raise self._not_found(lease_id)
                 old = lease.clone
+                # The new clone's meta must carry the reset's idle deadline and count: a
+                # restart adopts the lease from it (before, it kept the old, earlier deadline).
+                undo = (lease.idle_deadline, lease.resets)
                 lease.generation += 1
+                lease.resets += 1
+                lease.idle_deadline = trio.current_time() + lease.ttl
                 try:
                     await self._claim(clone, lease)
                 except _Lost:
                     lease.generation -= 1
+                    lease.idle_deadline, lease.resets = undo
                     continue
                 if lease.state not in ACTIVE_LEASE_STATES:
                     # Released while we were claiming: the new clone goes, too.
@@ -361,8 +367,6 @@ class Pool:
                     raise self._not_found(lease_id)
                 break
             lease.state = lease_transition(lease.id, lease.state, LeaseEvent.RESET)
-            lease.resets += 1
-            lease.idle_deadline = trio.current_time() + lease.ttl
             self._dead_leases.discard(lease.id)
             old.lease = None
         self._emit(LeaseReset(lease_id=lease.id, old_clone=old.name, new_clone=clone.name))
@@ -619,10 +623,6 @@ class Pool:
         assert clone.lease is None, clone
         meta = self._clone_meta(clone, CloneState.LEASED, lease)
         try:
-            # A warm clone may have died since the last health check: never hand out a
-            # dead database (the acquire takes the next clone instead).
-            if not await self._provider.is_healthy(clone.name):
-                raise ProviderError(f"the database of clone {clone.name!r} stopped answering")
             async with clone.lock:
                 resource = await self._provider.set_meta(
                     Kind.CLONE, clone.name, meta, expect_version=clone.version

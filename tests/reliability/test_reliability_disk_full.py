@@ -98,7 +98,7 @@ async def test_if_the_disk_fills_during_restore_and_cloning_then_the_old_snapsho
             (clone_failure,) = [e for e in events if isinstance(e, CloneFailed)][:1]
             assert "full" in clone_failure.reason, clone_failure.reason
             with pytest.raises(QueueTimeoutError):
-                await pool.acquire(timeout=1)
+                await pool.acquire(timeout=0)
             for held in (lease, served, taken):
                 assert await aquery(held.endpoint, "SELECT count(*) FROM items") == [(1000,)]
             half_made = [p.name for p in (disk / "data" / "clones").iterdir()]

