@@ -23,6 +23,7 @@ from pool import Backup, S3Settings, S3Source, TemporaryProviderError
 pytestmark = pytest.mark.slow
 
 SECRET = "s3-secret-never-shown"
+BUCKET = "aldaas-reliability-faults"  # moto's state is per process: not the pool tests' bucket
 BIG = os.urandom(3 * 1024 * 1024)
 
 
@@ -38,8 +39,8 @@ def moto_port() -> Iterator[int]:
         aws_access_key_id="test",
         aws_secret_access_key=SECRET,
     )
-    client.create_bucket(Bucket="backups")
-    client.put_object(Bucket="backups", Key="big.sql.gz", Body=BIG)
+    client.create_bucket(Bucket=BUCKET)
+    client.put_object(Bucket=BUCKET, Key="big.sql.gz", Body=BIG)
     try:
         yield port
     finally:
@@ -53,7 +54,7 @@ async def proxied(moto_port: int) -> AsyncIterator[tuple[FaultProxy, S3Source]]:
         await nursery.start(proxy.run)
         source = S3Source(
             S3Settings(
-                bucket="backups",
+                bucket=BUCKET,
                 suffix=".sql.gz",
                 endpoint_url=f"http://127.0.0.1:{proxy.port}",
                 region="us-east-1",
@@ -82,7 +83,7 @@ async def test_if_s3_breaks_off_mid_download_then_the_error_is_temporary_and_a_r
     async with proxied(moto_port) as (proxy, source):
         (backup,) = await source.list_backups()
         proxy.cut_after = 512 * 1024
-        proxy.cut_when = b"GET /backups/big.sql.gz"
+        proxy.cut_when = f"GET /{BUCKET}/big.sql.gz".encode()
         with pytest.raises(TemporaryProviderError) as caught:
             await download(source, backup)
         assert proxy.cuts == 1
