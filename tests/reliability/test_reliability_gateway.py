@@ -55,12 +55,19 @@ async def echo(client: TunnelClient, payload: bytes) -> bytes:
 
 
 def with_rig(body: Callable[[Rig, TunnelClient], Awaitable[None]]) -> None:
-    """Run ``body`` against a fresh gateway with one good session; check the aftermath."""
+    """Run ``body`` against a fresh gateway with one good session; check the aftermath.
+
+    Afterwards: no unexpected error was logged, and neither the instance token nor the
+    good session's secret appears anywhere in the captured log.
+    """
+
+    secrets: list[str] = [TOKEN]
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             rig = await start_rig(nursery)
             good = await good_client(rig)
+            secrets.append(good.session.secret or "")
             with trio.fail_after(20):
                 await body(rig, good)
                 assert await echo(good, b"still here") == b"still here"
@@ -72,6 +79,10 @@ def with_rig(body: Callable[[Rig, TunnelClient], Awaitable[None]]) -> None:
         trio.run(main)
     unexpected = [e for e in logs if e.get("log_level") in ("error", "critical")]
     assert unexpected == [], unexpected
+    assert logs, "the gateway's log was captured"
+    for secret in secrets:  # the instance token and the good session's secret never logged
+        assert secret
+        assert secret not in repr(logs)
 
 
 async def drain(tcp: trio.SocketStream) -> bytes:
