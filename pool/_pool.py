@@ -340,6 +340,9 @@ class Pool:
         deadline = trio.current_time() + (
             self._settings.lease.queue_timeout if timeout is None else timeout
         )
+        # Its holder is waiting for the reset: the idle TTL must not run out meanwhile
+        # (in memory, like traffic; the claim persists the deadline the reset sets).
+        lease.idle_deadline = max(lease.idle_deadline, deadline + lease.ttl)
         async with lease.lock:
             while True:
                 self._active(lease_id)

@@ -584,3 +584,22 @@ async def test_if_a_dead_warm_clone_is_handed_out_then_its_lease_shows_unhealthy
         clone = h.world.get(Kind.CLONE, healed.clone)
         assert clone is not None
         assert clone.running
+
+
+async def test_if_a_reset_waits_in_the_queue_longer_than_the_idle_ttl_then_the_lease_survives(
+    autojump_clock: MockClock,
+) -> None:
+    """If a reset waits 30 s for a clone while the lease's idle TTL is 5 s, then the lease is kept."""
+    source = FakeSource()
+    source.put("a.sql", b"CREATE TABLE a();", modified=1.0)
+    world = FakeWorld()
+    s = pool_settings(pool=WarmPoolSettings(size=1, max_provisioning=1))
+    async with running_pool(world, source, s) as h:
+        await wait_for(lambda: h.pool.statistics().clones["warm"] == 1, what="a warm clone")
+        lease = await h.pool.acquire(ttl=5.0)
+        world.clone_seconds = 30.0  # the replacement takes longer than the idle TTL
+        await wait_for(lambda: h.pool.statistics().clones["provisioning"] == 1, what="making")
+        healed = await h.pool.reset(lease.id, timeout=120)
+        assert healed.id == lease.id
+        assert healed.clone != lease.clone
+        assert [x.id for x in h.pool.leases()] == [lease.id]
