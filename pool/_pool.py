@@ -7,7 +7,10 @@ live leases, warm clones and ready/failed snapshots are adopted, half-made
 things and orphans destroyed, and a snapshot still being verified resumes
 its verification instead of restoring its backup again.
 
-Background work (started by :meth:`Pool.run`):
+One replica runs :meth:`Pool.run`. Several replicas over one provider each run
+:meth:`Pool.serve` (hand-out and lease answers, with a view refreshed from the
+provider) and, only while elected leader, :meth:`Pool.lead`, which does the
+background work:
 
 - source poll → snapshot pipeline (one at a time),
 - warm-pool keeper (``pool.size`` clones of the newest ready snapshot,
@@ -15,8 +18,10 @@ Background work (started by :meth:`Pool.run`):
   clones of older snapshots),
 - health checks of warm clones,
 - TTL and lifetime enforcement,
-- pruning of old ready and expired failed snapshots,
-- persistence of attach/detach state.
+- pruning of old ready and expired failed snapshots.
+
+Persistence of attach/detach state runs on every replica (in :meth:`Pool.run`
+or :meth:`Pool.serve`); see docs/pool.md, "Several broker replicas".
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from ._provider import (
     ConflictError,
     Endpoint,
     Kind,
+    NotFoundError,
     Provider,
     ProviderError,
     Resource,
@@ -90,6 +96,7 @@ log = structlog.get_logger("aldaas.pool")
 
 _MAX_LABELS = 32
 _MAX_LABEL_CHARS = 256
+_HEARTBEAT_RETRY_SECONDS = 1.0
 _DUMMY_HASH = m.secret_hash("not a lease secret")
 _PROGRESS_LOG_SECONDS = 5.0
 _BACKOFF_MAX = 60.0
@@ -123,6 +130,8 @@ class _Clone:
     version: str = ""
     lease: _Lease | None = None
     lock: trio.Lock = attrs.Factory(trio.Lock)
+    writes: int = 0
+    """Meta writes this pool started on it: a view refresh skips clones written meanwhile."""
 
 
 @attrs.define(eq=False)
@@ -144,6 +153,8 @@ class _Lease:
     generation: int = 0
     resets: int = 0
     lock: trio.Lock = attrs.Factory(trio.Lock)
+    persisted_idle: float = -math.inf
+    """trio time of the idle deadline last written to the clone's meta (for other replicas)."""
 
 
 @attrs.define(eq=False)
@@ -194,6 +205,13 @@ class Pool:
         self._draining = False
         self._running = False
         self._nursery: trio.Nursery | None = None
+        self._lead_nursery: trio.Nursery | None = None
+        """Where leader-only work (provisioning) runs; cancelled when leadership ends."""
+        self._shared = False
+        """Set by :meth:`serve`: other replicas share the provider (see docs/pool.md)."""
+        self._leading = False
+        self._view_lock = trio.Lock()
+        self._view_wakeup = trio.Event()
         self._keeper_wakeup = trio.Event()
         self._lease_wakeup = trio.Event()
         self._refresh_wakeup = trio.Event()
@@ -230,17 +248,81 @@ class Pool:
         try:
             await self._adopt_with_retries()
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._source_loop)
-                nursery.start_soon(self._keeper_loop)
-                nursery.start_soon(self._health_loop)
-                nursery.start_soon(self._ttl_loop)
-                nursery.start_soon(self._prune_loop)
+                self._nursery = self._lead_nursery = nursery
+                self._start_leader_loops(nursery)
                 nursery.start_soon(self._persist_loop)
+                task_status.started()
+        finally:
+            self._nursery = self._lead_nursery = None
+            self._running = False
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve as one of several replicas over one provider (a follower until :meth:`lead`).
+
+        Hands out warm clones that the leader made and answers for every lease,
+        persisting what other replicas need (attach state, idle deadlines) in the
+        clone's meta; refreshes its view from ``provider.list()`` every
+        ``pool.refresh_interval`` and right before failing a request. It never
+        restores, provisions, prunes, expires or destroys what it did not end
+        itself. ``task_status.started()`` follows the first view. Use either
+        :meth:`run` (one replica) or :meth:`serve` + :meth:`lead`, not both.
+        """
+        if self._running:
+            raise RuntimeError("Pool.serve() or run() is already running; run one at a time.")
+        self._running = True
+        self._shared = True
+        try:
+            await self._with_retries("refresh", self.refresh_view)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._persist_loop)
+                nursery.start_soon(self._view_loop)
                 task_status.started()
         finally:
             self._nursery = None
             self._running = False
+
+    async def lead(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Do the background work while this replica leads; cancel it to step down.
+
+        Needs :meth:`serve` running. Takes over first: merges the provider's
+        current state, resumes an interrupted verification and destroys what a
+        previous leader left half-made (volumes, provisioning or verify clones,
+        unreadable leases); then runs the source/pipeline, keeper, health, TTL
+        and prune loops. Pass it to ``LeaderElector.serve(pool.lead)``.
+        """
+        if self._nursery is None or not self._shared:
+            raise RuntimeError("Pool.lead() needs Pool.serve() running first.")
+        if self._leading:
+            raise RuntimeError("Pool.lead() is already running; a pool leads once at a time.")
+        self._leading = True
+        try:
+            await self._with_retries("adopt", self._take_over)
+            async with trio.open_nursery() as nursery:
+                self._lead_nursery = nursery
+                self._start_leader_loops(nursery)
+                log.info("pool.leading", warm=len(self._warm), leases=len(self._leases))
+                task_status.started()
+        finally:
+            self._lead_nursery = None
+            self._leading = False
+            self._step_down()
+
+    @property
+    def leading(self) -> bool:
+        """Whether background work runs here (:meth:`run`, or :meth:`lead` running)."""
+        return self._lead_nursery is not None
+
+    async def refresh_view(self) -> None:
+        """Re-read the provider and merge what other replicas did (warm clones, leases, snapshots).
+
+        A follower calls it by itself; call it when :meth:`verify_secret` or
+        :meth:`lease` do not know an id that another replica may have handed out.
+        """
+        async with self._view_lock:
+            writes = {name: clone.writes for name, clone in self._clones.items()}
+            resources = await self._provider.list()
+            self._merge(resources, writes)
 
     async def acquire(
         self,
@@ -263,7 +345,13 @@ class Pool:
             raise InvalidRequestError(
                 f"queue timeout {timeout!r} is not a finite number of seconds ≥ 0; pass e.g. 60."
             )
-        self._check_can_hand_out()
+        try:
+            self._check_can_hand_out()
+        except NoSnapshotReadyError:
+            if not self._shared:
+                raise
+            await self._refresh_quietly()
+            self._check_can_hand_out()
         deadline = started + (self._settings.lease.queue_timeout if timeout is None else timeout)
         while True:
             clone, queued = await self._obtain_clone(deadline, on_progress)
@@ -310,19 +398,20 @@ class Pool:
 
     async def release(self, lease_id: str) -> None:
         """End the lease now and destroy its clone."""
-        await self._end_lease(self._active(lease_id), LeaseEvent.RELEASE, "released")
+        await self._end_lease(await self._lookup(lease_id), LeaseEvent.RELEASE, "released")
 
     async def kill(self, lease_id: str) -> None:
         """End the lease now on an admin's request and destroy its clone."""
-        await self._end_lease(self._active(lease_id), LeaseEvent.RELEASE, "killed")
+        await self._end_lease(await self._lookup(lease_id), LeaseEvent.RELEASE, "killed")
 
     async def extend(self, lease_id: str, *, ttl: float | None = None) -> Lease:
         """Restart the idle TTL (optionally with a new ``ttl``); the maximum lifetime stays."""
-        lease = self._active(lease_id)
+        lease = await self._lookup(lease_id)
         if ttl is not None:
             lease.ttl = self._checked_ttl(ttl)
         lease.idle_deadline = trio.current_time() + lease.ttl
         await self._write_clone_meta(lease.clone)
+        lease = self._active(lease_id)  # still ours (another replica may have ended it)
         self._wake(self._lease_wakeup)
         log.info("lease.extended", lease_id=lease.id, clone=lease.clone.name, ttl=lease.ttl)
         return self._public_lease(lease)
@@ -335,7 +424,7 @@ class Pool:
         on_progress: QueueProgressCallback | None = None,
     ) -> Lease:
         """Swap the lease's clone for a fresh one of the newest snapshot; the lease id stays."""
-        lease = self._active(lease_id)
+        lease = await self._lookup(lease_id)
         self._check_can_hand_out()
         deadline = trio.current_time() + (
             self._settings.lease.queue_timeout if timeout is None else timeout
@@ -404,10 +493,16 @@ class Pool:
             self._mark_dirty(lease)
 
     def traffic(self, lease_id: str) -> None:
-        """Bytes flowed for the lease: the idle TTL counts from now (kept in memory only)."""
+        """Bytes flowed for the lease: the idle TTL counts from now.
+
+        Kept in memory; with several replicas it is also written (at most every
+        ``ttl / 3``) so that the leader's TTL sees it.
+        """
         lease = self._leases.get(lease_id)
         if lease is not None:
             lease.idle_deadline = max(lease.idle_deadline, trio.current_time() + lease.ttl)
+            if self._shared and self._heartbeat_due(lease, trio.current_time()):
+                self._mark_dirty(lease)  # so the leader's TTL sees this replica's traffic
 
     def trigger_refresh(self) -> None:
         """Look at the backup source now instead of at the next poll."""
@@ -515,11 +610,14 @@ class Pool:
         waiter = _Waiter(on_progress=on_progress)
         self._waiters.append(waiter)
         self._report_positions()
-        self._wake(self._keeper_wakeup)
+        self._wake(self._keeper_wakeup, self._view_wakeup)
         outcome: Literal["served", "timeout", "cancelled", "draining"] = "cancelled"
         try:
             with trio.move_on_at(deadline):
                 await waiter.event.wait()
+            if self._shared and waiter.clone is None and waiter.error is None:
+                # Another replica's leader may have made clones since the last look.
+                await self._refresh_quietly()
             if waiter.error is not None:
                 outcome = "draining"
                 raise waiter.error
@@ -625,25 +723,40 @@ class Pool:
         assert clone.state is CloneState.WARM, clone
         assert clone.lease is None, clone
         meta = self._clone_meta(clone, CloneState.LEASED, lease)
+        clone.writes += 1
         try:
             async with clone.lock:
                 resource = await self._provider.set_meta(
                     Kind.CLONE, clone.name, meta, expect_version=clone.version
                 )
+        except ConflictError as exc:
+            # Another broker replica claimed it first: the clone is now ITS lease. Forget
+            # it here (never destroy it) and let the caller try the next warm clone.
+            log.info("clone.claim_lost", clone=clone.name, error=str(exc))
+            self._forget_clone(clone)
+            raise _Lost from exc
         except ProviderError as exc:
             log.warning("clone.claim_failed", clone=clone.name, error=str(exc))
             self._report_error("lease", exc)
-            self._break(clone, f"claiming it failed: {exc}")
+            self._break(clone, f"claiming it failed: {exc}", lease.id)
             raise _Lost from exc
         except BaseException:
             # Cancelled mid-write: we cannot know whether the write landed, so the
             # clone must never be offered again (a clone is handed out at most once).
-            self._break(clone, "a hand-out was cancelled while claiming it")
+            self._break(clone, "a hand-out was cancelled while claiming it", lease.id)
             raise
         clone.version = resource.version
+        lease.persisted_idle = self._from_wall(float(meta[m.LEASE_IDLE_DEADLINE]))
         clone.state = clone_transition(clone.name, clone.state, CloneEvent.HANDED_OUT)
         clone.lease = lease
         lease.clone = clone
+
+    def _forget_clone(self, clone: _Clone) -> None:
+        """Drop a clone from this pool's view without touching it (another replica owns it now)."""
+        self._warm.pop(clone.name, None)
+        if self._clones.get(clone.name) is clone:
+            del self._clones[clone.name]
+        self._wake(self._keeper_wakeup)
 
     def _checked_ttl(self, ttl: float | None) -> float:
         if ttl is None:
@@ -711,6 +824,12 @@ class Pool:
 
     async def _ttl_loop(self) -> None:
         while True:
+            if self._shared and any(
+                self._expiry_due(lease, trio.current_time()) for lease in self._leases.values()
+            ):
+                # Other replicas record attach state and activity in the meta: re-read
+                # it before expiring anything.
+                await self._refresh_quietly()
             now = trio.current_time()
             next_deadline = math.inf
             for lease in list(self._leases.values()):
@@ -733,14 +852,46 @@ class Pool:
             with trio.move_on_at(next_deadline):
                 await self._lease_wakeup.wait()
 
+    @staticmethod
+    def _expiry_due(lease: _Lease, now: float) -> bool:
+        if lease.state not in ACTIVE_LEASE_STATES:
+            return False
+        idle_due = lease.state is LeaseState.IDLE and now >= lease.idle_deadline
+        return idle_due or now >= lease.lifetime_deadline
+
     def _mark_dirty(self, lease: _Lease) -> None:
         self._dirty.add(lease.id)
         self._wake(self._persist_wakeup, self._lease_wakeup)
 
+    @staticmethod
+    def _heartbeat_due(lease: _Lease, now: float) -> bool:
+        """Whether the idle deadline other replicas see lags this replica's by over ``ttl / 3``.
+
+        While clients are attached here, the written deadline is kept at least
+        ``2/3 ttl`` ahead, so the leader never expires a lease in use on a follower,
+        and a crashed follower's leases expire within one TTL.
+        """
+        if lease.attached:
+            return now >= lease.persisted_idle - 2 * lease.ttl / 3
+        return lease.idle_deadline > lease.persisted_idle + lease.ttl / 3
+
     async def _persist_loop(self) -> None:
         while True:
-            await self._persist_wakeup.wait()
+            wake_at = math.inf
+            if self._shared:
+                for held in self._leases.values():
+                    if held.attached:
+                        wake_at = min(wake_at, held.persisted_idle - 2 * held.ttl / 3)
+                # A failed write leaves the heartbeat due: retry, but not in a busy loop.
+                wake_at = max(wake_at, trio.current_time() + _HEARTBEAT_RETRY_SECONDS)
+            with trio.move_on_at(wake_at):
+                await self._persist_wakeup.wait()
             self._persist_wakeup = trio.Event()
+            if self._shared:
+                now = trio.current_time()
+                self._dirty |= {
+                    held.id for held in self._leases.values() if self._heartbeat_due(held, now)
+                }
             while self._dirty:
                 lease = self._leases.get(self._dirty.pop())
                 if lease is not None:
@@ -775,22 +926,42 @@ class Pool:
 
     async def _write_clone_meta(self, clone: _Clone) -> None:
         """Write the clone's current state (and lease) to its meta, compare-and-set."""
+        clone.writes += 1
         async with clone.lock:
             meta = self._clone_meta(clone, clone.state, clone.lease)
             try:
                 resource = await self._provider.set_meta(
                     Kind.CLONE, clone.name, meta, expect_version=clone.version
                 )
+            except NotFoundError:
+                if not (self._shared and clone.lease is not None):
+                    raise
+                self._drop_lease(clone.lease, "another replica ended it and destroyed its clone")
+                return
             except ConflictError:
-                # Someone changed it behind our back: re-read its version and win once more,
-                # since this pool is the only one allowed to run against this provider.
+                # Someone changed it behind our back (another replica writing the same
+                # lease): re-read it and write once more over its version.
                 fresh = await self._find(Kind.CLONE, clone.name)
+                lease = clone.lease
+                if (
+                    self._shared
+                    and lease is not None
+                    and (fresh is None or not _holds(fresh, lease))
+                ):
+                    # Ended or reset on another replica: never bring it back.
+                    self._drop_lease(lease, "it ended or moved on another replica")
+                    return
                 if fresh is None:
                     raise
+                if lease is not None:
+                    self._merge_lease_meta(lease, fresh.meta, take_ttl=False)
+                    meta = self._clone_meta(clone, clone.state, lease)
                 resource = await self._provider.set_meta(
                     Kind.CLONE, clone.name, meta, expect_version=fresh.version
                 )
             clone.version = resource.version
+            if clone.lease is not None and m.LEASE_IDLE_DEADLINE in meta:
+                clone.lease.persisted_idle = self._from_wall(float(meta[m.LEASE_IDLE_DEADLINE]))
 
     async def _find(self, kind: Kind, name: str) -> Resource | None:
         for resource in await self._provider.list(kind):
@@ -830,7 +1001,7 @@ class Pool:
             del self._warm[clone.name]
             clone.state = clone_transition(clone.name, clone.state, CloneEvent.RETIRED)
             log.info("clone.rolled_over", clone=clone.name, snapshot=clone.snapshot, to=newest.name)
-            self._spawn("destroy", self._destroy_clone, clone)
+            self._spawn("destroy", self._retire_published, clone, None)
 
     def _start_provisioning(self, snapshot: _Snapshot) -> None:
         clone = _Clone(
@@ -840,7 +1011,8 @@ class Pool:
             created_wall=self._wall(),
         )
         self._clones[clone.name] = clone
-        self._spawn("provision", self._provision, clone)
+        assert self._lead_nursery is not None, "provisioning is leader work"
+        self._lead_nursery.start_soon(self._guarded, "provision", self._provision, clone)
 
     async def _provision(self, clone: _Clone) -> None:
         started = trio.current_time()
@@ -849,6 +1021,7 @@ class Pool:
                 clone.snapshot, clone.name, self._clone_meta(clone, CloneState.PROVISIONING)
             )
             warm = clone_transition(clone.name, clone.state, CloneEvent.PROVISIONED)
+            clone.writes += 1
             resource = await self._provider.set_meta(
                 Kind.CLONE, clone.name, self._clone_meta(clone, warm)
             )
@@ -883,16 +1056,59 @@ class Pool:
         self._dispatch()
         self._wake(self._keeper_wakeup)
 
-    def _break(self, clone: _Clone, reason: str) -> None:
-        """Mark a clone broken (it is never handed out) and destroy it in the background."""
+    def _break(self, clone: _Clone, reason: str, lease_id: str | None = None) -> None:
+        """Mark a clone broken (it is never handed out) and destroy it in the background.
+
+        A clone that was warm may have been claimed by another replica meanwhile:
+        it is retired by compare-and-set (:meth:`_retire_published`), so that
+        replica's lease survives; ``lease_id`` names this pool's own claim, if any.
+        """
+        published = clone.state is CloneState.WARM
         self._warm.pop(clone.name, None)
         if clone.state in (CloneState.PROVISIONING, CloneState.WARM, CloneState.LEASED):
             clone.state = clone_transition(clone.name, clone.state, CloneEvent.BROKE)
             self._emit(CloneFailed(clone=clone.name, snapshot=clone.snapshot, reason=reason))
         if clone.state is CloneState.BROKEN:
             clone.state = clone_transition(clone.name, clone.state, CloneEvent.RETIRED)
-            self._spawn("destroy", self._destroy_clone, clone)
+            if published:
+                self._spawn("destroy", self._retire_published, clone, lease_id)
+            else:
+                self._spawn("destroy", self._destroy_clone, clone)
         self._wake(self._keeper_wakeup)
+
+    async def _retire_published(self, clone: _Clone, lease_id: str | None) -> None:
+        """Write ``destroying`` over the warm version this pool saw, then destroy the clone.
+
+        If the write conflicts, someone wrote the clone since: when that is a
+        lease other than ``lease_id`` (another replica's hand-out), the clone is
+        only forgotten here — never destroyed under a live lease.
+        """
+        assert clone.state is CloneState.DESTROYING, clone
+        clone.writes += 1
+        meta = self._clone_meta(clone, clone.state)
+        try:
+            async with clone.lock:
+                try:
+                    await self._provider.set_meta(
+                        Kind.CLONE, clone.name, meta, expect_version=clone.version
+                    )
+                except ConflictError:
+                    fresh = await self._find(Kind.CLONE, clone.name)
+                    holder = None if fresh is None else fresh.meta.get(m.LEASE_ID)
+                    if fresh is None or (holder is not None and holder != lease_id):
+                        log.info("clone.claimed_elsewhere", clone=clone.name)
+                        self._forget_clone(clone)
+                        return
+                    await self._provider.set_meta(
+                        Kind.CLONE, clone.name, meta, expect_version=fresh.version
+                    )
+        except NotFoundError:
+            self._forget_clone(clone)
+            return
+        except ProviderError:
+            if self._shared:
+                raise  # unsure who holds it now: leave it rather than destroy a lease
+        await self._destroy_clone(clone)
 
     async def _retire_clone(self, clone: _Clone, why: str) -> None:
         """Persist ``destroying`` (so a restart never revives it), then destroy it."""
@@ -1364,7 +1580,8 @@ class Pool:
             endpoint=r.endpoint,
             version=r.version,
         )
-        # Clients attached at the crash were cut off by it: give them a full TTL to come back.
+        # Clients attached at the crash (or on another replica) were cut off by it or still
+        # use it: give them a full TTL.
         attached = meta.get(m.LEASE_ATTACHED) == "1"
         idle_deadline = now + ttl if attached else self._from_wall(idle)
         lease = _Lease(
@@ -1380,9 +1597,209 @@ class Pool:
             started=now - max(0.0, self._wall() - (m.parse_float(meta, m.LEASE_CREATED) or 0.0)),
             generation=m.parse_int(meta, m.LEASE_GENERATION),
             resets=m.parse_int(meta, m.LEASE_RESETS),
+            persisted_idle=self._from_wall(idle),
         )
         clone.lease = lease
         return lease
+
+    # -- several replicas: view refresh, take-over, step-down ----------------------------
+
+    def _start_leader_loops(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._source_loop)
+        nursery.start_soon(self._keeper_loop)
+        nursery.start_soon(self._health_loop)
+        nursery.start_soon(self._ttl_loop)
+        nursery.start_soon(self._prune_loop)
+
+    async def _with_retries(self, component: str, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn``; while the provider cannot even list its resources, retry with backoff."""
+        delay = 1.0
+        while True:
+            try:
+                await fn()
+            except ProviderError as exc:
+                log.error("pool.list_failed", component=component, error=str(exc), retry_in=delay)
+                self._report_error(component, exc)
+                await trio.sleep(delay)
+                delay = min(_BACKOFF_MAX, delay * 2)
+            else:
+                return
+
+    async def _view_loop(self) -> None:
+        while True:
+            self._view_wakeup = trio.Event()
+            with trio.move_on_after(self._settings.pool.refresh_interval):
+                await self._view_wakeup.wait()
+            await self._guarded("refresh", self.refresh_view)
+
+    async def _refresh_quietly(self) -> None:
+        """Refresh the view before answering "no"; a provider failure only logs (bounded)."""
+        with trio.move_on_after(_CLEANUP_SECONDS):
+            await self._guarded("refresh", self.refresh_view)
+
+    async def _lookup(self, lease_id: str) -> _Lease:
+        """The active lease; a follower that does not know it re-reads the provider first."""
+        lease = self._leases.get(lease_id)
+        if self._shared and (lease is None or lease.state not in ACTIVE_LEASE_STATES):
+            await self._refresh_quietly()
+        return self._active(lease_id)
+
+    def _merge(self, resources: Iterable[Resource], writes: Mapping[str, int]) -> None:
+        """Merge a listing into this pool's view (never destroys anything).
+
+        ``writes`` holds each local clone's write count from before the listing:
+        a clone this pool wrote (or made) meanwhile is newer here than listed.
+        """
+        now = trio.current_time()
+        listed = {(r.kind, r.name): r for r in resources}
+        for r in listed.values():
+            state = _SNAPSHOT_STATES.get(r.meta.get(m.STATUS, ""))
+            if r.kind is not Kind.SNAPSHOT or state is None:
+                continue
+            snap = self._snapshots.get(r.name)
+            finished_elsewhere = (
+                snap is not None
+                and snap.state is SnapshotState.VERIFYING
+                and state is not SnapshotState.VERIFYING
+                and snap is not self._pipeline_snapshot
+            )
+            if snap is None or finished_elsewhere:
+                self._snapshots[r.name] = self._snapshot_from(r, state)
+        if not self.leading:  # only a leader prunes, and it knows what it pruned
+            for name, snap in list(self._snapshots.items()):
+                gone = (Kind.SNAPSHOT, name) not in listed
+                if gone and snap.state in (SnapshotState.READY, SnapshotState.FAILED):
+                    del self._snapshots[name]
+        # Which clone holds each lease now: the highest generation (a reset moves it).
+        holders: dict[str, Resource] = {}
+        for r in listed.values():
+            if r.kind is not Kind.CLONE or r.meta.get(m.STATUS) != CloneState.LEASED.value:
+                continue
+            lease_id = r.meta.get(m.LEASE_ID, "")
+            known = holders.get(lease_id)
+            if lease_id and (known is None or _generation(r) > _generation(known)):
+                holders[lease_id] = r
+        for name, clone in list(self._clones.items()):
+            if writes.get(name) != clone.writes or clone.lock.locked():
+                continue  # written (or made) here since the listing began: ours is newer
+            seen = listed.get((Kind.CLONE, name))
+            if clone.state is CloneState.WARM and name in self._warm:
+                if seen and seen.meta.get(m.STATUS) == CloneState.WARM.value and seen.endpoint:
+                    clone.version = seen.version
+                else:
+                    self._forget_clone(clone)  # claimed or retired by another replica
+            elif clone.state is CloneState.LEASED and clone.lease is not None:
+                lease = clone.lease
+                holder = holders.get(lease.id)
+                if lease.lock.locked():
+                    continue
+                if holder is None:
+                    self._drop_lease(lease, "it ended on another replica")
+                elif holder.name == name:
+                    clone.version = holder.version
+                    self._merge_lease_meta(lease, holder.meta, take_ttl=True)
+                elif _generation(holder) > lease.generation and holder.endpoint is not None:
+                    # Reset on another replica: the lease moved to a fresh clone.
+                    self._forget_clone(clone)
+                    fresh = self._adopted_clone(holder, CloneState.LEASED)
+                    fresh.lease, lease.clone = lease, fresh
+                    lease.generation = _generation(holder)
+                    self._merge_lease_meta(lease, holder.meta, take_ttl=True)
+        for lease_id, r in holders.items():
+            if lease_id in self._leases or r.name in self._clones or r.endpoint is None:
+                continue
+            adopted = self._adopted_lease(r, now)
+            if adopted is not None:
+                self._clones[r.name] = adopted.clone
+                self._leases[lease_id] = adopted
+                self._wake(self._lease_wakeup)
+        for r in listed.values():
+            if r.kind is not Kind.CLONE or r.name in self._clones or r.endpoint is None:
+                continue
+            origin = self._snapshots.get(r.meta.get(m.SNAPSHOT, ""))
+            if (
+                r.meta.get(m.STATUS) == CloneState.WARM.value
+                and r.meta.get(m.ROLE) != m.ROLE_VERIFY
+                and origin is not None
+                and origin.state is SnapshotState.READY
+            ):
+                self._warm[r.name] = self._adopted_clone(r, CloneState.WARM)
+        self._dispatch()
+
+    def _merge_lease_meta(self, lease: _Lease, meta: Mapping[str, str], *, take_ttl: bool) -> None:
+        """Take another replica's writes: a later idle deadline, and (``take_ttl``) its TTL."""
+        ttl = m.parse_float(meta, m.LEASE_TTL)
+        if take_ttl and ttl:
+            lease.ttl = ttl
+        idle = m.parse_float(meta, m.LEASE_IDLE_DEADLINE)
+        if idle is not None:
+            theirs = self._from_wall(idle)
+            lease.idle_deadline = max(lease.idle_deadline, theirs)
+            lease.persisted_idle = max(lease.persisted_idle, theirs)
+        lease.resets = max(lease.resets, m.parse_int(meta, m.LEASE_RESETS))
+
+    def _drop_lease(self, lease: _Lease, why: str) -> None:
+        """Forget a lease another replica ended (that replica logged and counted its end)."""
+        if self._leases.get(lease.id) is lease:
+            del self._leases[lease.id]
+        self._dirty.discard(lease.id)
+        if lease.state in ACTIVE_LEASE_STATES:
+            lease.state = lease_transition(lease.id, lease.state, LeaseEvent.RELEASE)
+        self._forget_clone(lease.clone)
+        log.info("lease.forgotten", lease_id=lease.id, clone=lease.clone.name, why=why)
+
+    async def _take_over(self) -> None:
+        """Become leader: merge the provider's state, then clean what a former leader left."""
+        async with self._view_lock:
+            writes = {name: clone.writes for name, clone in self._clones.items()}
+            resources = await self._provider.list()
+            self._merge(resources, writes)
+        doomed: list[tuple[Kind, str, str]] = []
+        for r in resources:
+            if r.kind is Kind.VOLUME:
+                doomed.append((r.kind, r.name, "half-made restore"))
+            elif r.kind is Kind.SNAPSHOT:
+                snap = self._snapshots.get(r.name)
+                if snap is None:
+                    doomed.append(
+                        (r.kind, r.name, f"snapshot with status {r.meta.get(m.STATUS)!r}")
+                    )
+                elif snap.state is SnapshotState.VERIFYING and snap not in self._to_verify:
+                    self._to_verify.append(snap)
+            elif r.name not in self._clones:
+                status = r.meta.get(m.STATUS)
+                if status == CloneState.LEASED.value and r.endpoint is None:
+                    log.warning("lease.lost", lease_id=r.meta.get(m.LEASE_ID), clone=r.name)
+                doomed.append((r.kind, r.name, f"clone with status {status!r} nobody holds"))
+        for kind, name, why in doomed:
+            log.info("adopt.destroying", kind=kind.value, name=name, why=why)
+            await self._destroy_quietly(kind, name)
+
+    def _step_down(self) -> None:
+        """Leadership ended: forget leader-only work in flight; the next leader cleans it up."""
+        self._to_verify.clear()
+        self._pipeline_snapshot = None
+        self._restore = None
+        for name, snap in list(self._snapshots.items()):
+            if snap.state is SnapshotState.RESTORING:
+                del self._snapshots[name]
+        for name, clone in list(self._clones.items()):
+            if clone.state is CloneState.PROVISIONING:
+                del self._clones[name]
+        log.info("pool.stepped_down", warm=len(self._warm), leases=len(self._leases))
+
+    def _snapshot_from(self, r: Resource, state: SnapshotState) -> _Snapshot:
+        return _Snapshot(
+            name=r.name,
+            state=state,
+            backup_key=r.meta.get(m.BACKUP_KEY, ""),
+            backup_etag=r.meta.get(m.BACKUP_ETAG, ""),
+            created_wall=m.parse_float(r.meta, m.CREATED) or self._wall(),
+            meta=dict(r.meta),
+            version=r.version,
+            ready_wall=m.parse_float(r.meta, m.READY_AT),
+            reason=r.meta.get(m.REASON),
+        )
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -1478,6 +1895,24 @@ class Pool:
                     component=component, message=f"unexpected {type(exc).__name__}: {exc}"
                 )
             )
+
+
+_SNAPSHOT_STATES = {
+    s.value: s for s in (SnapshotState.READY, SnapshotState.FAILED, SnapshotState.VERIFYING)
+}
+
+
+def _generation(r: Resource) -> int:
+    return m.parse_int(r.meta, m.LEASE_GENERATION)
+
+
+def _holds(r: Resource, lease: _Lease) -> bool:
+    """Whether clone resource ``r`` still carries ``lease`` at its current generation."""
+    return (
+        r.meta.get(m.STATUS) == CloneState.LEASED.value
+        and r.meta.get(m.LEASE_ID) == lease.id
+        and _generation(r) == lease.generation
+    )
 
 
 def _checked_labels(labels: Mapping[str, str] | None) -> dict[str, str]:

@@ -28,6 +28,10 @@ class WarmPoolSettings:
     """Clones made at the same time; 2 refills quickly without starving a 2-core host."""
     health_check_interval: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     """Seconds between health checks of warm clones; a dead one is replaced within this time."""
+    refresh_interval: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    """With several broker replicas: seconds between re-reads of the provider (warm clones the
+    leader made, leases of other replicas); 5 s keeps a follower's view fresh at one list call.
+    """
 
 
 @attrs.frozen(kw_only=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from pool._kubernetes import RBAC_RULES
 
 Render = Callable[[dict[str, Any] | None], Any]
@@ -23,10 +21,6 @@ def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
     }
 
 
-@pytest.mark.xfail(
-    reason="the chart's Role lacks configmaps (failed-snapshot records); see /work/notes/k8s-rbac.md",
-    strict=True,
-)
 def test_if_the_chart_is_installed_then_its_role_allows_every_provider_call(
     render: Render,
 ) -> None:

@@ -19,6 +19,11 @@ BASE_RULES: list[dict[str, Any]] = [
         "verbs": ["get", "list", "watch", "create", "delete"],
     },
     {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "verbs": ["get", "list", "create", "patch", "delete"],
+    },
+    {
         "apiGroups": ["batch"],
         "resources": ["jobs"],
         "verbs": ["get", "list", "watch", "create", "delete"],

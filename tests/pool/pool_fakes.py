@@ -76,6 +76,10 @@ class FakeWorld:
     check_gate: trio.Event | None = None
     """When set, checks wait for this event (to crash the pool mid-verification)."""
     set_meta_calls: int = 0
+    conflicts: int = 0
+    """Compare-and-set writes refused because their ``expect_version`` was stale."""
+    destroyed_leased: list[str] = attrs.Factory(list)
+    """Clones destroyed while their meta still said ``leased`` (a lease's database vanished)."""
 
     def of(self, kind: Kind) -> list[FakeResource]:
         return [
@@ -241,6 +245,7 @@ class FakeProvider:
         if r is None:
             raise NotFoundError(f"{kind.value} {name!r} does not exist")
         if expect_version is not None and expect_version != str(r.version):
+            self.world.conflicts += 1
             raise ConflictError(
                 f"{kind.value} {name!r} is at version {r.version}, not {expect_version}"
             )
@@ -250,7 +255,9 @@ class FakeProvider:
 
     async def destroy(self, kind: Kind, name: str) -> None:
         await trio.lowlevel.checkpoint()
-        self.world.resources.pop((kind, name), None)
+        r = self.world.resources.pop((kind, name), None)
+        if r is not None and kind is Kind.CLONE and r.meta.get("status") == "leased":
+            self.world.destroyed_leased.append(name)
 
     async def list(self, kind: Kind | None = None) -> Sequence[Resource]:
         await trio.lowlevel.checkpoint()
@@ -341,3 +348,52 @@ async def wait_for(condition: Callable[[], bool], *, what: str, limit: float = 3
         if trio.current_time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await trio.sleep(0.1)
+
+
+@attrs.define(eq=False)
+class Replica:
+    """One broker replica: a Pool serving over a shared world, leading while told to."""
+
+    pool: Pool
+    events: list[object]
+    nursery: trio.Nursery
+    lead_scope: trio.CancelScope | None = None
+
+    async def lead(self) -> None:
+        """Become leader (as LeaderElector.serve(pool.lead) would); returns once taken over."""
+
+        async def leading(*, task_status: trio.TaskStatus[None]) -> None:
+            with trio.CancelScope() as scope:
+                self.lead_scope = scope
+                await self.pool.lead(task_status=task_status)
+
+        await self.nursery.start(leading)
+
+    async def step_down(self) -> None:
+        """Lose leadership: the pool's background work is cancelled, serving goes on."""
+        assert self.lead_scope is not None
+        self.lead_scope.cancel()
+        await wait_for(lambda: not self.pool.leading, what="the leader to step down")
+
+
+@asynccontextmanager
+async def replica(
+    world: FakeWorld, source: FakeSource, pool_settings: PoolSettings
+) -> AsyncIterator[Replica]:
+    """Serve a Pool (follower) over the world until the block ends, as one of several replicas."""
+    events: list[object] = []
+    pool = Pool(
+        pool_settings,
+        FakeProvider(world),
+        source,
+        wall_clock=wall_clock,
+        observers=[events.append],
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.serve)
+        yield Replica(pool=pool, events=events, nursery=nursery)
+        nursery.cancel_scope.cancel()
+    crashes = [
+        e for e in events if isinstance(e, PoolErrorEvent) and e.message.startswith("unexpected")
+    ]
+    assert crashes == [], "a background step of the pool crashed (see the log)"
