@@ -55,6 +55,11 @@ def _shown(path: str, value: object) -> str:
     return "<redacted>" if _is_secret(path) else repr(value)
 
 
+def _named(path: str) -> str:
+    """A setting name for a message: untrusted (YAML keys, --set), so printable and short."""
+    return path if path.isprintable() and len(path) <= 120 else repr(path[:120])
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -84,7 +89,8 @@ def _convert(path: str, tp: Any, value: object, origin_desc: str, *, from_text: 
 
     def fail(expected: str) -> ConfigError:
         return ConfigError(
-            f"setting {path} ({origin_desc}) must be {expected}, got {_shown(path, value)}; "
+            f"setting {_named(path)} ({origin_desc}) must be {expected}, "
+            f"got {_shown(path, value)}; "
             f"fix it or remove it to use the default"
         )
 
@@ -213,7 +219,7 @@ def _build(cls: type[T], data: Mapping[str, object], prefix: str, origin_desc: s
             hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
             known = ", ".join(sorted(fields))
             raise ConfigError(
-                f"unknown setting {path} ({origin_desc}){hint} "
+                f"unknown setting {_named(path)} ({origin_desc}){hint} "
                 f"(known under {prefix or 'the top level'}: {known})"
             )
         kwargs[name] = _convert(path, hints[name], value, origin_desc, from_text=False)
@@ -268,14 +274,14 @@ def _resolve_leaf(cls: type, path: str, origin_desc: str) -> Any:
     for part in path.replace("-", "_").split("."):
         if not _is_settings_class(node):
             raise ConfigError(
-                f"unknown setting {path} ({origin_desc}): {walked} has no sub-settings"
+                f"unknown setting {_named(path)} ({origin_desc}): {walked} has no sub-settings"
             )
         fields = [f.name for f in attrs.fields(node)]
         if part not in fields:
             close = difflib.get_close_matches(part, fields, n=1)
             hint = f"; did you mean {walked + '.' if walked else ''}{close[0]}?" if close else ""
             raise ConfigError(
-                f"unknown setting {path} ({origin_desc}){hint} "
+                f"unknown setting {_named(path)} ({origin_desc}){hint} "
                 f"(known under {walked or 'the top level'}: {', '.join(sorted(fields))})"
             )
         node = _hints(node)[part]
@@ -340,10 +346,12 @@ def load_settings(
                 f"--set expects section.field=value, got {item.split('=', 1)[0]!r}; "
                 "for example --set pool.size=5"
             )
-        desc = f"from --set {key}"
+        desc = f"from --set {_named(key)}"
         tp = _resolve_leaf(cls, key, desc)
         if _is_settings_class(tp):
-            raise ConfigError(f"--set {key} names a section, not a setting; name one of its fields")
+            raise ConfigError(
+                f"--set {_named(key)} names a section, not a setting; name one of its fields"
+            )
         _set_path(tree, key.replace("-", "_"), _convert(key, tp, raw.strip(), desc, from_text=True))
     return _build(cls, tree, "", "in the configuration")
 

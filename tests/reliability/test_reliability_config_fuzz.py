@@ -8,6 +8,7 @@ secret-named settings never appear in that text.
 from __future__ import annotations
 
 import pathlib
+import string
 import tempfile
 from typing import Any
 
@@ -64,7 +65,7 @@ def load(**kwargs: Any) -> None:
     except ConfigError as exc:
         message = str(exc)
         assert message
-        assert "\n" not in message.strip() or message.count("\n") <= 1, message
+        assert "\n" not in message, message  # one line, whatever names the input held
         return
     assert isinstance(result, PoolSettings)
 
@@ -121,7 +122,7 @@ def test_if_set_flags_and_environment_are_anything_then_only_config_errors_escap
 @FUZZ
 @given(
     st.sampled_from([p for p in LEAVES if _is_secret(p)]),
-    st.text(min_size=6, max_size=30).filter(lambda s: s.strip() == s and "=" not in s),
+    st.text(alphabet=string.ascii_letters + string.digits, min_size=12, max_size=30),
     st.sampled_from(["{}", "[1, 2]", "12"]),
 )
 def test_if_a_secret_setting_gets_a_bad_value_then_the_error_does_not_echo_it(
