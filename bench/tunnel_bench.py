@@ -276,10 +276,15 @@ ROLES = {
 # ---------------------------------------------------------------------------- orchestration
 
 
-def spawn(*args: str) -> subprocess.Popen[bytes]:
+BASE: Path | None = None
+"""With --base, the checkout whose tunnel runs as the bridge ``aldaas@base``."""
+
+
+def spawn(*args: str, root: Path = ROOT) -> subprocess.Popen[bytes]:
+    """Run one role of the benchmark script of ``root`` (its own tunnel package)."""
     return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), *args],
-        cwd=ROOT,
+        [sys.executable, str(root / "bench" / "tunnel_bench.py"), *args],
+        cwd=root,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -309,11 +314,18 @@ class Bridge:
         tgt = f"127.0.0.1:{target}"
         if self.name == "direct":
             return target
-        if self.name == "aldaas":
-            self.procs = [spawn("aldaas-gateway", "--port", str(server_port), "--target", tgt)]
+        if self.name in ("aldaas", "aldaas@base"):
+            root = ROOT if self.name == "aldaas" else BASE
+            if root is None:
+                raise ValueError("aldaas@base needs --base PATH")
+            self.procs = [
+                spawn("aldaas-gateway", "--port", str(server_port), "--target", tgt, root=root)
+            ]
             wait_port(server_port)
             url = f"ws://127.0.0.1:{server_port}/tunnel"
-            self.procs.insert(0, spawn("aldaas-client", "--port", str(local), "--url", url))
+            self.procs.insert(
+                0, spawn("aldaas-client", "--port", str(local), "--url", url, root=root)
+            )
         elif self.name == "trio-websocket":
             self.procs = [spawn("trio-ws-server", "--port", str(server_port), "--target", tgt)]
             wait_port(server_port)
@@ -579,7 +591,15 @@ def main() -> None:
         "--only", default="direct,aldaas,trio-websocket,websockify,asyncio-websockets"
     )
     parser.add_argument("--json", type=Path, help="also write raw results here")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="another checkout (e.g. `git worktree add /tmp/base main`): its tunnel runs as "
+        "the bridge aldaas@base, side by side with this one (add it to --only)",
+    )
     args = parser.parse_args()
+    global BASE
+    BASE = args.base.resolve() if args.base else None
     if args.role:
         ROLES[args.role](args)
         return

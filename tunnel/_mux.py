@@ -41,8 +41,10 @@ from tunnel._protocol import (
 )
 from tunnel._ws import WebSocket
 
-ACK_THRESHOLD = 256 * 1024
-"""Acknowledge after this many received sequenced bytes (and with every PONG)."""
+MIN_ACK_THRESHOLD = 64 * 1024
+"""Acknowledge at least this often (received sequenced bytes); normally a quarter of the
+replay budget (the peer's is assumed to be like ours), and with every PONG."""
+_IOV_MAX = 1024
 
 
 def error_frame(code: int, message: str) -> bytes:
@@ -74,6 +76,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """A non-blocking TCP socket the reader may write received data into directly."""
         self.sink_busy = False
         """Set while a task writes to ``sink_fd`` the trio way (no direct writes then)."""
+        self._pending: list[bytes] | None = None
 
     # -------------------------------------------------------------- called by the mux
 
@@ -81,22 +84,43 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._closed:
             return
         if data:
-            if self.sink_fd is not None and not self._buffer and not self.sink_busy:
-                # Splice fast path: straight into the TCP socket, no task switch.
-                try:
-                    written = os.write(self.sink_fd, data)
-                except OSError:
-                    written = 0  # full or broken: the splice task finds out the trio way
-                if written:
-                    mux = self._mux
-                    mux.bytes_received += written
-                    mux.write(mux.conn.acknowledge_data(self.stream_id, written))
-                    data = data[written:]
-            if data:
+            pending = self._pending
+            if pending is not None:
+                pending.append(data)
+            elif self.sink_fd is not None and not self._buffer and not self.sink_busy:
+                # Splice fast path: straight into the TCP socket, no task switch. Every
+                # payload of one websocket read goes out in one writev (see _flush_sink).
+                self._pending = [data]
+                self._mux._sinks.append(self)
+            else:
                 self._buffer += data
         if fin:
             self._eof = True
         if self._buffer or fin:
+            self._receive_lot.unpark_all()
+
+    def _flush_sink(self) -> None:
+        """Write the payloads gathered by ``_feed`` into ``sink_fd`` with one ``writev``;
+        what the socket does not take waits in the buffer for the splice task."""
+        parts, self._pending = self._pending, None
+        fd = self.sink_fd
+        if not parts or self._closed or fd is None:
+            return
+        try:
+            written = os.writev(fd, parts[:_IOV_MAX])
+        except OSError:
+            written = 0  # full or broken: the splice task finds out the trio way
+        if written:
+            mux = self._mux
+            mux.bytes_received += written
+            mux.write(mux.conn.acknowledge_data(self.stream_id, written))
+        for part in parts:
+            if written >= len(part):
+                written -= len(part)
+                continue
+            self._buffer += memoryview(part)[written:] if written else part
+            written = 0
+        if self._buffer:
             self._receive_lot.unpark_all()
 
     def _break(self, reason: str) -> None:
@@ -315,8 +339,10 @@ class Mux:
         self.rtt: float | None = None
         self.goaway: str | None = None
         self._out = bytearray()
+        self._batch: list[bytes] | None = None
+        self._sinks: list[TunnelStream] = []
+        self._ack_threshold = max(MIN_ACK_THRESHOLD, replay_limit // 4)
         self._ws: WebSocket | None = None
-        self._flushing = False
         self._out_lot = ParkingLot()
         self._room_lot = ParkingLot()
         self._live = False
@@ -335,12 +361,17 @@ class Mux:
 
     def write(self, frames: bytes) -> None:
         """Send frames on the attached websocket: straight into the socket when it has room
-        and nothing is queued, else queued for the writer task. Dropped while detached
-        (sequenced frames are in the replay buffer and go out after the next handshake)."""
+        and nothing is queued, else into the websocket's backlog (by reference, no copy)
+        for the writer task to flush. Dropped while detached (sequenced frames are in the
+        replay buffer and go out after the next handshake)."""
         if not frames or not self._live:
             return
+        batch = self._batch
+        if batch is not None:
+            batch.append(frames)
+            return
         ws = self._ws
-        if self._out or self._flushing or ws is None:
+        if self._out or ws is None:
             self._out += frames
             self._out_lot.unpark_all()
             return
@@ -439,7 +470,6 @@ class Mux:
         """
         self._out = bytearray(first)
         self._ws = ws
-        self._flushing = False
         self._live = True
         self._ack_requested = False
         self._last_received = trio.current_time()
@@ -479,11 +509,7 @@ class Mux:
                     self._out.clear()
                     ws.send_nowait(data)
                 if ws.needs_flush:
-                    self._flushing = True
-                    try:
-                        await ws.flush()
-                    finally:
-                        self._flushing = False
+                    await ws.flush()
                     continue
                 if not self._out:
                     await self._out_lot.park()
@@ -518,6 +544,26 @@ class Mux:
             self._dispatch()
 
     def _dispatch(self) -> None:
+        """Handle every complete frame received so far. Frames produced meanwhile (WINDOW,
+        ACK, PONG, RESET...) leave in one websocket message at the end, and each stream's
+        payloads in one write into its TCP socket."""
+        self._batch = batch = []
+        try:
+            self._dispatch_events()
+        finally:
+            sinks = self._sinks
+            if sinks:
+                for stream in sinks:
+                    stream._flush_sink()
+                sinks.clear()
+            conn = self.conn
+            if conn.unacknowledged_received >= self._ack_threshold:
+                batch.append(conn.ack())
+            self._batch = None
+            if batch:
+                self.write(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def _dispatch_events(self) -> None:
         conn = self.conn
         streams = self.streams
         while True:
@@ -584,5 +630,3 @@ class Mux:
                 pass  # late progress after the welcome: nothing to show any more
             else:
                 raise ProtocolError(f"unexpected {kind.__name__} in an open session")
-        if conn.unacknowledged_received >= ACK_THRESHOLD:
-            self.write(conn.ack())

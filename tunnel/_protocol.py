@@ -258,6 +258,19 @@ _HANDSHAKE_TABLE: dict[tuple[Role, bool, State, FrameType], State] = {
 }
 _ALWAYS = frozenset({FrameType.PING, FrameType.PONG})
 """Allowed in HELLO and OPEN states without changing them (keepalive while a client waits)."""
+_OPEN_ONLY = frozenset(
+    {
+        FrameType.ACK,
+        FrameType.PING,
+        FrameType.PONG,
+        FrameType.GOAWAY,
+        FrameType.DATA,
+        FrameType.WINDOW,
+        FrameType.RESET,
+    }
+)
+"""Frames either side may send in OPEN state without changing it (the hot path skips the
+table for them: ``_transition`` would return OPEN)."""
 _CLIENT_SENDS = frozenset({FrameType.HELLO, FrameType.OPEN, FrameType.REQUEST})
 _SERVER_SENDS = frozenset({FrameType.WELCOME, FrameType.PROGRESS, FrameType.RESPONSE})
 
@@ -472,14 +485,16 @@ class Connection:
     def acknowledge_data(self, stream_id: int, nbytes: int) -> bytes:
         """The application consumed ``nbytes`` of ``stream_id``: maybe a WINDOW frame.
 
-        Credit is returned once a quarter of the window was consumed, so a slow reader
-        holds back only its own stream and memory per stream stays below one window.
+        Credit is returned once half the window was consumed (one WINDOW frame per half
+        window: a sender keeps at least half a window of credit, and the frames stay few),
+        so a slow reader holds back only its own stream and memory per stream stays below
+        one window.
         """
         stream = self._streams.get(stream_id)
         if stream is None or stream.remote_closed or nbytes <= 0:
             return b""
         stream.consumed += nbytes
-        if stream.consumed < self.window // 4:
+        if stream.consumed < self.window // 2:
             return b""
         increment, stream.consumed = stream.consumed, 0
         stream.recv_window += increment
@@ -679,7 +694,8 @@ class Connection:
                 with memoryview(buffer) as view:
                     payload = bytes(view[pos + HEADER_SIZE : end])
                 self._pos = end
-                self.state = _transition(self.role, False, self.state, ftype)
+                if not (ftype in _OPEN_ONLY and self.state is State.OPEN):
+                    self.state = _transition(self.role, False, self.state, ftype)
                 if ftype in SEQUENCED:
                     self._received += HEADER_SIZE + length
                 event = self._decode(ftype, flags, stream_id, payload)

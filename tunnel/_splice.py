@@ -9,7 +9,7 @@ import trio
 
 from tunnel._mux import TunnelStream
 from tunnel._protocol import ResetCode
-from tunnel._ws import SocketReader
+from tunnel._ws import SocketReader, unlimit_unsent
 
 TCP_READ_SIZE = 256 * 1024
 """Bytes asked of the TCP socket per read: large enough that bulk moves in few frames."""
@@ -37,6 +37,7 @@ async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> Non
     """Relay until both directions finished; a broken end aborts the other one."""
 
     reader = SocketReader(tcp, TCP_READ_SIZE)
+    unlimit_unsent(tcp)
 
     async def upstream() -> None:
         while True:

@@ -213,16 +213,16 @@ def test_if_we_try_to_send_beyond_the_window_then_it_is_a_local_error() -> None:
         client.send(Data(stream_id=1, data=bytes(WINDOW + 1)))
 
 
-def test_if_the_application_consumes_a_quarter_window_then_credit_goes_back() -> None:
-    """If consumption reaches a quarter of the window, then a WINDOW frame restores credit."""
+def test_if_the_application_consumes_half_the_window_then_credit_goes_back() -> None:
+    """If consumption reaches half the window, then a WINDOW frame restores credit."""
     client, server = handshake()
     drain(server, client.send(OpenStream(stream_id=1)))
     drain(server, client.send(Data(stream_id=1, data=bytes(WINDOW))))
     assert client.send_window(1) == 0
-    assert server.acknowledge_data(1, WINDOW // 4 - 1) == b""
+    assert server.acknowledge_data(1, WINDOW // 2 - 1) == b""
     update = server.acknowledge_data(1, 1)
-    assert drain(client, update) == [WindowUpdate(stream_id=1, increment=WINDOW // 4)]
-    assert client.send_window(1) == WINDOW // 4
+    assert drain(client, update) == [WindowUpdate(stream_id=1, increment=WINDOW // 2)]
+    assert client.send_window(1) == WINDOW // 2
 
 
 def test_if_a_big_write_is_sent_then_it_is_split_into_64k_frames() -> None:

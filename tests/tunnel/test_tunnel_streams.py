@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 
 import pytest
 import trio
@@ -100,3 +101,60 @@ async def test_if_a_stream_is_reset_then_the_peer_reads_and_writes_fail(
         await right.receive_some()
     with pytest.raises(trio.BrokenResourceError):
         await right.send_all(b"x")
+
+
+def drain_socket(sock: socket.socket) -> bytes:
+    """Everything readable on a non-blocking socket right now."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+async def test_if_frames_arrive_together_for_a_spliced_stream_then_the_socket_gets_them_in_order(
+    nursery: trio.Nursery,
+) -> None:
+    """If several DATA frames arrive in one read for a stream with a sink socket, then they
+    are written there in order and their credit goes back to the sender."""
+    left, right = await stream_pair(nursery)
+    sink, far = socket.socketpair()
+    with sink, far:
+        sink.setblocking(False)
+        far.setblocking(False)
+        right.sink_fd = sink.fileno()
+        payload = os.urandom(4 * 9000)  # over half the window: a WINDOW comes back
+        for i in range(4):  # one burst, no checkpoint: one websocket read at the other end
+            assert left.send_available(payload[i * 9000 : (i + 1) * 9000]) == 9000
+        await trio.testing.wait_all_tasks_blocked()
+        assert drain_socket(far) == payload
+        assert left._mux.conn.send_window(left.stream_id) == WINDOW
+
+
+async def test_if_the_sink_socket_is_full_then_the_rest_waits_in_the_stream_in_order(
+    nursery: trio.Nursery,
+) -> None:
+    """If the sink socket takes only part of a burst, then the rest comes out of
+    receive_some, after what the socket took, with nothing lost or reordered."""
+    left, right = await stream_pair(nursery)
+    sink, far = socket.socketpair()
+    with sink, far:
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sink.setblocking(False)
+        far.setblocking(False)
+        right.sink_fd = sink.fileno()
+        payload = os.urandom(3 * 20000)
+        for i in range(3):
+            assert left.send_available(payload[i * 20000 : (i + 1) * 20000]) == 20000
+        await trio.testing.wait_all_tasks_blocked()
+        direct = drain_socket(far)
+        assert 0 < len(direct) < len(payload)
+        rest = b""
+        while len(direct) + len(rest) < len(payload):
+            rest += await right.receive_some()
+            right.sink_busy = False
+        assert direct + rest == payload

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol
 
-from tunnel._ws import FrameError, FrameReader
+from tunnel._ws import FrameError, FrameReader, _mask, _mask_python, _MaskKeys
 
 
 def client_frames() -> tuple[bytes, bytes]:
@@ -78,3 +78,21 @@ def test_if_arbitrary_bytes_arrive_then_only_frame_errors_escape(junk: bytes) ->
     """If any bytes at all arrive, then the frame reader raises nothing but FrameError."""
     with contextlib.suppress(FrameError):
         FrameReader(expect_masked=True).feed(junk)
+
+
+@given(data=st.binary(max_size=300), key=st.binary(min_size=4, max_size=4))
+def test_if_data_is_masked_then_the_fast_and_the_python_mask_agree_and_undo_themselves(
+    data: bytes, key: bytes
+) -> None:
+    """The compiled mask gives the same bytes as the pure-Python one, and masking twice is a no-op."""
+    masked = bytes(_mask(data, key))
+    assert masked == bytes(_mask_python(data, key))
+    assert bytes(_mask(masked, key)) == data
+
+
+def test_if_many_masking_keys_are_drawn_then_each_is_four_bytes_and_they_vary() -> None:
+    """Keys come from a batched random pool: 4 bytes each, refilled past its end."""
+    keys = _MaskKeys()
+    drawn = [keys.next() for _ in range(3000)]
+    assert all(len(key) == 4 for key in drawn)
+    assert len(set(drawn)) > 2900
