@@ -146,7 +146,7 @@ frames = st.lists(
     st.one_of(
         st.builds(
             lambda kind, flags, ident, payload, lie: (
-                struct.pack("!BBHII", kind, flags, 0, ident, len(payload) + lie) + payload
+                struct.pack("!BBHII", kind, flags, 0, ident, max(0, len(payload) + lie)) + payload
             ),
             st.sampled_from([0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x10, 0x11, 0x12, 0x13])
             | st.integers(0, 255),
