@@ -871,8 +871,14 @@ class KubernetesProvider:
             "volumeMounts": [mount],
             "resources": _resources(settings.resources),
         }
-        if self._settings.s3_credentials_secret:
-            fetch["envFrom"] = [{"secretRef": {"name": self._settings.s3_credentials_secret}}]
+        secret = self._settings.s3_credentials_secret
+        if secret and self._settings.s3_credentials_env:  # key names differ from the AWS_* names
+            fetch["env"] += [
+                {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+                for name, key in sorted(self._settings.s3_credentials_env.items())
+            ]
+        elif secret:
+            fetch["envFrom"] = [{"secretRef": {"name": secret}}]
         if settings.backup_path:  # the one file, at the fixed path the original used
             mount = {"name": "backup", "mountPath": settings.backup_path, "subPath": basename}
         container: Obj = {

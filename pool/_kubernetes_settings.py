@@ -152,6 +152,10 @@ class KubernetesSettings:
     """Image with the ``aldaas`` CLI (the broker's own) for the restore Job's download container."""
     s3_credentials_secret: str | None = None
     """Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for the download container only."""
+    s3_credentials_env: dict[str, str] = attrs.field(factory=dict)
+    """Environment name → key of ``s3_credentials_secret`` for the download container, e.g.
+    ``{AWS_ACCESS_KEY_ID: accesskey, AWS_SECRET_ACCESS_KEY: secretkey}`` for the original chart's
+    Secret (the chart sets that); empty passes the Secret's keys as they are (``envFrom``)."""
     application: ApplicationSettings = ApplicationSettings()
     """The database container."""
     restore: RestoreSettings = RestoreSettings()

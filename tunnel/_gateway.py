@@ -95,6 +95,10 @@ class _AuthPenalties:
             del self._peers[next(iter(self._peers))]
         return count, min(_AUTH_DELAY_MAX, _AUTH_DELAY_FIRST * 2.0 ** min(count - 1, 16))
 
+_FRESH_ATTACH = (
+    "a new client process attached the session without replay state; its old streams were reset"
+)
+
 
 @attrs.frozen(kw_only=True)
 class GatewayStatistics:
@@ -449,6 +453,16 @@ class Gateway:
             await self._open_new(ws, conn, hello)
         else:
             assert session_id is not None
+            if live is not None and not live.ended and hello.fresh:
+                # A client without replay state (a new process with the cached secret) cannot
+                # resume the old streams: reset them (their TCP connections close) and count
+                # afresh. The owner hears session_ended, then attached, as after a grace period.
+                log.info(
+                    "tunnel session restarted by a fresh client",
+                    session_id=session_id,
+                    streams_reset=len(live.mux.streams),
+                )
+                live.end(_FRESH_ATTACH)
             if live is None or live.ended:
                 # The owner still accepts the secret, but the streams are gone: start afresh.
                 live = await self._register(session_id, conn)

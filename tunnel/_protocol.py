@@ -116,6 +116,10 @@ class Hello:
     """Sequenced bytes the client has received from the server (filled in on send)."""
     window: int = 256 * 1024
     """Per-stream credit the client grants the server (filled in on send)."""
+    fresh: bool = False
+    """On an attach HELLO: the client has no replay state (it was never welcomed in this
+    session, e.g. a new process with a cached id and secret), so it cannot resume the old
+    streams (filled in on send). Absent on the wire means False (older clients)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -368,6 +372,7 @@ class Connection:
         self._pos = 0
         self._error: RemoteProtocolError | None = None
         self._peer_hello_received = 0
+        self._peer_hello_fresh = False
         self._reset_session()
 
     def _reset_session(self) -> None:
@@ -437,6 +442,7 @@ class Connection:
         self._pos = 0
         self._error = None
         self._peer_hello_received = 0
+        self._peer_hello_fresh = False
         if self.state is not State.CLOSED:
             self.state = State.IDLE
 
@@ -516,10 +522,16 @@ class Connection:
                     "params": event.params,
                     "received": self._received,
                     "window": self.window,
+                    "fresh": event.mode == "attach" and not self._established,
                 }
             )
             return self._frame(FrameType.HELLO, 0, payload)
         if isinstance(event, Welcome):
+            if self.state is State.HELLO and event.resumed and self._peer_hello_fresh:
+                raise LocalProtocolError(
+                    "the client attached without replay state (HELLO fresh); "
+                    "answer resumed=false and reset the old streams"
+                )
             if self.state is State.HELLO and event.resumed:
                 self._acknowledge(self._peer_hello_received, source="the client's hello")
             elif self.state is State.HELLO:
@@ -835,10 +847,18 @@ class Connection:
         assert isinstance(params, dict)
         received = _offset_field(obj, "received", FrameType.HELLO)
         window = _window_field(obj, FrameType.HELLO)
+        fresh = obj.get("fresh", False)
+        if not isinstance(fresh, bool):
+            raise RemoteProtocolError("HELLO field 'fresh' must be a boolean")
+        if fresh and received:
+            raise RemoteProtocolError(
+                f"a fresh HELLO claims {received} bytes received; a fresh client has received none"
+            )
         self._peer_hello_received = received
+        self._peer_hello_fresh = fresh
         self._peer_window = window
         assert mode == "new" or mode == "attach" or mode == "control"
-        return Hello(mode=mode, params=params, received=received, window=window)
+        return Hello(mode=mode, params=params, received=received, window=window, fresh=fresh)
 
     def _receive_welcome(self, obj: JSONObject) -> Event:
         session_id = _field(obj, "session", str, FrameType.WELCOME)

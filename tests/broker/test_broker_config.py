@@ -170,3 +170,22 @@ def test_json_logging_redacts_secret_keys() -> None:
     assert line["token"] == "<redacted>"
     assert line["lease_id"] == "L1"
     assert line["event"] == "hello"
+
+
+def test_configuration_reference_in_docs_is_current() -> None:
+    """If a setting, default or docstring changes, then docs/configuration.md must be regenerated."""
+    from broker._config import render_reference
+    from broker._settings import Settings
+
+    doc = pathlib.Path(__file__).parents[2] / "docs" / "configuration.md"
+    assert doc.read_text() == render_reference(Settings), (
+        "docs/configuration.md is stale; regenerate it with: aldaas settings > docs/configuration.md"
+    )
+
+
+def test_every_setting_has_a_docstring() -> None:
+    """If a settings field lacks the docstring after it, then the reference would be empty there."""
+    from broker._settings import Settings
+
+    missing = [row.path for row in describe_settings(Settings) if not row.doc]
+    assert missing == []

@@ -195,16 +195,20 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
     }
     restore_env = {"PGPASSWORD": "passw0rd", "POSTGRES_USER": "aldaas", "POSTGRES_DB": "my_db_name"}
     assert config == {
-        "provider": {
-            "kind": "kubernetes",
+        "provider": "kubernetes",
+        "kubernetes": {
             "namespace": "aldaas",
             "instance": "demo-aldaas",
             "storage_class": "ceph-block",
             "snapshot_class": "ceph-block",
             "storage_size": "10Gi",
-            "leader_election_lease": "demo-aldaas-leader",
             "helper_image": "ghcr.io/negashev/aldaas:0.1.0",
-            "s3_credentials_secret": "",
+            "s3_credentials_secret": None,
+            "s3_credentials_env": {
+                "AWS_ACCESS_KEY_ID": "accesskey",
+                "AWS_SECRET_ACCESS_KEY": "secretkey",
+            },
+            "leader_election": {"lease_name": "demo-aldaas-leader"},
             "application": {
                 "image": "postgres:latest",
                 "pull_policy": "IfNotPresent",
@@ -218,6 +222,9 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                     "POSTGRES_DB": "my_db_name",
                 },
                 "resources": resources,
+                "user": "aldaas",
+                "database": "my_db_name",
+                "password": "passw0rd",
             },
             "restore": {
                 "image": "postgres:latest",
@@ -228,6 +235,11 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                 ],
                 "env": restore_env,
                 "resources": resources,
+                "backup_path": "/backup.sql.gz",
+                "fetch_env": {
+                    "ALDAAS_S3_BUCKET": "backup",
+                    "ALDAAS_S3_ENDPOINT_URL": "http://minio.server:80",
+                },
             },
             "check": {
                 "image": "postgres:latest",
@@ -239,26 +251,28 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                 "resources": resources,
             },
         },
-        "source": {
-            "kind": "s3",
-            "endpoint_url": "http://minio.server:80",
-            "region": "",
+        "source": {"kind": "s3"},
+        "s3": {
             "bucket": "backup",
             "prefix": "spilo/acid-database/shasum/logical_backups",
             "suffix": ".sql.gz",
+            "endpoint_url": "http://minio.server:80",
+            "region": None,
         },
         "pool": {"size": 3, "max_provisioning": 2},
         "lease": {"ttl": 300, "max_ttl": 86400, "max_lifetime": 604800},
         "snapshots": {"keep": 1},
-        "gateway": {"listen": "0.0.0.0", "port": 8080, "tls": False},
+        "gateway": {"host": "0.0.0.0", "port": 8080, "legacy_endpoint": True},
         "admin": {"listen": "0.0.0.0", "port": 9090},
+        "log": {"format": "json"},
     }
 
 
 def test_if_original_style_values_are_given_then_they_reach_the_config(render: Render) -> None:
     """If an original values file is installed, then its keys land in the matching settings."""
     config = render(ORIGINAL_STYLE).broker_config()
-    provider = config["provider"]
+    provider = config["kubernetes"]
+    assert config["provider"] == "kubernetes"
     assert provider["storage_class"] == "rbd-fast"
     assert provider["snapshot_class"] == "rbd-fast-snap"
     assert provider["storage_size"] == "20Gi"
@@ -283,10 +297,16 @@ def test_if_original_style_values_are_given_then_they_reach_the_config(render: R
     assert provider["check"]["args"] == [
         "psql -h $ALDAAS_HOST_DAEMON -U $POSTGRES_USER -d $POSTGRES_DB -c 'select 1'"
     ]
-    assert config["source"] == {
-        "kind": "s3",
+    assert provider["application"]["user"] == "app"
+    assert provider["application"]["database"] == "appdb"
+    assert provider["restore"]["fetch_env"] == {
+        "ALDAAS_S3_BUCKET": "nightly",
+        "ALDAAS_S3_ENDPOINT_URL": "http://minio.backups.svc:9000",
+    }
+    assert config["source"] == {"kind": "s3"}
+    assert config["s3"] == {
         "endpoint_url": "http://minio.backups.svc:9000",
-        "region": "",
+        "region": None,
         "bucket": "nightly",
         "prefix": "logical/appdb",
         "suffix": ".sql.gz",
@@ -312,14 +332,14 @@ def test_if_s3_keys_are_given_then_they_are_in_the_secret_and_not_the_configmap(
         assert secret_text not in configmap_text
     env = rendered.container()["env"]
     assert [e["name"] for e in env] == [
-        "ALDAAS_POD_NAME",
-        "ALDAAS_TOKEN",
+        "ALDAAS_KUBERNETES_IDENTITY",
+        "ALDAAS_GATEWAY_INSTANCE_TOKEN",
         "ALDAAS_ADMIN_TOKEN",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
     ]
     assert env[3]["valueFrom"] == {"secretKeyRef": {"name": "demo-aldaas", "key": "accesskey"}}
-    assert rendered.broker_config()["provider"]["s3_credentials_secret"] == "demo-aldaas"
+    assert rendered.broker_config()["kubernetes"]["s3_credentials_secret"] == "demo-aldaas"
 
 
 def secret_value(secret: dict[str, Any], key: str) -> str:
@@ -342,7 +362,9 @@ def test_if_both_existing_secrets_are_named_then_no_secret_is_rendered(render: R
     rendered = render({"existingSecret": "aldaas-tokens", "s3": {"existingSecret": "backups-s3"}})
     assert not rendered.has("Secret")
     env = {e["name"]: e["valueFrom"] for e in rendered.container()["env"]}
-    assert env["ALDAAS_TOKEN"] == {"secretKeyRef": {"name": "aldaas-tokens", "key": "token"}}
+    assert env["ALDAAS_GATEWAY_INSTANCE_TOKEN"] == {
+        "secretKeyRef": {"name": "aldaas-tokens", "key": "token"}
+    }
     assert env["AWS_SECRET_ACCESS_KEY"] == {
         "secretKeyRef": {"name": "backups-s3", "key": "secretkey"}
     }
@@ -361,7 +383,11 @@ def test_if_only_s3_existing_secret_is_named_then_the_secret_holds_only_tokens(
 def test_if_no_s3_credentials_are_given_then_the_broker_gets_no_aws_keys(render: Render) -> None:
     """If neither S3 keys nor s3.existingSecret are set, then the pod's cloud identity is used."""
     names = [e["name"] for e in render(None).container()["env"]]
-    assert names == ["ALDAAS_POD_NAME", "ALDAAS_TOKEN", "ALDAAS_ADMIN_TOKEN"]
+    assert names == [
+        "ALDAAS_KUBERNETES_IDENTITY",
+        "ALDAAS_GATEWAY_INSTANCE_TOKEN",
+        "ALDAAS_ADMIN_TOKEN",
+    ]
 
 
 def test_if_domain_and_tls_are_set_then_the_ingress_is_websocket_ready(render: Render) -> None:
@@ -453,11 +479,11 @@ def test_if_replicas_is_2_then_two_brokers_share_one_leader_lease(render: Render
         },
     }
     config = rendered.broker_config()
-    assert config["provider"]["leader_election_lease"] == "demo-aldaas-leader"
+    assert config["kubernetes"]["leader_election"] == {"lease_name": "demo-aldaas-leader"}
     assert config["pool"] == {"size": 5, "max_provisioning": 3}
     env = rendered.container()["env"][0]
     assert env == {
-        "name": "ALDAAS_POD_NAME",
+        "name": "ALDAAS_KUBERNETES_IDENTITY",
         "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
     }
 

@@ -103,7 +103,7 @@ def test_if_the_provider_snapshots_with_the_chart_class_then_the_crd_accepts_it(
 ) -> None:
     """If a VolumeSnapshot uses the chart's snapshot class, then the CRD accepts it."""
     config = render({"rook": {"volumeSnapshotClassName": "rbd-snap"}}).broker_config()
-    manifest = provider_snapshot(config["provider"]["snapshot_class"], "demo-aldaas-restore-1")
+    manifest = provider_snapshot(config["kubernetes"]["snapshot_class"], "demo-aldaas-restore-1")
     snapshot_validator.validate(manifest)
     assert manifest["spec"]["volumeSnapshotClassName"] == "rbd-snap"
     for value in manifest["metadata"]["labels"].values():
@@ -155,7 +155,7 @@ def test_if_a_clone_pvc_names_the_snapshot_then_kubernetes_accepts_it(
     validate_manifest: Callable[[dict[str, Any]], None],
 ) -> None:
     """If a clone's PVC takes the snapshot as dataSource, then it validates strictly (core/v1)."""
-    provider = render(None).broker_config()["provider"]
+    provider = render(None).broker_config()["kubernetes"]
     pvc = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",

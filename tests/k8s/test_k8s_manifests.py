@@ -116,3 +116,41 @@ async def test_if_the_original_restore_values_are_used_then_the_job_runs_them_ve
     env = {e["name"]: e["value"] for e in restore["env"]}
     assert env["ALDAAS_BACKUP_FILE"] == "/backup.sql.gz"
     assert [r.kind for r in await provider.list()] == [Kind.VOLUME]
+
+
+async def test_if_the_s3_secret_has_other_key_names_then_the_download_maps_them_to_aws_names(
+    settings: KubernetesSettings, fake: FakeKubernetes, api_client: client.ApiClient, source: object
+) -> None:
+    """If s3_credentials_env maps AWS names to the Secret's keys, then only the download gets them."""
+    settings = attrs.evolve(
+        settings,
+        s3_credentials_secret="backups-s3",
+        s3_credentials_env={
+            "AWS_ACCESS_KEY_ID": "accesskey",
+            "AWS_SECRET_ACCESS_KEY": "secretkey",
+        },
+        restore=RestoreSettings(fetch_env={"ALDAAS_S3_BUCKET": "nightly"}),
+    )
+    provider = KubernetesProvider(settings, api_client)
+    await provider.create_volume("v", {})
+    backup = Backup(key="dumps/1.sql.gz", etag="e", size=1, modified=0)
+    await provider.restore("v", backup, source, Command(argv=["psql"]), lambda p: None)  # type: ignore[arg-type]
+    (job,) = [obj for plural, obj in fake.created if plural == "jobs"]
+    validate(job)
+    spec = job["spec"]["template"]["spec"]
+    (fetch,) = spec["initContainers"]
+    assert "envFrom" not in fetch
+    assert fetch["env"] == [
+        {"name": "ALDAAS_S3_BUCKET", "value": "nightly"},
+        {
+            "name": "AWS_ACCESS_KEY_ID",
+            "valueFrom": {"secretKeyRef": {"name": "backups-s3", "key": "accesskey"}},
+        },
+        {
+            "name": "AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "backups-s3", "key": "secretkey"}},
+        },
+    ]
+    (restore,) = spec["containers"]
+    assert "envFrom" not in restore
+    assert not any("valueFrom" in e for e in restore["env"])

@@ -9,11 +9,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
 import trustme
-from tunnel_fakes import TOKEN, FakeHooks, Rig, start_cut_proxy, start_rig
+from tunnel_fakes import (
+    TOKEN,
+    FakeHooks,
+    Rig,
+    echo_handler,
+    start_cut_proxy,
+    start_rig,
+    start_tcp_server,
+)
 
 from tunnel import (
     AttachSession,
@@ -30,10 +39,14 @@ from tunnel import (
     open_control,
     serve_client,
 )
-from tunnel._protocol import Connection, Error, Hello, OpenStream, Role, Welcome
+from tunnel._protocol import Connection, Data, Error, Hello, OpenStream, Role, Welcome
 from tunnel._ws import HandshakeRejected, WebSocket, connect
 
 pytestmark = pytest.mark.slow
+
+FRESH_REASON = (
+    "a new client process attached the session without replay state; its old streams were reset"
+)
 
 
 async def start_client(
@@ -110,17 +123,25 @@ async def test_if_50_streams_move_data_at_once_then_every_checksum_matches(rig: 
     client.close()
 
 
+@pytest.mark.parametrize("attached_from_cache", [False, True])
 async def test_if_the_websocket_is_cut_mid_transfer_then_the_session_resumes_intact(
-    nursery: trio.Nursery,
+    nursery: trio.Nursery, attached_from_cache: bool
 ) -> None:
     """If the network drops the websocket during a transfer, then the client resumes and
-    the stream's bytes arrive complete, in order, once."""
+    the stream's bytes arrive complete, in order, once (also for a client that began by
+    attaching a cached session: only its first HELLO is fresh)."""
     rig = await start_rig(nursery)
     proxy = await start_cut_proxy(nursery, ("127.0.0.1", rig.gateway.port))
+    auth: NewSession | AttachSession | None = None
+    if attached_from_cache:
+        ws, _conn = await raw_session(rig)
+        await trio.aclose_forcefully(ws.stream)
+        auth = AttachSession(session_id="s1", secret="secret-s1")
     events: list[ClientEvent] = []
     client = await start_client(
         rig,
         events,
+        auth=auth,
         url=f"ws://127.0.0.1:{proxy.port}/tunnel",
         reconnect_initial_delay=0.01,
         reconnect_max_delay=0.05,
@@ -409,7 +430,8 @@ async def test_if_the_legacy_endpoint_is_off_then_its_path_is_404(rig: Rig) -> N
 
 
 async def test_if_a_second_client_attaches_then_it_takes_the_session_over(rig: Rig) -> None:
-    """If another client attaches the same session, then it resumes it and the first stops."""
+    """If another client attaches the same session, then it takes it over (fresh, as it has
+    no replay state) and the first stops with close 4003."""
     closed: list[SessionClosed] = []
     done = trio.Event()
 
@@ -432,10 +454,70 @@ async def test_if_a_second_client_attaches_then_it_takes_the_session_over(rig: R
     with trio.fail_after(5):
         await done.wait()
     assert "another connection attached this session" in str(closed[0])
-    assert Connected(session=second.session, resumed=True) in events
+    # The second client is a new process with no replay state: the session starts afresh.
+    assert Connected(session=second.session, resumed=False) in events
     assert second.local_address is not None
     assert await echo_roundtrip(second.local_address, b"mine now") == b"mine now"
     second.close()
+
+
+@attrs.define
+class DetachWatchingHooks(FakeHooks):
+    """The hooks fake, plus an event set once the gateway reports a detach."""
+
+    detached_once: trio.Event = attrs.field(factory=trio.Event)
+
+    def detached(self, session_id: str) -> None:
+        super().detached(session_id)
+        self.detached_once.set()
+
+
+async def test_if_a_new_client_process_attaches_a_detached_session_then_old_streams_reset(
+    nursery: trio.Nursery,
+) -> None:
+    """If a new client process attaches a session whose old client vanished with a stream
+    open, then that stream's TCP connection closes and the newcomer starts afresh."""
+    hooks = DetachWatchingHooks()
+    rig = await start_rig(nursery, hooks)
+    ended: list[trio.Event] = []
+
+    async def backend(stream: trio.SocketStream) -> None:
+        done = trio.Event()
+        ended.append(done)
+        try:
+            await echo_handler(stream)
+        finally:
+            done.set()
+
+    rig.hooks.address = await start_tcp_server(nursery, backend)
+    ws, conn = await raw_session(rig)
+    await ws.send(
+        conn.send(OpenStream(stream_id=1)) + conn.send(Data(stream_id=1, data=b"x" * 381))
+    )
+    echoed = 0
+    while echoed < 381:
+        conn.receive_data(await ws.receive())
+        echoed += sum(len(e.data) for e in conn.events() if isinstance(e, Data))
+    await trio.aclose_forcefully(ws.stream)  # the old process dies: no RESET, no close frame
+    with trio.fail_after(5):
+        await hooks.detached_once.wait()
+    assert rig.gateway.statistics().streams == 1
+    assert not ended[0].is_set()
+
+    events: list[ClientEvent] = []
+    client = await start_client(
+        rig, events, auth=AttachSession(session_id="s1", secret="secret-s1")
+    )
+    assert Connected(session=client.session, resumed=False) in events
+    with trio.fail_after(5):
+        await ended[0].wait()
+    assert ("ended", "s1", FRESH_REASON) in rig.hooks.log
+    assert rig.hooks.log[-1] == ("attached", "s1")
+    assert client.local_address is not None
+    assert await echo_roundtrip(client.local_address, b"fresh start") == b"fresh start"
+    stats = rig.gateway.statistics()
+    assert (stats.sessions, stats.streams_opened_total) == (1, 2)
+    client.close()
 
 
 async def test_if_the_client_never_comes_back_then_the_grace_period_ends_the_session(

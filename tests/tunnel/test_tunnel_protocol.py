@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import struct
 
 import pytest
@@ -466,7 +467,68 @@ def test_if_a_resuming_client_claims_unsent_bytes_then_the_welcome_is_refused() 
     _client, server = handshake()
     server.connection_lost()
     liar = Connection(Role.CLIENT)
+    liar._established = True  # it claims to resume, so its HELLO is not fresh
     liar._received = 5000  # a broken or malicious client
     drain(server, liar.send(Hello(mode="attach")))
     with pytest.raises(RemoteProtocolError, match="acknowledges offset 5000"):
         server.send(Welcome(session_id="s1", resumed=True))
+
+
+def test_if_a_never_welcomed_client_attaches_then_its_hello_says_fresh() -> None:
+    """If a client process attaches with a cached id before any welcome, then its HELLO
+    says it has no replay state, and the server may only answer resumed=false."""
+    old, server = handshake()
+    drain(server, old.send(OpenStream(stream_id=1)))
+    server.send(Data(stream_id=1, data=b"rows"))  # never acknowledged: still in the replay
+    server.connection_lost()
+    newcomer = Connection(Role.CLIENT, window=WINDOW)
+    assert drain(server, newcomer.send(Hello(mode="attach"))) == [
+        Hello(mode="attach", received=0, window=WINDOW, fresh=True)
+    ]
+    with pytest.raises(LocalProtocolError, match="without replay state"):
+        server.send(Welcome(session_id="s1", resumed=True))
+    welcome = drain(newcomer, server.send(Welcome(session_id="s1", resumed=False)))
+    assert welcome == [Welcome(session_id="s1", resumed=False, received=0, window=WINDOW)]
+    assert server.sent_offset == 0
+    assert server.received_offset == 0
+    assert server.stream_ids == frozenset()
+
+
+def test_if_a_welcomed_client_reattaches_then_its_hello_is_not_fresh() -> None:
+    """If the same client process reconnects after a welcome, then its HELLO asks to resume."""
+    client, server = handshake()
+    drain(server, client.send(OpenStream(stream_id=1)))
+    client.connection_lost()
+    server.connection_lost()
+    assert drain(server, client.send(Hello(mode="attach"))) == [
+        Hello(mode="attach", received=0, window=WINDOW, fresh=False)
+    ]
+    server.send(Welcome(session_id="s1", resumed=True))
+    assert server.received_offset == 12
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"fresh": "yes"}, "'fresh' must be a boolean"),
+        ({"fresh": True, "received": 7}, "a fresh HELLO claims 7 bytes received"),
+    ],
+)
+def test_if_a_hello_misuses_fresh_then_it_is_a_remote_error(
+    fields: dict[str, object], message: str
+) -> None:
+    """If the HELLO's fresh flag is not a boolean or contradicts its offset, then it is refused."""
+    body = {"version": 1, "mode": "attach", "params": {}, "received": 0, "window": WINDOW}
+    payload = json.dumps(body | fields).encode()
+    server = Connection(Role.SERVER)
+    with pytest.raises(RemoteProtocolError, match=message):
+        drain(server, struct.pack("!BBHII", 0x01, 0, 0, 0, len(payload)) + payload)
+
+
+def test_if_an_older_client_omits_fresh_then_its_hello_asks_to_resume() -> None:
+    """If a HELLO has no fresh field (an older aldaas.v1 client), then it means not fresh."""
+    body = {"version": 1, "mode": "attach", "params": {}, "received": 0, "window": WINDOW}
+    payload = json.dumps(body).encode()
+    server = Connection(Role.SERVER)
+    hello = drain(server, struct.pack("!BBHII", 0x01, 0, 0, 0, len(payload)) + payload)
+    assert hello == [Hello(mode="attach", window=WINDOW, fresh=False)]

@@ -1,0 +1,7 @@
+"""``python -m broker`` is the ``aldaas`` program."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""The ``aldaas`` program: ``serve`` runs the broker; the client commands live in client/."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+import trio
+
+from client._cli import add_commands, run_command
+
+from ._config import ConfigError, load_settings, render_reference
+from ._logging import configure_logging
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aldaas",
+        description="Production-like PostgreSQL databases, handed out instantly.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the broker (pool, gateway, admin listener)",
+        description="Run the broker until SIGTERM or SIGINT, then drain and exit 0. Settings: "
+        "defaults < --config FILE < ALDAAS_<SECTION>_<FIELD> variables < --set flags.",
+    )
+    serve.add_argument("--config", type=pathlib.Path, metavar="FILE", help="YAML settings file")
+    serve.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one setting, e.g. --set pool.size=5 (repeatable)",
+    )
+    serve.set_defaults(func=None)
+
+    fetch = sub.add_parser(
+        "fetch-backup",
+        help="stream one backup from S3 to a file (the Kubernetes restore Job's init container)",
+        description="Stream S3 object KEY to PATH (via PATH.part, fsynced, renamed). The S3 "
+        "settings come from --config, ALDAAS_S3_* variables and --set, as for serve; credentials "
+        "from s3.access_key_id/secret_access_key or the standard AWS chain. Stdout carries only "
+        "'progress DONE TOTAL' lines.",
+    )
+    fetch.add_argument("--key", required=True, help="object key of the backup")
+    fetch.add_argument("--to", required=True, type=pathlib.Path, metavar="PATH", help="target")
+    fetch.add_argument("--size", type=int, help="object size if known (saves one listing)")
+    fetch.add_argument("--config", type=pathlib.Path, metavar="FILE", help="YAML settings file")
+    fetch.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override"
+    )
+    sub.add_parser(
+        "settings",
+        help="print every broker setting with its default and environment variable (Markdown)",
+        description="Print the configuration reference that docs/configuration.md holds.",
+    )
+    add_commands(sub)
+    return parser
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for e in error.exceptions for leaf in _leaves(e)]
+    return [error]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._broker import serve
+    from ._settings import Settings
+
+    try:
+        settings = load_settings(
+            Settings, path=args.config, environ=dict(os.environ), overrides=args.set
+        )
+        configure_logging(settings.log.level, settings.log.format)
+    except (ConfigError, ValueError) as exc:
+        print(f"aldaas: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(serve, settings)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # Failures before the broker started (a port in use, an unusable data folder) end here;
+        # crashes after start are restarted by the supervisor instead.
+        from ._admin import StartupError
+
+        leaf = _leaves(exc)[0]
+        if isinstance(leaf, StartupError | ConfigError):
+            print(f"aldaas: error: {leaf}", file=sys.stderr)
+            return 1
+        if isinstance(leaf, OSError) or type(leaf).__module__.startswith("pool"):
+            text = (leaf.strerror if isinstance(leaf, OSError) else None) or str(leaf)
+            print(f"aldaas: error: The broker could not start: {text}.", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def _fetch_backup(args: argparse.Namespace) -> int:
+    from ._fetch import FetchError, fetch_backup
+    from ._settings import Settings
+
+    try:
+        settings = load_settings(
+            Settings, path=args.config, environ=dict(os.environ), overrides=args.set
+        )
+        configure_logging("warning", "json")
+        return_code = 0
+        trio.run(
+            partial(fetch_backup, settings.s3, args.key, args.to, out=sys.stdout, size=args.size)
+        )
+    except (ConfigError, FetchError) as exc:
+        print(f"aldaas: error: {exc}", file=sys.stderr)
+        return_code = 1
+    return return_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``aldaas`` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "fetch-backup":
+        return _fetch_backup(args)
+    if args.command == "settings":
+        from ._settings import Settings
+
+        sys.stdout.write(render_reference(Settings))
+        return 0
+    # The client shows its own progress; library logs (the tunnel's) only matter when they warn,
+    # and never go to stdout, which carries the DSN and status output.
+    level = os.environ.get("ALDAAS_LOG_LEVEL", "warning").strip().lower() or "warning"
+    try:
+        configure_logging(level, "auto")
+    except ValueError as exc:
+        print(f"aldaas: error: ALDAAS_LOG_LEVEL: {exc}", file=sys.stderr)
+        return 2
+    return run_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,503 @@
+"""``aldaas connect | run | reset | release | status | snapshots``: the client side of aldaas.
+
+``broker/_cli.py`` owns the ``aldaas`` program and its ``serve`` command; it
+calls :func:`add_commands` to add these, and each sets ``func`` to a
+coroutine function ``(args, environ, console) -> exit status``. The client
+talks to the broker only through the tunnel (``tunnel.serve_client`` for a
+session, ``tunnel.open_control`` for one-off requests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from functools import partial
+from typing import Any
+
+import trio
+
+import tunnel
+
+from . import _state
+from ._console import Console
+from ._options import ClientError, Options, resolve
+from ._render import database_environ, dsn, progress_text, size, snapshots_text, status_text
+
+Command = Callable[[argparse.Namespace, Mapping[str, str], Console], Awaitable[int]]
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the client commands to the ``aldaas`` parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("where the broker is (flags win over the ALDAAS_* variables)")
+    g.add_argument("--server", help="gateway host[:port] or ws(s):// URL [ALDAAS_SERVER]")
+    g.add_argument("--token", help="instance token [ALDAAS_TOKEN]")
+    g.add_argument("--name", help="name of the lease, one per server and name [ALDAAS_NAME]")
+    g.add_argument("--protocol", choices=("ws", "wss"), help="default wss [ALDAAS_PROTOCOL]")
+    g.add_argument("--ca-file", type=pathlib.Path, help="CA bundle for wss (default: system store)")
+    g.add_argument("--listen", help="local address to listen on [ALDAAS_LISTEN, 127.0.0.1]")
+
+    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("connect", _connect, "get a database (or resume the cached one) on a local port")
+    p.add_argument("--port", type=int, help="local port, 0 = any free one [ALDAAS_PORT, 5432]")
+    p.add_argument("--ttl", type=float, help="idle TTL in seconds [ALDAAS_TTL, server default]")
+    p.add_argument("--new", action="store_true", help="forget the cached lease, get a fresh one")
+    p.add_argument(
+        "--release-on-exit",
+        action="store_true",
+        help="release the lease on exit instead of leaving it to its idle TTL",
+    )
+
+    p = add("run", _run, "run a command against a fresh database, then release it")
+    p.add_argument("--port", type=int, help="local port [ALDAAS_PORT, else any free one]")
+    p.add_argument("--ttl", type=float, help="idle TTL in seconds [ALDAAS_TTL]")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command")
+
+    add("reset", _reset, "swap the cached lease's database for a pristine copy, same address")
+    add("release", _release, "release the cached lease now (its database is destroyed)")
+    p = add("status", _status, "show the pool, the snapshots and the leases")
+    p.add_argument("--json", action="store_true", help="print the broker's JSON answer")
+    p = add("snapshots", _snapshots, "list the snapshots")
+    p.add_argument("--json", action="store_true", help="print the broker's JSON answer")
+
+
+def _options(
+    args: argparse.Namespace, environ: Mapping[str, str], *, default_port: int = 5432
+) -> Options:
+    return resolve(
+        environ=environ,
+        state_dir=_state.state_dir(environ),
+        server=args.server,
+        token=args.token,
+        port=getattr(args, "port", None),
+        ttl=getattr(args, "ttl", None),
+        name=args.name,
+        protocol=args.protocol,
+        ca_file=args.ca_file,
+        listen=args.listen,
+        default_port=default_port,
+    )
+
+
+def _reachable(address: tuple[str, int]) -> tuple[str, int]:
+    """Where a local program connects: a wildcard listener is reached on loopback."""
+    host, port = address[0], address[1]
+    wildcard = host in ("0.0.0.0", "", "::")  # noqa: S104 - recognising it, not binding it
+    return ("127.0.0.1" if wildcard else host), port
+
+
+def _need_token(opts: Options) -> str:
+    if not opts.token:
+        raise ClientError("No token is set; pass --token or set ALDAAS_TOKEN.", exit_code=2)
+    return opts.token
+
+
+def _settings(opts: Options, *, port: int, listen: bool = True) -> tunnel.ClientSettings:
+    return tunnel.ClientSettings(
+        url=opts.url, listen_host=opts.listen, listen_port=port, listen=listen, ca_file=opts.ca_file
+    )
+
+
+def _params(opts: Options) -> dict[str, tunnel.JSONValue]:
+    params: dict[str, tunnel.JSONValue] = {"name": opts.name}
+    if opts.ttl is not None:
+        params["ttl"] = opts.ttl
+    return params
+
+
+def _lease_args(cached: _state.CachedLease) -> dict[str, tunnel.JSONValue]:
+    return {"lease": cached.lease_id, "secret": cached.secret}
+
+
+def _refused(exc: BaseException, opts: Options) -> ClientError:
+    """The server's one-sentence refusal, as the client's error."""
+    text = str(exc).strip() or f"The broker at {opts.server} refused the request"
+    return ClientError(text[0].upper() + text[1:].rstrip(".") + ".")
+
+
+def _broken(exc: BaseException, opts: Options) -> ClientError:
+    """A tunnel failure that is nobody's configuration mistake (a protocol error, a bug)."""
+    text = str(exc).strip().rstrip(".") or type(exc).__name__
+    return ClientError(
+        f"The tunnel to {opts.server} failed ({text}); retry, and report it if it persists."
+    )
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one interesting error of a nursery's group (tunnel errors first)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, tunnel.TunnelError | ClientError | OSError):
+            return leaf
+    return leaves[0]
+
+
+@contextlib.asynccontextmanager
+async def _nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery whose failure surfaces as its one meaningful error, not an exception group."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+
+
+class _Connected:
+    """The live part of ``connect``: status line, signals, release on exit."""
+
+    def __init__(self, console: Console, server: str) -> None:
+        self.console = console
+        self.phase = [f"connecting to {server}"]
+        self.connected = False
+        self.was_connected = False
+
+    def on_event(self, event: tunnel.ClientEvent) -> None:
+        if isinstance(event, tunnel.Waiting):
+            self.phase[0] = progress_text(event.params)
+        elif isinstance(event, tunnel.Connecting):
+            if event.attempt > 1:
+                self.phase[0] = f"reconnecting (attempt {event.attempt})"
+        elif isinstance(event, tunnel.Disconnected):
+            self.connected = False
+            self.console.note(f"disconnected ({event.reason}); retrying in {event.retry_in:.1f}s")
+            self.phase[0] = "reconnecting"
+        elif isinstance(event, tunnel.Connected):
+            if self.was_connected:
+                resumed = "the session resumed" if event.resumed else "open connections were reset"
+                self.console.note(f"reconnected; {resumed}")
+            self.connected = self.was_connected = True
+
+
+async def _connect(args: argparse.Namespace, environ: Mapping[str, str], console: Console) -> int:
+    opts = _options(args, environ)
+    path = _state.state_path(opts.state_dir, opts.server, opts.name)
+    cached = None if args.new else _state.load(path)
+    if args.new:
+        _state.forget(path)
+    while True:
+        auth: tunnel.NewSession | tunnel.AttachSession
+        if cached is not None:
+            await _take_over(opts, cached)
+            auth = tunnel.AttachSession(session_id=cached.lease_id, secret=cached.secret)
+        else:
+            auth = tunnel.NewSession(token=_need_token(opts), params=_params(opts))
+        try:
+            return await _connect_once(opts, auth, path, cached, args, console)
+        except tunnel.SessionRefused as exc:
+            console.clear()
+            if cached is None:
+                raise _refused(exc, opts) from None
+            console.note(f"the cached lease {cached.lease_id} is gone ({exc}); getting a new one")
+            _state.forget(path)
+            cached = None
+
+
+async def _take_over(opts: Options, cached: _state.CachedLease) -> None:
+    """Ask the broker to drop a stale gateway session of our cached lease before attaching.
+
+    A previous ``aldaas connect`` of this lease may have died seconds ago; its session then
+    waits out the gateway's grace period with streams and byte counts this new process does
+    not have. Ending it lets this process attach afresh (the lease and its data stay).
+    Best effort: without a token, or if the broker says no, attaching decides.
+    """
+    if not opts.token:
+        return
+    with contextlib.suppress(ClientError):
+        await _control(opts, "takeover", _lease_args(cached))
+
+
+async def _connect_once(
+    opts: Options,
+    auth: tunnel.NewSession | tunnel.AttachSession,
+    path: pathlib.Path,
+    cached: _state.CachedLease | None,
+    args: argparse.Namespace,
+    console: Console,
+) -> int:
+    live = _Connected(console, opts.server)
+    started = trio.current_time()
+    stop = trio.Event()
+    saved: _state.CachedLease | None = None
+    try:
+        async with _nursery() as nursery:
+            spinner = trio.CancelScope()
+
+            async def spin() -> None:
+                with spinner:
+                    await console.spin_while(live.phase)
+
+            async def watch_signals(task_status: trio.TaskStatus[None]) -> None:
+                # Installed before anything else so that Ctrl-C / SIGTERM at any moment ends
+                # the command cleanly (while waiting: give up; once connected: leave or release).
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    task_status.started()
+                    async for _ in signals:
+                        stop.set()
+                        if not live.connected and not live.was_connected:
+                            nursery.cancel_scope.cancel()
+
+            await nursery.start(watch_signals)
+            nursery.start_soon(spin)
+            client: tunnel.TunnelClient = await nursery.start(
+                partial(
+                    tunnel.serve_client,
+                    _settings(opts, port=opts.port),
+                    auth,
+                    on_event=live.on_event,
+                )
+            )
+            spinner.cancel()
+            console.clear()
+            info: dict[str, Any] = dict(client.session.info)
+            if not info and cached is not None:
+                info = dict(cached.info)
+            saved = _state.CachedLease(
+                server=opts.server,
+                name=opts.name,
+                lease_id=client.session.session_id,
+                secret=client.session.secret or (cached.secret if cached else ""),
+                info={k: str(v) for k, v in info.items() if v is not None},
+                saved_at=time.time(),
+            )
+            _state.save(path, saved)
+            assert client.local_address is not None
+            host, port = _reachable(client.local_address)
+            verb = "resumed" if cached is not None else "got"
+            console.note(
+                f"{verb} lease {client.session.session_id} in "
+                f"{(trio.current_time() - started) * 1000:.0f} ms; "
+                f"Ctrl-C leaves it to its idle TTL"
+                + (" (released on exit)" if args.release_on_exit else "")
+            )
+            print(dsn(info, host, port), flush=True)
+            nursery.start_soon(_status_line, client, live, console)
+            await stop.wait()
+            console.clear()
+            if args.release_on_exit:
+                with trio.move_on_after(10):
+                    await client.request("release", {})
+                _state.forget(path)
+                console.note(f"released lease {client.session.session_id}")
+            client.close()
+            nursery.cancel_scope.cancel()
+        if stop.is_set() and not live.was_connected:
+            console.clear()
+            console.note("interrupted while waiting for a database")
+            return 130
+        return 0
+    except tunnel.SessionClosed as exc:
+        console.clear()
+        if saved is not None:
+            # Not if another aldaas connect took the lease over and cached it anew meanwhile.
+            _state.forget_if_unchanged(path, saved)
+        raise ClientError(f"The lease ended: {exc}".rstrip(".") + ".") from None
+    except tunnel.SessionRefused as exc:
+        console.clear()
+        if not live.was_connected:
+            raise  # the cached lease is stale: _connect gets a new one
+        # Refused on a reconnect (the broker restarted and no longer has the lease): the
+        # database behind the printed DSN is gone; say so rather than swap in another one.
+        if saved is not None:
+            _state.forget_if_unchanged(path, saved)
+        raise ClientError(f"The lease ended: {exc}".rstrip(".") + ".") from None
+    except tunnel.TunnelError as exc:
+        console.clear()
+        raise _broken(exc, opts) from None
+    except OSError as exc:
+        console.clear()
+        raise ClientError(
+            f"Cannot listen on 127.0.0.1:{opts.port} ({exc}); pick another port with --port "
+            "or ALDAAS_PORT."
+            if exc.errno in (98, 13)
+            else f"Cannot reach the broker at {opts.server} ({exc}); check --server and the network."
+        ) from None
+
+
+async def _status_line(client: tunnel.TunnelClient, live: _Connected, console: Console) -> None:
+    if not console.live:
+        return
+    while True:
+        stats = client.statistics()
+        state = "connected" if live.connected else live.phase[0]
+        console.show(
+            f"{state} · lease {client.session.session_id} · {stats.streams} connections · "
+            f"↑ {size(stats.bytes_up_total)} ↓ {size(stats.bytes_down_total)}"
+        )
+        await trio.sleep(1)
+
+
+async def _run(args: argparse.Namespace, environ: Mapping[str, str], console: Console) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise ClientError("No command given; write aldaas run -- CMD [ARGS...].", exit_code=2)
+    opts = _options(args, environ, default_port=0)
+    auth = tunnel.NewSession(token=_need_token(opts), params=_params(opts))
+    live = _Connected(console, opts.server)
+    status = 0
+    try:
+        async with _nursery() as nursery:
+            spinner = trio.CancelScope()
+
+            async def spin() -> None:
+                with spinner:
+                    await console.spin_while(live.phase)
+
+            nursery.start_soon(spin)
+            client: tunnel.TunnelClient = await nursery.start(
+                partial(
+                    tunnel.serve_client,
+                    _settings(opts, port=opts.port),
+                    auth,
+                    on_event=live.on_event,
+                )
+            )
+            spinner.cancel()
+            console.clear()
+            assert client.local_address is not None
+            host, port = _reachable(client.local_address)
+            env = {**environ, **database_environ(client.session.info, host, port)}
+            console.note(f"lease {client.session.session_id} on {host}:{port}; running {cmd[0]}")
+            try:
+                done = await trio.run_process(cmd, env=env, check=False, stdin=None)
+                status = done.returncode if done.returncode >= 0 else 128 - done.returncode
+            except FileNotFoundError:
+                console.note(
+                    f"aldaas: error: command {cmd[0]!r} not found; check its name and PATH."
+                )
+                status = 127
+            except PermissionError:
+                console.note(f"aldaas: error: command {cmd[0]!r} is not executable; check it.")
+                status = 126
+            finally:
+                with trio.move_on_after(10) as cs:
+                    cs.shield = True
+                    try:
+                        await client.request("release", {})
+                    except tunnel.TunnelError as exc:
+                        console.note(f"could not release lease {client.session.session_id}: {exc}")
+                client.close()
+                nursery.cancel_scope.cancel()
+    except tunnel.SessionRefused as exc:
+        console.clear()
+        raise _refused(exc, opts) from None
+    except tunnel.SessionClosed as exc:
+        console.clear()
+        raise ClientError(f"The lease ended: {exc}".rstrip(".") + ".") from None
+    except tunnel.TunnelError as exc:
+        console.clear()
+        raise _broken(exc, opts) from None
+    except OSError as exc:
+        console.clear()
+        raise ClientError(
+            f"Cannot reach the broker at {opts.server} ({exc}); check --server and the network."
+        ) from None
+    return status
+
+
+async def _control(opts: Options, name: str, args: dict[str, tunnel.JSONValue]) -> Any:
+    settings = _settings(opts, port=0, listen=False)
+    try:
+        try:
+            async with tunnel.open_control(settings, _need_token(opts)) as channel:
+                return await channel.request(name, args)
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+    except tunnel.ControlError as exc:
+        raise ClientError(str(exc)) from None
+    except tunnel.SessionRefused as exc:
+        raise _refused(exc, opts) from None
+    except tunnel.TunnelError as exc:
+        raise _broken(exc, opts) from None
+    except OSError as exc:
+        raise ClientError(
+            f"Cannot reach the broker at {opts.server} ({exc}); check --server and the network."
+        ) from None
+
+
+def _cached_or_fail(opts: Options) -> tuple[pathlib.Path, _state.CachedLease]:
+    path = _state.state_path(opts.state_dir, opts.server, opts.name)
+    cached = _state.load(path)
+    if cached is None:
+        raise ClientError(
+            f"There is no cached lease for {opts.server} named {opts.name!r}; "
+            "run aldaas connect first (or pass the --name it used)."
+        )
+    return path, cached
+
+
+async def _reset(args: argparse.Namespace, environ: Mapping[str, str], console: Console) -> int:
+    opts = _options(args, environ)
+    _, cached = _cached_or_fail(opts)
+    await _control(opts, "reset", _lease_args(cached))
+    console.note(f"lease {cached.lease_id} reset: a pristine database now answers at the same port")
+    return 0
+
+
+async def _release(args: argparse.Namespace, environ: Mapping[str, str], console: Console) -> int:
+    opts = _options(args, environ)
+    path, cached = _cached_or_fail(opts)
+    await _control(opts, "release", _lease_args(cached))
+    _state.forget(path)
+    console.note(f"lease {cached.lease_id} released")
+    return 0
+
+
+async def _status(args: argparse.Namespace, environ: Mapping[str, str], console: Console) -> int:
+    opts = _options(args, environ)
+    cached = _state.load(_state.state_path(opts.state_dir, opts.server, opts.name))
+    answer = await _control(opts, "status", _lease_args(cached) if cached else {})
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print(status_text(answer if isinstance(answer, dict) else {}, server=opts.server))
+    return 0
+
+
+async def _snapshots(args: argparse.Namespace, environ: Mapping[str, str], console: Console) -> int:
+    opts = _options(args, environ)
+    answer = await _control(opts, "snapshots", {})
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print(snapshots_text(answer if isinstance(answer, list) else []))
+    return 0
+
+
+def run_command(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    """Run the client command chosen in ``args``; errors become one line and an exit status."""
+    console = Console()
+    func: Command = args.func
+    try:
+        return trio.run(func, args, dict(os.environ if environ is None else environ), console)
+    except ClientError as exc:
+        console.clear()
+        print(f"aldaas: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.clear()
+        return 130
+
+
+__all__ = ["add_commands", "run_command"]

@@ -1,0 +1,10 @@
+"""Fixtures of the client's tests; the end-to-end helpers live in tests/broker/aldaas_e2e.py."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+_BROKER_TESTS = str(pathlib.Path(__file__).resolve().parent.parent / "broker")
+if _BROKER_TESTS not in sys.path:
+    sys.path.append(_BROKER_TESTS)
