@@ -95,6 +95,7 @@ class _AuthPenalties:
             del self._peers[next(iter(self._peers))]
         return count, min(_AUTH_DELAY_MAX, _AUTH_DELAY_FIRST * 2.0 ** min(count - 1, 16))
 
+
 _FRESH_ATTACH = (
     "a new client process attached the session without replay state; its old streams were reset"
 )
