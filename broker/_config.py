@@ -19,7 +19,7 @@ import pathlib
 import textwrap
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -55,6 +55,11 @@ def _shown(path: str, value: object) -> str:
     return "<redacted>" if _is_secret(path) else repr(value)
 
 
+def _named(path: str) -> str:
+    """A setting name for a message: untrusted (YAML keys, --set), so printable and short."""
+    return path if path.isprintable() and len(path) <= 120 else repr(path[:120])
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -84,7 +89,8 @@ def _convert(path: str, tp: Any, value: object, origin_desc: str, *, from_text: 
 
     def fail(expected: str) -> ConfigError:
         return ConfigError(
-            f"setting {path} ({origin_desc}) must be {expected}, got {_shown(path, value)}; "
+            f"setting {_named(path)} ({origin_desc}) must be {expected}, "
+            f"got {_shown(path, value)}; "
             f"fix it or remove it to use the default"
         )
 
@@ -161,7 +167,11 @@ def _convert(path: str, tp: Any, value: object, origin_desc: str, *, from_text: 
     if origin in (tuple, list):
         item_types: list[Any] = [a for a in typing.get_args(tp) if a is not Ellipsis] or [str]
         if from_text and isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = (
+                _yaml_text(value, fail, "a list")
+                if value.strip().startswith("[")
+                else value.split(",")
+            )
         if not isinstance(value, list | tuple):
             raise fail("a list")
         items = [
@@ -172,7 +182,7 @@ def _convert(path: str, tp: Any, value: object, origin_desc: str, *, from_text: 
     if origin in (dict, Mapping) or tp is dict:
         key_tp, val_tp = typing.get_args(tp) or (str, str)
         if from_text and isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_text(value, fail, "a mapping")
         if not isinstance(value, Mapping):
             raise fail("a mapping")
         return {
@@ -182,6 +192,14 @@ def _convert(path: str, tp: Any, value: object, origin_desc: str, *, from_text: 
             for k, v in value.items()
         }
     raise ConfigError(f"setting {path} has a type this loader does not know ({tp!r}); report a bug")
+
+
+def _yaml_text(text: str, fail: Callable[[str], ConfigError], expected: str) -> object:
+    """Parse a flag's or variable's YAML value; broken YAML is a ConfigError, never a YAMLError."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise fail(f"{expected} written as YAML (e.g. {{a: b}} or [a, b])") from None
 
 
 def _build(cls: type[T], data: Mapping[str, object], prefix: str, origin_desc: str) -> T:
@@ -201,7 +219,7 @@ def _build(cls: type[T], data: Mapping[str, object], prefix: str, origin_desc: s
             hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
             known = ", ".join(sorted(fields))
             raise ConfigError(
-                f"unknown setting {path} ({origin_desc}){hint} "
+                f"unknown setting {_named(path)} ({origin_desc}){hint} "
                 f"(known under {prefix or 'the top level'}: {known})"
             )
         kwargs[name] = _convert(path, hints[name], value, origin_desc, from_text=False)
@@ -256,14 +274,14 @@ def _resolve_leaf(cls: type, path: str, origin_desc: str) -> Any:
     for part in path.replace("-", "_").split("."):
         if not _is_settings_class(node):
             raise ConfigError(
-                f"unknown setting {path} ({origin_desc}): {walked} has no sub-settings"
+                f"unknown setting {_named(path)} ({origin_desc}): {walked} has no sub-settings"
             )
         fields = [f.name for f in attrs.fields(node)]
         if part not in fields:
             close = difflib.get_close_matches(part, fields, n=1)
             hint = f"; did you mean {walked + '.' if walked else ''}{close[0]}?" if close else ""
             raise ConfigError(
-                f"unknown setting {path} ({origin_desc}){hint} "
+                f"unknown setting {_named(path)} ({origin_desc}){hint} "
                 f"(known under {walked or 'the top level'}: {', '.join(sorted(fields))})"
             )
         node = _hints(node)[part]
@@ -328,10 +346,12 @@ def load_settings(
                 f"--set expects section.field=value, got {item.split('=', 1)[0]!r}; "
                 "for example --set pool.size=5"
             )
-        desc = f"from --set {key}"
+        desc = f"from --set {_named(key)}"
         tp = _resolve_leaf(cls, key, desc)
         if _is_settings_class(tp):
-            raise ConfigError(f"--set {key} names a section, not a setting; name one of its fields")
+            raise ConfigError(
+                f"--set {_named(key)} names a section, not a setting; name one of its fields"
+            )
         _set_path(tree, key.replace("-", "_"), _convert(key, tp, raw.strip(), desc, from_text=True))
     return _build(cls, tree, "", "in the configuration")
 

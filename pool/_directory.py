@@ -79,9 +79,14 @@ class DirectorySource:
 
         A changed file fails rather than mixing two versions of a backup.
         """
-        path = self._root / backup.key
-        if ".." in pathlib.PurePosixPath(backup.key).parts:
-            raise ProviderError(f"backup key {backup.key!r} leaves the backup folder; refusing it")
+        key = backup.key
+        pure = pathlib.PurePosixPath(key)
+        # Keys are untrusted: an absolute key would make ``root / key`` that path itself.
+        if not key or "\x00" in key or pure.is_absolute() or ".." in pure.parts:
+            raise ProviderError(
+                f"backup key {_shown(key)!r} leaves the backup folder (absolute, '..' or NUL); refusing it"
+            )
+        path = self._root / pure
         try:
             f = await trio.open_file(path, "rb")
         except OSError as exc:
@@ -103,13 +108,20 @@ class DirectorySource:
                 yield chunk
 
 
+def _shown(text: str) -> str:
+    """A key or path for a message: untrusted, so at most 120 characters of it."""
+    return text if len(text) <= 120 else text[:120] + "…"
+
+
 def _read_error(key: str, path: pathlib.Path, exc: OSError) -> ProviderError:
     if exc.errno == errno.ENOENT:
         return TemporaryProviderError(
-            f"backup {key!r} disappeared from {path.parent}; it will be skipped"
+            f"backup {_shown(key)!r} disappeared from {_shown(str(path.parent))}; "
+            "it will be skipped"
         )
     return ProviderError(
-        f"cannot read backup {key!r} at {path} ({exc.strerror}); give the broker read access to it"
+        f"cannot read backup {_shown(key)!r} at {_shown(str(path))} ({exc.strerror}); "
+        "give the broker read access to it"
     )
 
 

@@ -119,6 +119,8 @@ class LeaseInfo:
     expires_at: float
     idle_deadline: float | None
     resets: int
+    healthy: bool = True
+    """False once the health loop found the lease's database dead (``reset`` gives a fresh one)."""
 
 
 @attrs.frozen(kw_only=True)

@@ -101,6 +101,8 @@ _DUMMY_HASH = m.secret_hash("not a lease secret")
 _PROGRESS_LOG_SECONDS = 5.0
 _BACKOFF_MAX = 60.0
 _CLEANUP_SECONDS = 60.0
+_TEMPORARY_ATTEMPTS = 3
+"""A backup whose pipeline fails temporarily this many times in a row is recorded as failed."""
 
 EndReason = Literal["released", "killed", "expired_idle", "expired_lifetime", "lost"]
 
@@ -194,6 +196,10 @@ class Pool:
         self._doomed: dict[tuple[Kind, str], str] = {}
         """Resources whose destroy failed, retried by the health loop (value: why)."""
         self._to_verify: list[_Snapshot] = []
+        self._dead_leases: set[str] = set()
+        """Active leases whose database the health loop found dead (until reset or end)."""
+        self._temporary: dict[tuple[str, str], tuple[int, float]] = {}
+        """(backup key, ETag) → (temporary failures in a row, trio time of the next attempt)."""
         self._pipeline_snapshot: _Snapshot | None = None
         self._restore: RestoreStatus | None = None
         self._draining = False
@@ -423,6 +429,9 @@ class Pool:
         deadline = trio.current_time() + (
             self._settings.lease.queue_timeout if timeout is None else timeout
         )
+        # Its holder is waiting for the reset: the idle TTL must not run out meanwhile
+        # (in memory, like traffic; the claim persists the deadline the reset sets).
+        lease.idle_deadline = max(lease.idle_deadline, deadline + lease.ttl)
         async with lease.lock:
             while True:
                 self._active(lease_id)
@@ -431,11 +440,17 @@ class Pool:
                     self._return_clone(clone)
                     raise self._not_found(lease_id)
                 old = lease.clone
+                # The new clone's meta must carry the reset's idle deadline and count: a
+                # restart adopts the lease from it (before, it kept the old, earlier deadline).
+                undo = (lease.idle_deadline, lease.resets)
                 lease.generation += 1
+                lease.resets += 1
+                lease.idle_deadline = trio.current_time() + lease.ttl
                 try:
                     await self._claim(clone, lease)
                 except _Lost:
                     lease.generation -= 1
+                    lease.idle_deadline, lease.resets = undo
                     continue
                 if lease.state not in ACTIVE_LEASE_STATES:
                     # Released while we were claiming: the new clone goes, too.
@@ -444,8 +459,7 @@ class Pool:
                     raise self._not_found(lease_id)
                 break
             lease.state = lease_transition(lease.id, lease.state, LeaseEvent.RESET)
-            lease.resets += 1
-            lease.idle_deadline = trio.current_time() + lease.ttl
+            self._dead_leases.discard(lease.id)
             old.lease = None
         self._emit(LeaseReset(lease_id=lease.id, old_clone=old.name, new_clone=clone.name))
         log.info(
@@ -778,6 +792,7 @@ class Pool:
         lease.state = lease_transition(lease.id, lease.state, event)
         self._leases.pop(lease.id, None)
         self._dirty.discard(lease.id)
+        self._dead_leases.discard(lease.id)
         clone = lease.clone
         seconds = trio.current_time() - lease.started
         log.info(
@@ -1129,7 +1144,27 @@ class Pool:
                 if not healthy and self._warm.get(clone.name) is clone:
                     log.warning("clone.unhealthy", clone=clone.name, snapshot=clone.snapshot)
                     self._break(clone, "its database stopped answering")
+            await self._check_leased()
             await self._retry_doomed()
+
+    async def _check_leased(self) -> None:
+        """Find leases whose database died: reported (statistics, log, event) until reset."""
+        for lease in list(self._leases.values()):
+            clone = lease.clone
+            try:
+                healthy = await self._provider.is_healthy(clone.name)
+            except ProviderError as exc:
+                self._report_error("health", exc)
+                continue
+            if self._leases.get(lease.id) is not lease or lease.clone is not clone:
+                continue  # ended or reset meanwhile
+            if healthy:
+                self._dead_leases.discard(lease.id)
+            elif lease.id not in self._dead_leases:
+                self._dead_leases.add(lease.id)
+                reason = "its database stopped answering during the lease; reset the lease"
+                log.warning("lease.database_died", lease_id=lease.id, clone=clone.name)
+                self._emit(CloneFailed(clone=clone.name, snapshot=clone.snapshot, reason=reason))
 
     async def _retry_doomed(self) -> None:
         for (kind, name), _why in list(self._doomed.items()):
@@ -1154,7 +1189,10 @@ class Pool:
             for snap in pending:
                 await self._guarded("pipeline", self._resume_verification, snap)
             await self._guarded("source", self._poll_once)
-            with trio.move_on_after(self._settings.source.poll_interval):
+            next_poll = trio.current_time() + self._settings.source.poll_interval
+            now = trio.current_time()
+            retry_at = min((at for _, at in self._temporary.values() if at > now), default=math.inf)
+            with trio.move_on_at(min(next_poll, retry_at)):
                 await self._refresh_wakeup.wait()
 
     async def _poll_once(self) -> None:
@@ -1171,6 +1209,13 @@ class Pool:
             # The newer backup was deleted from the source: never roll back to older data.
             log.info("source.only_older_backups", backup_key=newest.key)
             return
+        # Back-off state is only kept for the backup that is newest now.
+        self._temporary = {
+            k: v for k, v in self._temporary.items() if k == (newest.key, newest.etag)
+        }
+        _, retry_at = self._temporary.get((newest.key, newest.etag), (0, 0.0))
+        if trio.current_time() < retry_at:
+            return  # backing off after a temporary failure
         await self._pipeline(newest)
 
     async def _pipeline(self, backup: Backup) -> None:
@@ -1205,12 +1250,28 @@ class Pool:
             try:
                 await self._restore_and_seal(snap, backup)
                 await self._verify(snap)
+                self._temporary.pop((backup.key, backup.etag), None)
             except TemporaryProviderError as exc:
-                log.warning("snapshot.retry_later", error=str(exc))
+                # Retried with exponential back-off; after a few failures in a row it is
+                # recorded as failed with the reason (a new backup or ETag starts afresh).
+                attempts = self._temporary.get((backup.key, backup.etag), (0, 0.0))[0] + 1
                 self._report_error("pipeline", exc)
-                await self._clean_artefacts(snap)
-                self._snapshots.pop(name, None)
+                if attempts >= _TEMPORARY_ATTEMPTS:
+                    self._temporary.pop((backup.key, backup.etag), None)
+                    await self._fail(snap, f"gave up after {attempts} attempts: {exc}")
+                else:
+                    delay = min(_BACKOFF_MAX, max(exc.delay, 1.0) * 2.0 ** (attempts - 1))
+                    self._temporary[(backup.key, backup.etag)] = (
+                        attempts,
+                        trio.current_time() + delay,
+                    )
+                    log.warning(
+                        "snapshot.retry_later", error=str(exc), attempt=attempts, retry_in=delay
+                    )
+                    await self._clean_artefacts(snap)
+                    self._snapshots.pop(name, None)
             except ProviderError as exc:
+                self._temporary.pop((backup.key, backup.etag), None)
                 await self._fail(snap, str(exc))
             except Exception as exc:
                 log.exception("snapshot.pipeline_crashed")
@@ -1786,6 +1847,7 @@ class Pool:
             expires_at=self._to_wall(lease.lifetime_deadline),
             idle_deadline=None if lease.attached else self._to_wall(lease.idle_deadline),
             resets=lease.resets,
+            healthy=lease.id not in self._dead_leases,
         )
 
     def _emit(self, event: PoolEvent) -> None:

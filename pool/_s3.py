@@ -175,9 +175,8 @@ class S3Source:
             return ProviderError(f"S3 at {where} failed {doing} {what} ({code or status})")
         if isinstance(
             exc,
-            botocore.exceptions.EndpointConnectionError
-            | botocore.exceptions.ConnectTimeoutError
-            | botocore.exceptions.ReadTimeoutError,
+            # Refused, reset, closed mid-response or timed out: the network, not the settings.
+            botocore.exceptions.ConnectionError | botocore.exceptions.HTTPClientError,
         ):
             return TemporaryProviderError(
                 f"cannot reach S3 at {where} while {doing} {what}; check s3.endpoint_url and "

@@ -50,6 +50,51 @@ def _failure(event: str, **fields: object) -> None:
 
 
 _HANDSHAKE_READ = 16 * 1024
+_AUTH_DELAY_FIRST = 0.1
+"""Seconds the answer to a peer's first failed authentication waits; doubled per failure."""
+_AUTH_DELAY_MAX = 5.0
+"""Ceiling of that wait: guessing stays slow, a typo costs a tenth of a second."""
+_AUTH_FORGET_SECONDS = 600.0
+"""A peer without failures for this long starts afresh."""
+_AUTH_PEERS_MAX = 10_000
+"""Peers remembered at most (the least recently failing are forgotten first)."""
+
+
+def _peer_host(stream: trio.abc.Stream) -> str:
+    """The remote IP of a (possibly TLS-wrapped) socket stream, for per-peer accounting."""
+    inner: object = stream
+    while not isinstance(inner, trio.SocketStream):
+        inner = getattr(inner, "transport_stream", None)
+        if inner is None:
+            return "unknown"
+    try:
+        return str(inner.socket.getpeername()[0])
+    except OSError:
+        return "unknown"
+
+
+class _AuthPenalties:
+    """Failed authentications per peer: each failure's answer waits longer (0.1 s, doubling, ≤ 5 s).
+
+    Only failures wait; a peer that authenticates correctly is never slowed
+    down, so an attacker behind the same address (an ingress) cannot delay
+    legitimate clients, only their own guesses.
+    """
+
+    def __init__(self) -> None:
+        self._peers: dict[str, tuple[int, float]] = {}
+
+    def failed(self, peer: str, now: float) -> tuple[int, float]:
+        """Record a failure; return the peer's recent failures and how long to wait."""
+        count, last = self._peers.pop(peer, (0, now))
+        if now - last > _AUTH_FORGET_SECONDS:
+            count = 0
+        count += 1
+        self._peers[peer] = (count, now)
+        while len(self._peers) > _AUTH_PEERS_MAX:
+            del self._peers[next(iter(self._peers))]
+        return count, min(_AUTH_DELAY_MAX, _AUTH_DELAY_FIRST * 2.0 ** min(count - 1, 16))
+
 
 _FRESH_ATTACH = (
     "a new client process attached the session without replay state; its old streams were reset"
@@ -219,9 +264,20 @@ class Gateway:
         self._sessions_opened = 0
         self._streams_opened = 0
         self._auth_failures = 0
+        self._auth_penalties = _AuthPenalties()
         self._protocol_errors = 0
         self._closed_bytes_up = 0
         self._closed_bytes_down = 0
+
+    async def _auth_failed(self, stream: trio.abc.Stream, reason: str, **fields: object) -> None:
+        """Count a failed authentication and make its answer wait (longer for repeat offenders)."""
+        self._auth_failures += 1
+        peer = _peer_host(stream)
+        failures, delay = self._auth_penalties.failed(peer, trio.current_time())
+        log.warning(
+            "tunnel auth failed", reason=reason, peer=peer, failures=failures, delay=delay, **fields
+        )
+        await trio.sleep(delay)
 
     # -------------------------------------------------------------- public
 
@@ -336,8 +392,7 @@ class Gateway:
             token = credentials.strip().encode()
             expected = settings.instance_token.encode()
             if not expected or not hmac.compare_digest(token, expected):
-                self._auth_failures += 1
-                log.warning("tunnel auth failed", reason="wrong instance token")
+                await self._auth_failed(stream, "wrong instance token")
                 await reject(
                     stream, ws_conn, 401, "the instance token is wrong; check ALDAAS_TOKEN"
                 )
@@ -351,10 +406,7 @@ class Gateway:
                 except Exception:
                     _failure(event="tunnel verify hook failed", session_id=session_id)
             if not ok:
-                self._auth_failures += 1
-                log.warning(
-                    "tunnel auth failed", reason="wrong session secret", session_id=session_id
-                )
+                await self._auth_failed(stream, "wrong session secret", session_id=session_id)
                 await reject(
                     stream,
                     ws_conn,
@@ -363,7 +415,7 @@ class Gateway:
                 )
                 return
         else:
-            self._auth_failures += 1
+            await self._auth_failed(stream, "no credentials")
             await reject(
                 stream,
                 ws_conn,
@@ -608,8 +660,7 @@ class Gateway:
         name, token, session = (urllib.parse.unquote(p) for p in parts)
         expected = self.settings.instance_token.encode()
         if not expected or not hmac.compare_digest(token.encode(), expected):
-            self._auth_failures += 1
-            log.warning("tunnel auth failed", reason="wrong instance token", endpoint="legacy")
+            await self._auth_failed(stream, "wrong instance token", endpoint="legacy")
             await reject(stream, ws_conn, 401, "the instance token is wrong; check ALDAAS_TOKEN")
             return
         try:

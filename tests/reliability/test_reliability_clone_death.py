@@ -1,0 +1,91 @@
+"""A clone's PostgreSQL dies (kill -9): its lease is reported dead and reset recovers; warm ones are replaced."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+
+import attrs
+import psycopg
+import pytest
+import trio
+from reliability_helpers import aquery, rows_sql, wait_for
+
+from pool import (
+    DirectorySettings,
+    DirectorySource,
+    Kind,
+    LocalProvider,
+    LocalSettings,
+    Pool,
+    PoolSettings,
+    SourceSettings,
+    WarmPoolSettings,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def kill_database(data_dir: pathlib.Path, clone: str) -> None:
+    """kill -9 the postmaster of ``clone`` (its children exit when it is gone)."""
+    pid = int((data_dir / "clones" / clone / "pgdata" / "postmaster.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+
+
+async def test_if_a_leased_or_warm_database_dies_then_it_is_reported_and_replaced(
+    data_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """If a leased clone's postgres is killed, then the lease shows dead and reset heals it."""
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    (backups / "a.sql").write_bytes(rows_sql(100))
+    local = LocalSettings(data_dir=data_dir)
+    settings = attrs.evolve(
+        PoolSettings(),
+        pool=WarmPoolSettings(size=1, max_provisioning=1, health_check_interval=0.2),
+        source=SourceSettings(poll_interval=3600.0),
+        local=local,
+    )
+    provider = LocalProvider(local)
+    pool = Pool(settings, provider, DirectorySource(DirectorySettings(path=backups, suffix=".sql")))
+
+    def lease_healthy(lease_id: str) -> bool:
+        (info,) = [i for i in pool.statistics().leases if i.id == lease_id]
+        return info.healthy
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        await wait_for(lambda: pool.statistics().clones["warm"] == 1, "a warm clone", 120)
+        lease = await pool.acquire()
+        assert await aquery(lease.endpoint, "SELECT count(*) FROM items") == [(100,)]
+        assert lease_healthy(lease.id)
+
+        # The leased database dies: the client gets a clear error, the pool says so.
+        kill_database(data_dir, lease.clone)
+        with pytest.raises(psycopg.OperationalError):
+            await aquery(lease.endpoint, "SELECT 1")
+        await wait_for(lambda: not lease_healthy(lease.id), "the lease to be reported dead", 30)
+        assert lease.id in {i.id for i in pool.statistics().leases}, "the lease is kept for reset"
+        healed = await pool.reset(lease.id, timeout=60)
+        assert healed.clone != lease.clone
+        assert await aquery(healed.endpoint, "SELECT count(*) FROM items") == [(100,)]
+        assert lease_healthy(lease.id)
+
+        # A warm database dies: the health loop replaces it; the next acquire gets a live one.
+        await wait_for(lambda: pool.statistics().clones["warm"] == 1, "a warm clone", 60)
+        (warm,) = [
+            r.name for r in await provider.list(Kind.CLONE) if r.meta.get("status") == "warm"
+        ]
+        kill_database(data_dir, warm)
+        await wait_for(
+            lambda: (
+                not (data_dir / "clones" / warm).exists() and pool.statistics().clones["warm"] == 1
+            ),
+            "the dead warm clone to be replaced",
+            60,
+        )
+        fresh = await pool.acquire(timeout=60)
+        assert fresh.clone != warm
+        assert await aquery(fresh.endpoint, "SELECT count(*) FROM items") == [(100,)]
+        nursery.cancel_scope.cancel()
