@@ -1743,6 +1743,7 @@ class Pool:
         if self._leases.get(lease.id) is lease:
             del self._leases[lease.id]
         self._dirty.discard(lease.id)
+        self._dead_leases.discard(lease.id)
         if lease.state in ACTIVE_LEASE_STATES:
             lease.state = lease_transition(lease.id, lease.state, LeaseEvent.RELEASE)
         self._forget_clone(lease.clone)
