@@ -640,7 +640,9 @@ class LocalProvider:
             what=f"copy of snapshot {snapshot!r}",
         )
         if result.returncode != 0:
-            what = f"{method} copy of snapshot {snapshot!r}"
+            what = (
+                f"the {'reflink clone' if method == 'reflink' else 'copy'} of snapshot {snapshot!r}"
+            )
             raise ProviderError(_failure(what, result, self._root))
 
     async def probe_clone_method(self) -> CloneMethod:
