@@ -14,16 +14,15 @@ from collections.abc import Iterator
 
 import attrs
 import boto3
-import psycopg
 import pytest
 import trio
 from k8s_fake_api import FakeKubernetes, wait_until
 from k8s_local_kubelet import LocalKubelet
 from kubernetes import client
 from moto.server import ThreadedMotoServer
+from pg_query import query
 
 from pool import (
-    Endpoint,
     Kind,
     LocalProvider,
     LocalSettings,
@@ -79,18 +78,6 @@ def s3() -> Iterator[S3Settings]:
         s3.delete_object(Bucket=BUCKET, Key="nightly/app.sql.gz")
         s3.delete_bucket(Bucket=BUCKET)
         server.stop()
-
-
-def query(endpoint: Endpoint, sql: str) -> list[tuple[object, ...]]:
-    with psycopg.connect(
-        host=endpoint.host,
-        port=endpoint.port,
-        user=endpoint.user,
-        dbname=endpoint.database,
-        password=endpoint.password,
-        connect_timeout=10,
-    ) as conn:
-        return conn.execute(sql).fetchall()  # type: ignore[arg-type]
 
 
 async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernetes(

@@ -19,6 +19,7 @@ import attrs
 import psycopg
 import pytest
 import trio
+from pg_query import aquery
 
 from pool import (
     Backup,
@@ -27,7 +28,6 @@ from pool import (
     ConflictError,
     DirectorySettings,
     DirectorySource,
-    Endpoint,
     Kind,
     LocalProvider,
     LocalSettings,
@@ -62,23 +62,6 @@ class BytesSource:
     async def open(self, backup: Backup) -> AsyncIterator[bytes]:
         for start in range(0, len(self._data), self._chunk):
             yield self._data[start : start + self._chunk]
-
-
-def query(endpoint: Endpoint, sql: str) -> list[tuple[object, ...]]:
-    with psycopg.connect(
-        host=endpoint.host,
-        port=endpoint.port,
-        user=endpoint.user,
-        dbname=endpoint.database,
-        password=endpoint.password,
-        autocommit=True,
-    ) as conn:
-        cur = conn.execute(sql)  # type: ignore[call-overload]
-        return cur.fetchall() if cur.description else []
-
-
-async def aquery(endpoint: Endpoint, sql: str) -> list[tuple[object, ...]]:
-    return await trio.to_thread.run_sync(query, endpoint, sql)
 
 
 def ignore(_: RestoreProgress) -> None:

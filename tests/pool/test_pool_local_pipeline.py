@@ -17,14 +17,13 @@ import subprocess
 from collections.abc import Callable
 
 import attrs
-import psycopg
 import pytest
 import trio
+from pg_query import aquery
 
 from pool import (
     DirectorySettings,
     DirectorySource,
-    Endpoint,
     Kind,
     LocalProvider,
     LocalSettings,
@@ -36,24 +35,6 @@ from pool import (
 from pool._postgres import embedded_bin_dir
 
 pytestmark = pytest.mark.slow
-
-
-def query(endpoint: Endpoint, sql: str) -> list[tuple[object, ...]]:
-    with psycopg.connect(
-        host=endpoint.host,
-        port=endpoint.port,
-        user=endpoint.user,
-        dbname=endpoint.database,
-        password=endpoint.password,
-        autocommit=True,
-        connect_timeout=10,
-    ) as conn:
-        cur = conn.execute(sql)  # type: ignore[call-overload]
-        return cur.fetchall() if cur.description else []
-
-
-async def aquery(endpoint: Endpoint, sql: str) -> list[tuple[object, ...]]:
-    return await trio.to_thread.run_sync(query, endpoint, sql)
 
 
 def rows_sql(rows: int) -> bytes:

@@ -11,9 +11,9 @@ import subprocess
 import sys
 
 import attrs
-import psycopg
 import pytest
 import trio
+from pg_query import query
 
 from pool import (
     DirectorySettings,
@@ -31,20 +31,6 @@ pytestmark = pytest.mark.slow
 
 HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent.parent
-
-
-def query(endpoint: Endpoint, sql: str) -> list[tuple[object, ...]]:
-    with psycopg.connect(
-        host=endpoint.host,
-        port=endpoint.port,
-        user=endpoint.user,
-        dbname=endpoint.database,
-        password=endpoint.password,
-        autocommit=True,
-        connect_timeout=10,
-    ) as conn:
-        cur = conn.execute(sql)  # type: ignore[call-overload]
-        return cur.fetchall() if cur.description else []
 
 
 def run_and_kill(data_dir: pathlib.Path, backups: pathlib.Path) -> list[dict[str, object]]:

@@ -12,29 +12,8 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 
-import psycopg
 import pytest
 import trio
-
-from pool import Endpoint
-
-
-def query(endpoint: Endpoint, sql: str) -> list[tuple[object, ...]]:
-    with psycopg.connect(
-        host=endpoint.host,
-        port=endpoint.port,
-        user=endpoint.user,
-        dbname=endpoint.database,
-        password=endpoint.password,
-        autocommit=True,
-        connect_timeout=10,
-    ) as conn:
-        cur = conn.execute(sql)  # type: ignore[call-overload]
-        return cur.fetchall() if cur.description else []
-
-
-async def aquery(endpoint: Endpoint, sql: str) -> list[tuple[object, ...]]:
-    return await trio.to_thread.run_sync(query, endpoint, sql)
 
 
 def rows_sql(rows: int, table: str = "items") -> bytes:

@@ -18,7 +18,8 @@ import sys
 import attrs
 import pytest
 import trio
-from reliability_helpers import aquery, rows_sql, wait_for
+from pg_query import aquery
+from reliability_helpers import rows_sql, wait_for
 
 from pool import (
     DirectorySettings,

@@ -12,7 +12,8 @@ import pathlib
 import attrs
 import pytest
 import trio
-from reliability_helpers import aquery, fill, rows_sql, small_disk, used_bytes, wait_for
+from pg_query import aquery
+from reliability_helpers import fill, rows_sql, small_disk, used_bytes, wait_for
 
 from pool import (
     CloneFailed,

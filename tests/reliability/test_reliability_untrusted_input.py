@@ -13,7 +13,8 @@ import attrs
 import pytest
 import structlog
 import trio
-from reliability_helpers import aquery, rows_sql, wait_for
+from pg_query import aquery
+from reliability_helpers import rows_sql, wait_for
 
 from pool import (
     Backup,
