@@ -39,6 +39,7 @@ from tunnel._protocol import (
     State,
     WindowUpdate,
 )
+from tunnel._relay import current_relay
 from tunnel._ws import WebSocket
 
 MIN_ACK_THRESHOLD = 64 * 1024
@@ -475,10 +476,14 @@ class Mux:
         self._last_received = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, ws)
+                nursery.start_soon(self._writer, ws, nursery.cancel_scope)
                 nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
                 try:
-                    await self._reader(ws)
+                    fd = ws.relay_fd()
+                    if fd is None:
+                        await self._reader(ws)
+                    else:
+                        await self._relayed(ws, fd)
                 except ProtocolError as exc:
                     self.finish(f"protocol error: {exc}")
                     if self.on_protocol_error is not None:
@@ -501,7 +506,7 @@ class Mux:
             self._ack_requested = False
             self.wake_room()
 
-    async def _writer(self, ws: WebSocket) -> None:
+    async def _writer(self, ws: WebSocket, scope: trio.CancelScope) -> None:
         try:
             while True:
                 if self._out:
@@ -514,8 +519,9 @@ class Mux:
                 if not self._out:
                     await self._out_lot.park()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            # The reader sees the same failure and ends this websocket.
+            # The websocket is broken: end it (the reader would see the same failure).
             await trio.aclose_forcefully(ws.stream)
+            scope.cancel()
 
     async def _keepalive(self, ws: WebSocket, scope: trio.CancelScope) -> None:
         interval = self.keepalive_interval
@@ -542,6 +548,42 @@ class Mux:
             self._last_received = trio.current_time()
             conn.receive_data(data)
             self._dispatch()
+
+    async def _relayed(self, ws: WebSocket, fd: int) -> None:
+        """Like :meth:`_reader`, with the reading done by the process's relay task: each
+        time the socket is readable, its callback handles what arrived, in the relay's
+        task step (see tunnel/_relay.py)."""
+        self._dispatch()  # bytes that arrived with the handshake
+        relay = current_relay()
+        ended = trio.Event()
+        failure: list[Exception] = []
+        conn = self.conn
+
+        def on_readable() -> None:
+            try:
+                data = ws.receive_nowait()
+                if data:
+                    self._last_received = trio.current_time()
+                    conn.receive_data(data)
+                    self._dispatch()
+                if ws.needs_flush:
+                    self._out_lot.unpark_all()
+                if data is None or data:
+                    return
+            except (trio.BrokenResourceError, OSError):
+                pass
+            except Exception as exc:  # ProtocolError, SessionClosed, or a bug: run() raises it
+                failure.append(exc)
+            relay.remove(fd, on_readable)
+            ended.set()
+
+        relay.add(fd, on_readable)
+        try:
+            await ended.wait()
+        finally:
+            relay.remove(fd, on_readable)
+        if failure:
+            raise failure[0]
 
     def _dispatch(self) -> None:
         """Handle every complete frame received so far. Frames produced meanwhile (WINDOW,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 
 import trio
 
 from tunnel._mux import TunnelStream
 from tunnel._protocol import ResetCode
+from tunnel._relay import current_relay
 from tunnel._ws import SocketReader, unlimit_unsent
 
 TCP_READ_SIZE = 256 * 1024
@@ -33,6 +35,58 @@ async def connect_tcp(host: str, port: int) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
+class _RelayedReads:
+    """TCP → tunnel with the reads done by the relay task: each read goes out at once while
+    the stream has credit and replay room (no task switch); whatever does not fit is sent
+    from the splice's task, which waits for credit, then hands the socket back."""
+
+    def __init__(self, tunnel: TunnelStream, fd: int) -> None:
+        self._tunnel = tunnel
+        self._fd = fd
+        self._relay = current_relay()
+        self._rest: bytes | OSError | None = None
+        self._ready = trio.Event()
+        self._handler = self._on_readable  # one bound method: the relay removes by identity
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, TCP_READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._rest = exc
+        else:
+            if data:
+                sent = self._tunnel.send_available(data)
+                if sent == len(data):
+                    return
+                self._rest = data[sent:]
+            else:
+                self._rest = b""
+        self._relay.remove(self._fd, self._handler)
+        self._ready.set()
+
+    def _taken(self) -> bytes | OSError | None:
+        return self._rest
+
+    async def run(self) -> None:
+        while True:
+            self._rest = None
+            self._ready = trio.Event()
+            self._relay.add(self._fd, self._handler)
+            try:
+                await self._ready.wait()
+            finally:
+                self._relay.remove(self._fd, self._handler)
+            rest = self._taken()
+            if isinstance(rest, OSError):
+                raise rest
+            if not rest:
+                await self._tunnel.send_eof()
+                return
+            await self._tunnel.send_all(rest)
+
+
 async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> None:
     """Relay until both directions finished; a broken end aborts the other one."""
 
@@ -40,6 +94,9 @@ async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> Non
     unlimit_unsent(tcp)
 
     async def upstream() -> None:
+        if isinstance(tcp, trio.SocketStream):
+            await _RelayedReads(tunnel, tcp.socket.fileno()).run()
+            return
         while True:
             data = await reader.read()
             if not data:

@@ -251,11 +251,7 @@ class WebSocket:
         self._frames: FrameReader | None = None
         self._parse_ourselves: bool | None = None
 
-    async def receive(self) -> bytes | bytearray:
-        """Binary payload bytes that arrived (never empty); b"" once the websocket is closed.
-
-        Raises ``trio.BrokenResourceError`` if the socket broke.
-        """
+    def _choose_parser(self) -> None:
         if self._frames is None and self._parse_ourselves is None:
             # Parse frames ourselves once wsproto holds no bytes past the handshake (it
             # would otherwise own a partial frame); else stay with wsproto throughout.
@@ -265,6 +261,67 @@ class WebSocket:
             )
             if self._parse_ourselves:
                 self._frames = FrameReader(expect_masked=not self._client)
+
+    def relay_fd(self) -> int | None:
+        """The socket the relay may read with :meth:`receive_nowait` (plain TCP, frames
+        parsed here), else None: then only :meth:`receive` reads."""
+        if self._fd is None:
+            return None
+        self._choose_parser()
+        return self._fd if self._frames is not None else None
+
+    def receive_nowait(self) -> bytes | bytearray | None:
+        """What :meth:`receive` returns, without waiting: None if no payload arrived (yet).
+
+        Only after :meth:`relay_fd` gave a socket. Control frames are answered by queueing
+        (see :attr:`needs_flush`). Raises ``trio.BrokenResourceError`` like :meth:`receive`.
+        """
+        frames = self._frames
+        fd = self._fd
+        assert frames is not None
+        assert fd is not None
+        if self._closed:
+            return b""
+        try:
+            data = os.read(fd, self.receive_size)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._closed = True
+            raise trio.BrokenResourceError(f"socket read failed: {exc}") from exc
+        if not data:
+            self._closed = True
+            return b""
+        try:
+            chunks, controls = frames.feed(data)
+        except FrameError as exc:
+            self._closed = True
+            self.close_code = exc.code
+            with contextlib.suppress(*WS_ERRORS):
+                self._queue(self.ws.send(CloseConnection(code=exc.code)))
+            raise trio.BrokenResourceError(f"websocket framing error: {exc}") from exc
+        for opcode, payload in controls:
+            if opcode == 9:  # ping
+                self._queue(self.ws.send(WsPong(payload=payload)))
+            elif opcode == 8:  # close
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.close_code = code
+                self.close_reason = payload[2:].decode(errors="replace")
+                reply = CloseConnection(code=code if code not in (1005, 1006) else 1000)
+                with contextlib.suppress(*WS_ERRORS):
+                    self._queue(self.ws.send(reply))
+                self._closed = True
+                break
+        if chunks:
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return b"" if self._closed else None
+
+    async def receive(self) -> bytes | bytearray:
+        """Binary payload bytes that arrived (never empty); b"" once the websocket is closed.
+
+        Raises ``trio.BrokenResourceError`` if the socket broke.
+        """
+        self._choose_parser()
         if self._frames is not None:
             return await self._receive_frames(self._frames)
         while True:
