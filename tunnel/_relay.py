@@ -32,13 +32,17 @@ from typing import Any
 
 import structlog
 import trio
+import trio.testing
 
 log = structlog.get_logger()
 
-HOT_WAIT = 0.002
+HOT_WAIT = float(__import__("os").environ.get("HOTWAIT", "0.002"))
 """Seconds the relay waits for traffic inside its task step before it parks in trio."""
 YIELD_EVERY = 0.001
 """While busy, the relay still yields to trio at least this often (seconds)."""
+IDLE_WAIT = 0.001
+"""Seconds the relay waits for every other task to block before it may wait in its step;
+our sockets are not watched meanwhile."""
 
 Handler = Callable[[], None]
 
@@ -97,6 +101,8 @@ class Relay:
             self._poller.register(self._view.epoll_fd, select.POLLIN)
         self.callbacks = 0
         """Handler calls so far (statistics)."""
+        self.waits_here = 0
+        """Waits for traffic inside the relay's own step so far (statistics)."""
 
     def add(self, fd: int, handler: Handler) -> None:
         """Call ``handler()`` (in the relay's task) whenever ``fd`` is readable, until
@@ -120,21 +126,34 @@ class Relay:
         epoll_poll = self._epoll.poll
         handlers = self._handlers
         view = self._view
+        alone = False  # the only task trio would run now: we may wait inside our step
         last_yield = time.perf_counter()
         try:
             while True:
-                events: list[tuple[int, int]] | None = epoll_poll(0)
-                if not events:
-                    if view is not None:
-                        events = self._wait_here(view)
-                    if not events:
-                        if events is None:
-                            # Trio has work: let it run, then look again.
-                            await trio.lowlevel.cancel_shielded_checkpoint()
-                        else:
-                            await trio.lowlevel.wait_readable(self._epoll.fileno())
+                if alone:
+                    assert view is not None
+                    events = self._wait_here(view)
+                    if events is None:
+                        # Trio has I/O or a deadline to handle: let it.
+                        alone = False
+                        await trio.lowlevel.wait_readable(self._epoll.fileno())
                         last_yield = time.perf_counter()
                         continue
+                else:
+                    events = epoll_poll(0)
+                if not events:
+                    if view is not None and not view.busy() and not alone:
+                        # Become the only task trio runs (every other one is blocked),
+                        # then wait for traffic in our own step. Bounded: a trio that is
+                        # never idle must not keep our sockets waiting.
+                        with trio.move_on_after(IDLE_WAIT) as idle_scope:
+                            await trio.testing.wait_all_tasks_blocked()
+                        alone = not idle_scope.cancelled_caught
+                    else:
+                        alone = False
+                        await trio.lowlevel.wait_readable(self._epoll.fileno())
+                    last_yield = time.perf_counter()
+                    continue
                 for fd, _ in events:
                     handler = handlers.get(fd)
                     if handler is not None:
@@ -146,25 +165,27 @@ class Relay:
                             log.exception("tunnel relay handler failed", fd=fd)
                             self.remove(fd, handler)
                 if view is None or view.busy() or time.perf_counter() - last_yield > YIELD_EVERY:
+                    # Tasks the handlers woke (and trio's own I/O) run now.
+                    alone = False
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     last_yield = time.perf_counter()
         finally:
             self._epoll.close()
 
     def _wait_here(self, view: _TrioView) -> list[tuple[int, int]] | None:
-        """Wait for our sockets without leaving the task step; [] if the relay should park
-        in trio (nothing came), None if trio has something to do."""
+        """Our readable sockets, waiting for them inside the task step: [] after
+        :data:`HOT_WAIT` without traffic, None when trio has something to do (I/O of its
+        own, a deadline due within a millisecond, a task waiting for idleness)."""
         timeout = view.wait_allowed()
         milliseconds = int(timeout * 1000)
         if milliseconds <= 0:
-            return [] if timeout > 0 or not view.busy() else None
+            return self._epoll.poll(0) or None
+        self.waits_here += 1
         ready = self._poller.poll(milliseconds)
-        if not ready:
-            return []
         for fd, _ in ready:
             if fd == view.epoll_fd:
                 return None
-        return self._epoll.poll(0)
+        return self._epoll.poll(0) if ready else []
 
 
 def current_relay() -> Relay:
