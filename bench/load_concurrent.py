@@ -83,18 +83,33 @@ def metric(text: str, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (0 once it is gone)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(stat[11]) + int(stat[12])) / CLK_TCK  # utime + stime
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    ticks = [int(v) for v in pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / CLK_TCK, sum(ticks) / CLK_TCK
+
+
 def look(broker: aldaas_e2e.BrokerProcess) -> dict[str, float | None]:
     """One sample of the broker process: /proc for RSS, CPU and fds, /metrics for the rest."""
     assert broker.proc is not None
     pid = broker.proc.pid
-    stat = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     rss = re.search(r"VmRSS:\s+(\d+)", pathlib.Path(f"/proc/{pid}/status").read_text())
     _, exposition = broker.http("GET", "/metrics")
     text = exposition if isinstance(exposition, str) else ""
     return {
         "t": time.monotonic(),
         "rss_mb": int(rss.group(1)) / 1024 if rss else None,
-        "cpu_s": (int(stat[11]) + int(stat[12])) / CLK_TCK,  # utime + stime
+        "cpu_s": cpu_seconds(pid),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
         "tasks": metric(text, "aldaas_trio_tasks"),
         "sessions": metric(text, "aldaas_gateway_sessions"),
@@ -360,6 +375,9 @@ def run(args: argparse.Namespace, data_dir: pathlib.Path, work: pathlib.Path) ->
             served = [float(c.served_at or 0) - c.started for c in clients]
             all_seconds = max(float(c.served_at or 0) for c in clients) - first
             load_started = len(samples)
+            clients_cpu = sum(cpu_seconds(c.proc.pid) for c in clients)
+            busy0, total0 = machine_busy()
+            t0 = time.monotonic()
             ports = clone_ports(broker, data_dir) if args.direct else {}
             for c in clients:
                 assert c.dsn is not None
@@ -395,6 +413,9 @@ def run(args: argparse.Namespace, data_dir: pathlib.Path, work: pathlib.Path) ->
                     out, err = proc.communicate()
                 results.append(pgbench_result(proc, out, err))
             load_ended = len(samples)
+            load_seconds = time.monotonic() - t0
+            clients_cpu = sum(cpu_seconds(c.proc.pid) for c in clients) - clients_cpu
+            busy1, total1 = machine_busy()
             alive_through_load = sum(1 for c in clients if c.proc.poll() is None)
             exits = [c.stop() for c in clients]
         settled = settle(broker, args.size, 300)
@@ -451,6 +472,8 @@ def run(args: argparse.Namespace, data_dir: pathlib.Path, work: pathlib.Path) ->
             "fds": spread([float(s["fds"] or 0) for s in during]),
             "load1": spread([float(s["load1"] or 0) for s in during]),
         },
+        "clients_cpu_pct_of_one_core": round(100 * clients_cpu / load_seconds, 1),
+        "machine_cpu_busy_pct": round(100 * (busy1 - busy0) / max(total1 - total0, 1e-9), 1),
         "broker_rss_mb_before_after": [before["rss_mb"], after["rss_mb"]],
         "broker_fds_before_after": [before["fds"], after["fds"]],
         "broker_trio_tasks_before_after": [before["tasks"], after["tasks"]],

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace, data_dir: pathlib.Path, work: pathlib.Path) ->
         to_command: list[float] = []
         whole: list[float] = []
         errors: list[str] = []
+        load1: list[float] = []
         served = 0
         started = time.monotonic()
         for i in range(args.cycles):
@@ -120,6 +123,7 @@ def run(args: argparse.Namespace, data_dir: pathlib.Path, work: pathlib.Path) ->
             ok, ms_command, ms_whole, error = one_cycle(users)
             served += ok
             whole.append(ms_whole)
+            load1.append(os.getloadavg()[0])
             if ok:
                 to_command.append(ms_command)
             else:
@@ -164,6 +168,11 @@ def run(args: argparse.Namespace, data_dir: pathlib.Path, work: pathlib.Path) ->
         ),
         "start_to_command_ms": spread(to_command),
         "whole_cycle_ms": spread(whole),
+        "load_average_1min": {
+            "min": min(load1, default=0.0),
+            "median": statistics.median(load1) if load1 else 0.0,
+            "max": max(load1, default=0.0),
+        },
         "broker_fds_before_after": [before["fds"], after["fds"]],
         "broker_trio_tasks_before_after": [before["tasks"], after["tasks"]],
         "broker_rss_mb_before_after": [before["rss_mb"], after["rss_mb"]],
