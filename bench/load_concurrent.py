@@ -483,6 +483,17 @@ def run(args: argparse.Namespace, data_dir: pathlib.Path, work: pathlib.Path) ->
     }
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (or SIGINT, even when a shell started us in the background with it ignored)
+    stops the run the way Ctrl-C does: every process it started is stopped on the way out."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--leases", type=int, default=50, help="aldaas connect processes")
@@ -501,6 +512,7 @@ def main() -> None:
         "--serve-timeout", type=float, default=600.0, help="queue limit for the last client"
     )
     args = parser.parse_args()
+    stop_on_sigterm()
     with traversable_data_dir() as data_dir, tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
         try:

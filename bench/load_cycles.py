@@ -49,7 +49,14 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "broker")]
 
 import aldaas_e2e  # noqa: E402 - a test helper: the broker process, its admin API
 from conftest import traversable_data_dir  # noqa: E402
-from load_concurrent import ROWS, on_disk, settle, steady, write_backup  # noqa: E402
+from load_concurrent import (  # noqa: E402
+    ROWS,
+    on_disk,
+    settle,
+    steady,
+    stop_on_sigterm,
+    write_backup,
+)
 
 QUERY = 'date +%s.%N; exec "$0" -X -A -t -c "SELECT count(*) FROM items"'
 
@@ -188,6 +195,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1800.0, help="stop starting cycles after")
     parser.add_argument("--progress", action="store_true", help="a line every 50 cycles")
     args = parser.parse_args()
+    stop_on_sigterm()
     with traversable_data_dir() as data_dir, tempfile.TemporaryDirectory() as tmp:
         result = run(args, data_dir, pathlib.Path(tmp))
     print(json.dumps(result, indent=2))
