@@ -61,6 +61,19 @@ _ENDED = {
 }
 
 
+def trio_tasks() -> int:
+    """Trio tasks alive in this run (0 outside one): the load benchmarks look for leaks with it."""
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return 0
+
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(count(t) for n in task.child_nurseries for t in n.child_tasks)
+
+    return count(root) if root is not None else 0
+
+
 class Elector(Protocol):
     """What the broker needs of leader election (``pool.LeaderElector``)."""
 
@@ -111,7 +124,9 @@ class Broker:
         self.draining = False
         self._attached: set[str] = set()
         self._closing_self: set[str] = set()
-        """Leases released over their own session: the client closes it itself."""
+        """Leases released over their own session: the session ends when its client hangs up
+        (ending it at once would cut the answer to the release; left alone, it would wait out
+        the gateway's grace period)."""
         self._unsubscribe = the_pool.add_observer(self.on_pool_event)
 
     # -- metrics ---------------------------------------------------------------------------
@@ -133,6 +148,7 @@ class Broker:
             gateway_bytes_up=gw.bytes_up_total if gw else 0,
             gateway_bytes_down=gw.bytes_down_total if gw else 0,
             gateway_auth_failures=gw.auth_failures_total if gw else 0,
+            trio_tasks=trio_tasks(),
         )
 
     def on_pool_event(self, event: pool.PoolEvent) -> None:
@@ -153,9 +169,7 @@ class Broker:
                 if reason in ("expired_idle", "expired_lifetime"):
                     m.lease_expired()
                 self._attached.discard(lease_id)
-                if lease_id in self._closing_self:
-                    self._closing_self.discard(lease_id)
-                elif self.gateway is not None:
+                if lease_id not in self._closing_self and self.gateway is not None:
                     self.gateway.close_session(lease_id, _ENDED.get(reason, reason) + ".")
             case pool.PoolErrorEvent(component=component):
                 m.error(component)
@@ -282,6 +296,11 @@ class Broker:
         self._attached.add(session_id)
 
     def detached(self, session_id: str) -> None:
+        if session_id in self._closing_self:
+            self._closing_self.discard(session_id)
+            if self.gateway is not None:
+                self.gateway.close_session(session_id, _ENDED["released"] + ".")
+            return
         if session_id in self._attached:
             self._attached.discard(session_id)
             self.pool.detached(session_id)
@@ -291,6 +310,7 @@ class Broker:
             self.pool.traffic(session_id)
 
     def session_ended(self, session_id: str, reason: str) -> None:
+        self._closing_self.discard(session_id)
         self.detached(session_id)
 
     async def control(
@@ -321,7 +341,11 @@ class Broker:
             if name == "release":
                 if session_id is not None:
                     self._closing_self.add(lease_id)
-                await self.pool.release(lease_id)
+                try:
+                    await self.pool.release(lease_id)
+                except BaseException:
+                    self._closing_self.discard(lease_id)
+                    raise
                 return {"released": lease_id}
             ttl = args.get("ttl")
             if ttl is not None and (not isinstance(ttl, int | float) or isinstance(ttl, bool)):
@@ -329,7 +353,6 @@ class Broker:
             lease = await self.pool.extend(lease_id, ttl=float(ttl) if ttl is not None else None)
             return _json(_lease_info(lease))
         except pool.LeaseNotFoundError:
-            self._closing_self.discard(lease_id)
             raise tunnel.ControlError(
                 f"The lease {lease_id!r} has ended (released or expired); "
                 "run aldaas connect to get a new one."

@@ -77,6 +77,8 @@ class Readings:
     """Cumulative bytes database → client since the gateway started (a counter)."""
     gateway_auth_failures: int = 0
     """Cumulative rejected tokens and secrets since the gateway started (a counter)."""
+    trio_tasks: int = 0
+    """Trio tasks alive in the broker process; a count that climbs and never comes back is a leak."""
 
 
 ReadingsFunction = Callable[[], Readings]
@@ -143,6 +145,9 @@ def _families(r: Readings) -> list[Metric]:
             value=r.gateway_streams,
         ),
         gateway_bytes,
+        GaugeMetricFamily(
+            "aldaas_trio_tasks", "Trio tasks alive in the broker process.", value=r.trio_tasks
+        ),
         CounterMetricFamily(
             "aldaas_gateway_auth_failures",
             "Gateway requests refused for a wrong instance token or lease secret.",
@@ -272,6 +277,7 @@ _NAMES = frozenset(
         "aldaas_gateway_streams",
         "aldaas_gateway_bytes_total",
         "aldaas_gateway_auth_failures_total",
+        "aldaas_trio_tasks",
         "aldaas_task_restarts_total",
         "aldaas_errors_total",
     }

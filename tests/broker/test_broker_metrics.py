@@ -6,8 +6,11 @@ import shutil
 import subprocess
 
 import pytest
+import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker._broker import trio_tasks
 from broker._metrics import Metrics, Readings, exported_metric_names
 
 
@@ -29,7 +32,7 @@ def test_if_scraped_then_exactly_the_agreed_names_are_exported() -> None:
             continue  # the creation timestamps of counters and histograms, not metrics of their own
         names.add(family.name + "_total" if family.type == "counter" else family.name)
     assert names == set(exported_metric_names())
-    assert len(names) == 20
+    assert len(names) == 21
 
 
 def test_if_levels_change_then_the_next_scrape_reads_them() -> None:
@@ -56,6 +59,7 @@ def test_if_levels_change_then_the_next_scrape_reads_them() -> None:
         gateway_auth_failures=5,
         restore_done_bytes=10,
         restore_total_bytes=30,
+        trio_tasks=12,
     )
     after = _samples(metrics)
     assert after[("aldaas_clones", (("state", "warm"),))] == 3
@@ -69,6 +73,7 @@ def test_if_levels_change_then_the_next_scrape_reads_them() -> None:
     assert after[("aldaas_gateway_bytes_total", (("direction", "up"),))] == 100
     assert after[("aldaas_gateway_auth_failures_total", ())] == 5
     assert after[("aldaas_restore_total_bytes", ())] == 30
+    assert after[("aldaas_trio_tasks", ())] == 12
 
 
 def test_if_events_happen_then_counters_and_histograms_count_them() -> None:
@@ -117,3 +122,21 @@ def test_if_promtool_lints_the_exposition_then_it_finds_nothing() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_if_tasks_start_and_end_then_the_trio_task_reading_follows_them() -> None:
+    """If three tasks start and then end, then trio_tasks() rises by three and comes back."""
+    before = trio_tasks()
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(trio.sleep_forever)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio_tasks() == before + 3
+        nursery.cancel_scope.cancel()
+    assert trio_tasks() == before
+    assert before >= 1
+
+
+def test_if_no_trio_run_is_active_then_the_trio_task_reading_is_zero() -> None:
+    """If the readings are taken outside trio (a test, a thread), then trio_tasks() is 0."""
+    assert trio_tasks() == 0
