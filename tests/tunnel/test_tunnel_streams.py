@@ -158,3 +158,20 @@ async def test_if_the_sink_socket_is_full_then_the_rest_waits_in_the_stream_in_o
             rest += await right.receive_some()
             right.sink_busy = False
         assert direct + rest == payload
+
+
+async def test_if_a_session_carries_steady_small_traffic_then_the_replay_buffer_stays_small(
+    nursery: trio.Nursery,
+) -> None:
+    """If many small messages flow (a database session), then the receiver acknowledges
+    every 64 KiB, so the sender keeps at most that much for replay, not a quarter of its
+    8 MiB budget."""
+    client, accepted = await mux_pair(nursery, window=WINDOW)
+    out = client.open_stream()
+    into = await accepted.receive()
+    largest = 0
+    for _ in range(3000):  # 600 kB in all
+        await out.send_all(b"q" * 200)
+        assert await into.receive_some() == b"q" * 200
+        largest = max(largest, client.conn.replay_size)
+    assert largest <= 64 * 1024 + 2 * 1024
