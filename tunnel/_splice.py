@@ -122,8 +122,8 @@ async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> Non
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(upstream)
             nursery.start_soon(downstream)
+            await upstream()  # in this task: one task fewer to start per connection
     except* _ABORTS:
         tunnel.reset(ResetCode.CONNECTION_LOST, "the TCP connection at the other end broke")
     finally:
