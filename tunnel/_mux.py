@@ -127,6 +127,15 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._buffer:
             self._receive_lot.unpark_all()
 
+    def flush_to_sink(self) -> None:
+        """Write what waits in the stream's buffer into ``sink_fd`` now, as far as the
+        socket takes it (a new stream's first bytes usually arrive before its TCP
+        connection is made); the rest stays for ``receive_some``."""
+        if self._buffer and self.sink_fd is not None and not self.sink_busy:
+            self._pending = [bytes(self._buffer)]
+            self._buffer.clear()
+            self._flush_sink()
+
     def _break(self, reason: str) -> None:
         if self._broken is None:
             self._broken = reason

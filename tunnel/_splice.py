@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import select
 import socket
 
 import trio
@@ -26,13 +28,24 @@ async def connect_tcp(host: str, port: int) -> trio.SocketStream:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
         return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    await trio.lowlevel.checkpoint_if_cancelled()
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        await sock.connect((host, port))
+        sock.setblocking(False)
+        error = sock.connect_ex((host, port))
+        if error == errno.EINPROGRESS:
+            # On loopback the handshake is usually over already: no scheduler pass then.
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            if not poller.poll(0):
+                await trio.lowlevel.wait_writable(sock)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error and error != errno.EISCONN:
+            raise OSError(error, f"connecting to {host}:{port} failed: {os.strerror(error)}")
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
 class _RelayedReads:
@@ -119,6 +132,7 @@ async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> Non
 
     if isinstance(tcp, trio.SocketStream):
         tunnel.sink_fd = tcp.socket.fileno()
+        tunnel.flush_to_sink()  # what arrived before the connection was made
 
     try:
         async with trio.open_nursery() as nursery:

@@ -12,6 +12,7 @@ import trio.testing
 from tunnel_fakes import mux_pair
 
 from tunnel import TunnelStream
+from tunnel._splice import connect_tcp
 
 WINDOW = 64 * 1024
 
@@ -175,3 +176,21 @@ async def test_if_a_session_carries_steady_small_traffic_then_the_replay_buffer_
         assert await into.receive_some() == b"q" * 200
         largest = max(largest, client.conn.replay_size)
     assert largest <= 64 * 1024 + 2 * 1024
+
+
+async def test_if_a_tcp_address_refuses_or_answers_then_connect_tcp_says_so_or_connects() -> None:
+    """If nothing listens at an IP literal, then connect_tcp raises an OSError naming the
+    address; if something does, it returns a working stream (loopback: often with no wait)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    with pytest.raises(OSError, match=rf"connecting to 127\.0\.0\.1:{port} failed"):
+        await connect_tcp("127.0.0.1", port)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listeners[0] as server:
+        stream = await connect_tcp("127.0.0.1", server.socket.getsockname()[1])
+        accepted = await server.accept()
+        async with stream, accepted:
+            await stream.send_all(b"hi")
+            assert await accepted.receive_some(10) == b"hi"
