@@ -51,6 +51,7 @@ from ._provider import (
     ConflictError,
     Endpoint,
     Kind,
+    Liveness,
     NotFoundError,
     ProgressCallback,
     Provider,
@@ -1072,6 +1073,20 @@ class KubernetesProvider:
             return False
         return _ready_ip(pod) is not None
 
+    def alive(self, name: str) -> bool:
+        """Whether clone ``name``'s pod was ready when this provider last saw it (no API call).
+
+        The provider keeps no pod watch: it knows a pod's readiness from making
+        the clone and from its last full ``list()`` (every ``pool.refresh_interval``
+        with several replicas). A pod that died since is only found by
+        :meth:`is_healthy` (the health loop); the kubelet restarts a crashed
+        database container in place (``restartPolicy: Always``), on the same data.
+        """
+        try:
+            return self._object_name(name) in self._endpoints
+        except ProviderError:
+            return False
+
     async def record_failed_snapshot(self, name: str, meta: Mapping[str, str]) -> Resource:
         """A ConfigMap that holds only the failed snapshot's meta (no data, nothing to clone)."""
         self._codec.check(meta)
@@ -1276,6 +1291,10 @@ class KubernetesProvider:
 
 def _implements_provider(provider: KubernetesProvider) -> Provider:
     return provider  # mypy proves KubernetesProvider satisfies the Provider protocol
+
+
+def _implements_liveness(provider: KubernetesProvider) -> Liveness:
+    return provider  # ... and the optional Liveness one
 
 
 # -- leader election -------------------------------------------------------------------------
