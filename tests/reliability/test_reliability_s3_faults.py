@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -189,6 +190,33 @@ async def test_if_s3_is_a_black_hole_then_listing_times_out_as_a_temporary_error
         assert "did not answer within s3.read_timeout (0.5 s, 1 attempt)" in str(caught.value)
         assert SECRET not in str(caught.value)
         assert proxy.stalls == 1
+
+
+async def test_if_s3_never_takes_the_connection_then_the_connect_timeout_ends_it() -> None:
+    """If the endpoint's accept queue is full (SYNs dropped), then connecting ends at s3.connect_timeout."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)  # room for one pending connection, never accepted
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # takes that room
+            source = S3Source(
+                S3Settings(
+                    bucket=BUCKET,
+                    endpoint_url=f"http://127.0.0.1:{port}",
+                    region="us-east-1",
+                    access_key_id="test",
+                    secret_access_key=SECRET,
+                    addressing_style="path",
+                    connect_timeout=SILENT,
+                    max_attempts=1,
+                )
+            )
+            with trio.fail_after(LIMIT), pytest.raises(TemporaryProviderError) as caught:
+                await source.list_backups()
+    message = str(caught.value)
+    assert "cannot connect to S3 at http://127.0.0.1:" in message
+    assert "within s3.connect_timeout (0.5 s, 1 attempt)" in message
+    assert SECRET not in message
 
 
 async def test_if_s3_stays_silent_on_every_download_then_the_pool_fails_the_snapshot(
