@@ -92,12 +92,19 @@ class WithoutLiveness:
         return getattr(self._provider, name)
 
 
-async def liveness_cost(provider: Provider, source: Source, calls: int) -> list[float]:
-    """Seconds per ``alive()`` call on a warm clone, in batches of 100."""
+async def liveness_cost(
+    provider: Provider, source: Source, calls: int, local: LocalSettings
+) -> tuple[list[float], list[float]]:
+    """Seconds per ``alive()`` call on a warm clone (batches of 100), and per first sight of it.
+
+    The first sight is what a provider that did not make the clone pays (an adopted clone after
+    a restart): ``postmaster.pid`` and ``/proc/<pid>/cwd`` too; timed on fresh providers.
+    """
     settings = PoolSettings(pool=WarmPoolSettings(size=1, max_provisioning=1))
     pool = Pool(settings, provider, source)
     assert isinstance(provider, Liveness)
     samples: list[float] = []
+    first: list[float] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
         while pool.statistics().clones["warm"] < 1:  # noqa: ASYNC110 - untimed setup
@@ -108,8 +115,13 @@ async def liveness_cost(provider: Provider, source: Source, calls: int) -> list[
             for _ in range(100):
                 assert provider.alive(clone)
             samples.append((time.perf_counter() - started) / 100)
+        for _ in range(calls // 10):
+            fresh = LocalProvider(local)
+            started = time.perf_counter()
+            assert fresh.alive(clone)
+            first.append(time.perf_counter() - started)
         nursery.cancel_scope.cancel()
-    return samples
+    return samples, first
 
 
 def summary(name: str, samples: list[float]) -> str:
@@ -151,7 +163,7 @@ async def main(parent: pathlib.Path, acquires: int, size: int, rounds: int) -> N
             idle += await measure(provider, source, per_round, size, settle=True)
             unchecked += await measure(hidden, source, per_round, size, settle=True)  # type: ignore[arg-type]
         busy = await measure(provider, source, acquires, size, settle=False)
-        alive = await liveness_cost(provider, source, 10_000)
+        alive, first = await liveness_cost(provider, source, 10_000, local)
     finally:
         for resource in await provider.list():
             await provider.destroy(resource.kind, resource.name)
@@ -162,6 +174,8 @@ async def main(parent: pathlib.Path, acquires: int, size: int, rounds: int) -> N
     print(summary("local, idle, no liveness check", unchecked))
     us = sorted(a * 1e6 for a in alive)
     print(f"{'alive() alone':<28} n={len(us) * 100:<5} median={statistics.median(us):.1f} µs/call")
+    first_us = statistics.median(f * 1e6 for f in first)
+    print(f"{'alive(), first sight':<28} n={len(first):<5} median={first_us:.1f} µs/call")
 
 
 if __name__ == "__main__":

@@ -618,6 +618,7 @@ class LocalProvider:
 
     async def _start_clone(self, setup: _Setup, folder: pathlib.Path, name: str) -> None:
         await self._start(setup, folder, f"clone {name!r}", durable=self._settings.clone_fsync)
+        self.alive(name)  # note the postmaster now, so a hand-out's check is one /proc read
 
     async def _copy(
         self,
