@@ -51,6 +51,7 @@ from ._provider import (
     ConflictError,
     Endpoint,
     Kind,
+    Liveness,
     NotFoundError,
     ProgressCallback,
     Provider,
@@ -570,6 +571,8 @@ class KubernetesProvider:
         """Last state seen of each meta-holding object, so a compare-and-set needs no read first."""
         self._endpoints: dict[str, Endpoint] = {}
         """Pod endpoints seen, by object name (pods are never re-created under the same name)."""
+        self._not_ready: frozenset[str] = frozenset()
+        """Clones (object names) whose pod was not Ready at the last list, or destroyed since."""
 
     @property
     def name(self) -> str:
@@ -1053,7 +1056,9 @@ class KubernetesProvider:
         log.info("kubernetes.clone", snapshot=snapshot, clone=name)
         await self._create(PVCS, self._pvc(Kind.CLONE, name, meta, snap))
         await self._create(PODS, self._database_pod(Kind.CLONE, name))
-        return await self._endpoint(self._object_name(name))
+        endpoint = await self._endpoint(self._object_name(name))
+        self._not_ready -= {self._object_name(name)}
+        return endpoint
 
     async def check(self, name: str, command: Command) -> None:
         endpoint = await self._endpoint(self._object_name(name))
@@ -1071,6 +1076,21 @@ class KubernetesProvider:
         except NotFoundError:
             return False
         return _ready_ip(pod) is not None
+
+    def alive(self, name: str) -> bool:
+        """Whether clone ``name``'s pod was ready when this provider last saw it (no API call).
+
+        The provider keeps no pod watch: it knows a pod's readiness from making
+        the clone and from its last ``list()`` of clones (every
+        ``pool.refresh_interval`` with several replicas). A pod that died since is
+        only found by :meth:`is_healthy` (the health loop); the kubelet restarts a
+        crashed database container in place (``restartPolicy: Always``), on the
+        same data. A clone it has not seen counts as alive (it cannot know).
+        """
+        try:
+            return self._object_name(name) not in self._not_ready
+        except ProviderError:
+            return False
 
     async def record_failed_snapshot(self, name: str, meta: Mapping[str, str]) -> Resource:
         """A ConfigMap that holds only the failed snapshot's meta (no data, nothing to clone)."""
@@ -1193,6 +1213,8 @@ class KubernetesProvider:
             return
         self._seen.pop((PVCS, object_name), None)
         self._endpoints.pop(object_name, None)
+        if kind is Kind.CLONE:
+            self._not_ready |= {object_name}
         for step in ("restore", "check"):
             await self._delete(JOBS, f"{object_name}-{step}")
         await self._delete(PODS, object_name, grace=self._settings.destroy_grace_seconds)
@@ -1223,17 +1245,22 @@ class KubernetesProvider:
             pvcs = await self._client.call("list", PVCS, label_selector=selector)
             pods = await self._client.call("list", PODS, label_selector=selector)
             ips = {p["metadata"]["name"]: _ready_ip(p) for p in _live(pods)}
+            not_ready: set[str] = set()
             for pvc in _live(pvcs):
                 pvc_kind = (pvc["metadata"].get("labels") or {}).get(kind_label)
                 if pvc_kind not in (Kind.VOLUME.value, Kind.CLONE.value):
                     continue
                 object_name = pvc["metadata"]["name"]
                 ip = ips.get(object_name)
+                if pvc_kind == Kind.CLONE.value and not ip:
+                    not_ready.add(object_name)
                 endpoint = self._endpoint_at(ip) if ip else None
                 if endpoint is not None:
                     self._endpoints[object_name] = endpoint
                 self._remember(PVCS, pvc)
                 resources.append(self._resource(Kind(pvc_kind), pvc, endpoint))
+            if kind in (None, Kind.CLONE):  # every clone was listed: replace what alive() knows
+                self._not_ready = frozenset(not_ready)
         if kind in (None, Kind.SNAPSHOT):
             selector = self._selector(Kind.SNAPSHOT.value)
             records = {
@@ -1276,6 +1303,10 @@ class KubernetesProvider:
 
 def _implements_provider(provider: KubernetesProvider) -> Provider:
     return provider  # mypy proves KubernetesProvider satisfies the Provider protocol
+
+
+def _implements_liveness(provider: KubernetesProvider) -> Liveness:
+    return provider  # ... and the optional Liveness one
 
 
 # -- leader election -------------------------------------------------------------------------

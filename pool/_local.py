@@ -45,6 +45,7 @@ from ._provider import (
     ConflictError,
     Endpoint,
     Kind,
+    Liveness,
     NotFoundError,
     ProgressCallback,
     Provider,
@@ -82,6 +83,8 @@ class LocalProvider:
         self._reflink: bool | None = None
         self._locks: dict[pathlib.Path, trio.Lock] = {}
         self._reserved_ports: set[int] = set()
+        self._postmasters: dict[str, tuple[int, bytes]] = {}
+        """Clone name → (pid, start time) of the postmaster :meth:`alive` last found running."""
 
     def __repr__(self) -> str:
         return f"LocalProvider(data_dir={str(self._root)!r})"
@@ -615,6 +618,7 @@ class LocalProvider:
 
     async def _start_clone(self, setup: _Setup, folder: pathlib.Path, name: str) -> None:
         await self._start(setup, folder, f"clone {name!r}", durable=self._settings.clone_fsync)
+        self.alive(name)  # note the postmaster now, so a hand-out's check is one /proc read
 
     async def _copy(
         self,
@@ -713,6 +717,30 @@ class LocalProvider:
             endpoint.host, endpoint.port, endpoint.user, endpoint.database
         )
 
+    def alive(self, name: str) -> bool:
+        """Whether clone ``name``'s postmaster runs: ``postmaster.pid`` and ``/proc``, no connection.
+
+        The pool asks it at every hand-out (:class:`pool.Liveness`): once a
+        postmaster was seen, one read of ``/proc/<pid>/stat`` (its pid and start
+        time, which a reused pid cannot match) answers. A server that runs but
+        does not answer is left to :meth:`is_healthy`.
+        """
+        known = self._postmasters.get(name)
+        if known is not None and pg.process_identity(known[0]) == known[1]:
+            return True  # the same process as last time still runs: one read of /proc
+        self._postmasters.pop(name, None)
+        try:
+            folder = self._dir(Kind.CLONE, name)
+        except ProviderError:
+            return False
+        info = pg.running_postmaster(folder / "pgdata")
+        if info is None:
+            return False
+        identity = pg.process_identity(info.pid)
+        if identity is not None:
+            self._postmasters[name] = (info.pid, identity)
+        return identity is not None
+
     async def set_meta(
         self, kind: Kind, name: str, meta: Mapping[str, str], *, expect_version: str | None = None
     ) -> Resource:
@@ -753,6 +781,7 @@ class LocalProvider:
             os.rename(folder, trash)
             await trio.to_thread.run_sync(_rmtree, trash)
         self._locks.pop(folder, None)
+        self._postmasters.pop(name, None)
         logger.info("destroyed", kind=kind.value, name=name)
 
     async def list(self, kind: Kind | None = None) -> Sequence[Resource]:
@@ -933,3 +962,7 @@ def _os_error(what: str, exc: OSError, root: pathlib.Path) -> ProviderError:
 
 def _implements_provider(provider: LocalProvider) -> Provider:
     return provider  # mypy proves LocalProvider satisfies the Provider protocol
+
+
+def _implements_liveness(provider: LocalProvider) -> Liveness:
+    return provider  # ... and the optional Liveness one

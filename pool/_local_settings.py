@@ -128,3 +128,19 @@ class S3Settings:
 
     chunk_bytes: int = 1024 * 1024
     """Bytes per read while streaming a backup: small enough to stay lean, big enough to be fast."""
+
+    connect_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    """Seconds to wait for a connection to S3 to open; 10 s is ample for AWS or a LAN MinIO and
+    still notices an unreachable endpoint quickly.
+    """
+
+    read_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    """Seconds to wait for the next bytes of an answer (headers or the next piece of a download);
+    30 s rides out a slow S3 and still gives up on a black-holed connection within a minute or two.
+    """
+
+    max_attempts: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    """Attempts per S3 request, the first included, before the pool sees the error (and retries
+    the whole download with back-off); 3 is botocore's standard. A black-holed S3 thus fails a
+    request after about ``max_attempts`` times ``read_timeout`` plus botocore's short back-off.
+    """

@@ -69,6 +69,7 @@ from ._provider import (
     ConflictError,
     Endpoint,
     Kind,
+    Liveness,
     NotFoundError,
     Provider,
     ProviderError,
@@ -184,6 +185,10 @@ class Pool:
     ) -> None:
         self._settings = settings
         self._provider = provider
+        self._alive: Callable[[str], bool] | None = (
+            provider.alive if isinstance(provider, Liveness) else None
+        )
+        """The provider's cheap liveness check, asked at each hand-out (None: it has none)."""
         self._source = source
         self._wall_clock = wall_clock
         self._observers: list[Observer] = list(observers)
@@ -645,19 +650,39 @@ class Pool:
             self._return_clone(clone)
 
     def _take_warm(self) -> _Clone | None:
-        """Reserve a free warm clone, preferring the newest ready snapshot; ``None`` if none."""
+        """Reserve a free warm clone, preferring the newest ready snapshot; ``None`` if none.
+
+        A clone the provider knows to be dead (:class:`Liveness`) is broken and
+        replaced instead of handed out: its database may have died since the last
+        health check.
+        """
         newest = self._newest_ready()
-        chosen = None
-        for clone in self._warm.values():
-            if newest is not None and clone.snapshot == newest.name:
-                chosen = clone
-                break
-            if chosen is None:
-                chosen = clone
-        if chosen is not None:
+        while self._warm:
+            chosen = None
+            for clone in self._warm.values():
+                if newest is not None and clone.snapshot == newest.name:
+                    chosen = clone
+                    break
+                if chosen is None:
+                    chosen = clone
+            assert chosen is not None
+            if not self._is_alive(chosen):
+                log.warning("clone.dead_at_hand_out", clone=chosen.name, snapshot=chosen.snapshot)
+                self._break(chosen, "its database was found dead at hand-out")
+                continue
             del self._warm[chosen.name]
             self._wake(self._keeper_wakeup)
-        return chosen
+            return chosen
+        return None
+
+    def _is_alive(self, clone: _Clone) -> bool:
+        if self._alive is None:
+            return True
+        try:
+            return self._alive(clone.name)
+        except Exception:  # a liveness probe must never stop a hand-out
+            log.exception("clone.liveness_check_failed", clone=clone.name)
+            return True
 
     def _return_clone(self, clone: _Clone) -> None:
         """Put a reserved, never-claimed clone back (front of the free list)."""

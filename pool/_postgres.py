@@ -219,6 +219,22 @@ def is_postmaster_of(pid: int, pgdata: pathlib.Path) -> bool:
     return cwd == str(pgdata.resolve()) and _alive(pid)
 
 
+def process_identity(pid: int) -> bytes | None:
+    """``pid``'s start time (clock ticks since boot) while it runs; ``None`` once gone or a zombie.
+
+    A pid and its start time name one process for good (a reused pid starts
+    later), so a caller can recognise a process it has seen with one small read.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return None
+    return fields[19]  # field 22 of proc(5), counted from field 3 (state)
+
+
 def running_postmaster(pgdata: pathlib.Path) -> PostmasterInfo | None:
     """The live postmaster of ``pgdata``, or ``None`` (a stale pid file counts as none)."""
     info = read_postmaster_pid(pgdata)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -239,4 +239,22 @@ class Provider(Protocol):
 
     async def aclose(self) -> None:
         """Release what the provider holds in this process (not the databases themselves)."""
+        ...
+
+
+@runtime_checkable
+class Liveness(Protocol):
+    """Optional for a :class:`Provider`: a cheap, synchronous "is this clone's database up?".
+
+    The pool asks it for every warm clone it is about to hand out, on the
+    hand-out's hot path, so it must answer from what the provider already has
+    (a process table, a cache) in microseconds, without a connection or an API
+    call, and never raise. ``False`` means *known dead*: the pool destroys the
+    clone and hands out the next one (or queues). A provider that cannot know
+    cheaply answers ``True`` and leaves it to :meth:`Provider.is_healthy`, which
+    the health loop calls every ``pool.health_check_interval``.
+    """
+
+    def alive(self, name: str) -> bool:
+        """Whether clone ``name``'s database process is running, as far as is known cheaply."""
         ...

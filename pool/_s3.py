@@ -64,9 +64,9 @@ class S3Source:
         )
         config = botocore.config.Config(
             s3={"addressing_style": s.addressing_style},
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
+            retries={"total_max_attempts": s.max_attempts, "mode": "standard"},
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
         )
         return session.client("s3", endpoint_url=s.endpoint_url, verify=s.verify_tls, config=config)
 
@@ -125,6 +125,13 @@ class S3Source:
             while True:
                 try:
                     chunk = await trio.to_thread.run_sync(body.read, s.chunk_bytes)
+                except botocore.exceptions.ReadTimeoutError:
+                    raise TemporaryProviderError(
+                        f"reading backup {backup.key!r} from {self.description} stalled: no "
+                        f"data for s3.read_timeout ({s.read_timeout:g} s); it will be retried "
+                        "(raise s3.read_timeout if S3 is only slow)",
+                        delay=5.0,
+                    ) from None
                 except (botocore.exceptions.BotoCoreError, OSError) as exc:
                     raise TemporaryProviderError(
                         f"reading backup {backup.key!r} from {self.description} broke off "
@@ -173,6 +180,21 @@ class S3Source:
                     delay=5.0,
                 )
             return ProviderError(f"S3 at {where} failed {doing} {what} ({code or status})")
+        tries = f"{s.max_attempts} attempt{'s' if s.max_attempts != 1 else ''}"
+        if isinstance(exc, botocore.exceptions.ReadTimeoutError):
+            return TemporaryProviderError(
+                f"S3 at {where} did not answer within s3.read_timeout ({s.read_timeout:g} s, "
+                f"{tries}) while {doing} {what}; will retry (raise s3.read_timeout if S3 is "
+                "only slow)",
+                delay=5.0,
+            )
+        if isinstance(exc, botocore.exceptions.ConnectTimeoutError):
+            return TemporaryProviderError(
+                f"cannot connect to S3 at {where} within s3.connect_timeout "
+                f"({s.connect_timeout:g} s, {tries}) while {doing} {what}; check "
+                "s3.endpoint_url and the network",
+                delay=5.0,
+            )
         if isinstance(
             exc,
             # Refused, reset, closed mid-response or timed out: the network, not the settings.

@@ -47,6 +47,9 @@ FULL_FEATURED: dict[str, Any] = {
         "prefix": "pg/appdb",
         "suffix": ".dump",
         "region": "eu-central-1",
+        "connectTimeout": 2.5,
+        "readTimeout": 12,
+        "maxAttempts": 5,
     },
     "rook": {"storageClassName": "gp3-csi", "volumeSnapshotClassName": "ebs-snap"},
     "application": {"image": "postgres", "tag": "17", "storage": "50Gi"},
@@ -134,6 +137,9 @@ def test_if_the_chart_renders_then_the_broker_loads_what_it_was_given(
     assert settings.s3.prefix == given["s3"]["prefix"]
     assert settings.s3.suffix == given["s3"]["suffix"]
     assert settings.s3.region == (given["s3"]["region"] or None)
+    assert settings.s3.connect_timeout == given["s3"]["connectTimeout"]
+    assert settings.s3.read_timeout == given["s3"]["readTimeout"]
+    assert settings.s3.max_attempts == given["s3"]["maxAttempts"]
     assert settings.gateway.host == "0.0.0.0"
     assert settings.gateway.port == given["tunnel"]["port"]
     assert settings.admin.port == given["admin"]["port"]
@@ -191,6 +197,12 @@ def test_if_the_restore_job_downloads_then_fetch_backup_sees_the_brokers_bucket(
         settings.s3.bucket,
         settings.s3.endpoint_url,
         settings.s3.region,
+    )
+    # ... and gives up on a silent S3 as soon as the broker would.
+    assert (fetched.connect_timeout, fetched.read_timeout, fetched.max_attempts) == (
+        settings.s3.connect_timeout,
+        settings.s3.read_timeout,
+        settings.s3.max_attempts,
     )
 
 

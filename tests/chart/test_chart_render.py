@@ -239,6 +239,9 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                 "fetch_env": {
                     "ALDAAS_S3_BUCKET": "backup",
                     "ALDAAS_S3_ENDPOINT_URL": "http://minio.server:80",
+                    "ALDAAS_S3_CONNECT_TIMEOUT": "10",
+                    "ALDAAS_S3_READ_TIMEOUT": "30",
+                    "ALDAAS_S3_MAX_ATTEMPTS": "3",
                 },
             },
             "check": {
@@ -258,6 +261,9 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
             "suffix": ".sql.gz",
             "endpoint_url": "http://minio.server:80",
             "region": None,
+            "connect_timeout": 10,
+            "read_timeout": 30,
+            "max_attempts": 3,
         },
         "pool": {"size": 3, "max_provisioning": 2},
         "lease": {"ttl": 300, "max_ttl": 86400, "max_lifetime": 604800},
@@ -302,6 +308,9 @@ def test_if_original_style_values_are_given_then_they_reach_the_config(render: R
     assert provider["restore"]["fetch_env"] == {
         "ALDAAS_S3_BUCKET": "nightly",
         "ALDAAS_S3_ENDPOINT_URL": "http://minio.backups.svc:9000",
+        "ALDAAS_S3_CONNECT_TIMEOUT": "10",
+        "ALDAAS_S3_READ_TIMEOUT": "30",
+        "ALDAAS_S3_MAX_ATTEMPTS": "3",
     }
     assert config["source"] == {"kind": "s3"}
     assert config["s3"] == {
@@ -310,6 +319,9 @@ def test_if_original_style_values_are_given_then_they_reach_the_config(render: R
         "bucket": "nightly",
         "prefix": "logical/appdb",
         "suffix": ".sql.gz",
+        "connect_timeout": 10,
+        "read_timeout": 30,
+        "max_attempts": 3,
     }
 
 

@@ -27,6 +27,8 @@ def install_error(render: Render, values: dict[str, Any]) -> str:
         ({"pool": {"maxProvisioning": 0}}, "at '/pool/maxProvisioning': minimum: got 0, want 1"),
         ({"lease": {"ttl": 0}}, "at '/lease/ttl': minimum: got 0, want 1"),
         ({"snapshots": {"keep": 0}}, "at '/snapshots/keep': minimum: got 0, want 1"),
+        ({"s3": {"readTimeout": 0}}, "at '/s3/readTimeout'"),
+        ({"s3": {"maxAttempts": 0}}, "at '/s3/maxAttempts': minimum: got 0, want 1"),
         ({"replicas": 0}, "at '/replicas': minimum: got 0, want 1"),
         ({"tunnel": {"port": 70000}}, "at '/tunnel/port': maximum: got 70,000, want 65,535"),
         ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy'"),

@@ -363,3 +363,29 @@ async def test_if_a_clone_is_still_being_provisioned_from_a_snapshot_then_it_is_
     fake.update_status("persistentvolumeclaims", NS, "aldaas-c", {"phase": "Bound"})
     await provider.destroy(Kind.SNAPSHOT, "s")
     assert fake.get("volumesnapshots", NS, "aldaas-s") is None
+
+
+@pytest.mark.slow
+async def test_if_a_clone_pod_was_not_ready_at_the_last_list_then_alive_says_so_without_a_call(
+    settings: KubernetesSettings, fake: FakeKubernetes, api_client: client.ApiClient
+) -> None:
+    """If the last list saw the clone's pod not Ready (or gone), then alive() is False; no API call."""
+    provider = KubernetesProvider(settings, api_client)
+    await provider.create_volume("v", {})
+    await provider.seal("v", "s", {"status": "ready"})
+    await provider.clone("s", "c", {"state": "warm"})
+    await provider.clone("s", "d", {"state": "warm"})
+    calls = len(fake.calls)
+    assert provider.alive("c") is True  # Ready when it was made
+    assert provider.alive("never-seen") is True  # it cannot know cheaply: the health loop will
+    assert len(fake.calls) == calls, "alive() must answer from what the provider knows"
+
+    fake.update_status(
+        "pods", NS, "aldaas-c", {"conditions": [{"type": "Ready", "status": "False"}]}
+    )
+    assert provider.alive("c") is True  # not seen yet: the health loop's is_healthy finds it
+    await provider.list()
+    assert provider.alive("c") is False
+    assert provider.alive("d") is True
+    await provider.destroy(Kind.CLONE, "d")
+    assert provider.alive("d") is False

@@ -236,6 +236,11 @@ class FakeProvider:
         clone = self.world.get(Kind.CLONE, name)
         return clone is not None and clone.running
 
+    def alive(self, name: str) -> bool:
+        """:class:`pool.Liveness`: the same truth as ``is_healthy``, known without waiting."""
+        clone = self.world.get(Kind.CLONE, name)
+        return clone is not None and clone.running
+
     async def set_meta(
         self, kind: Kind, name: str, meta: Mapping[str, str], *, expect_version: str | None = None
     ) -> Resource:

@@ -14,6 +14,8 @@ from pg_query import aquery
 from reliability_helpers import rows_sql, wait_for
 
 from pool import (
+    CloneFailed,
+    CloneProvisioned,
     DirectorySettings,
     DirectorySource,
     Kind,
@@ -28,10 +30,20 @@ from pool import (
 pytestmark = pytest.mark.slow
 
 
-def kill_database(data_dir: pathlib.Path, clone: str) -> None:
-    """kill -9 the postmaster of ``clone`` (its children exit when it is gone)."""
+def kill_database(data_dir: pathlib.Path, clone: str) -> int:
+    """kill -9 the postmaster of ``clone`` (its children exit when it is gone); return its pid."""
     pid = int((data_dir / "clones" / clone / "pgdata" / "postmaster.pid").read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def dead(pid: int) -> bool:
+    """Whether ``pid`` has exited (gone, or a zombie not yet reaped)."""
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in (b"Z", b"X")
 
 
 async def test_if_a_leased_or_warm_database_dies_then_it_is_reported_and_replaced(
@@ -88,5 +100,54 @@ async def test_if_a_leased_or_warm_database_dies_then_it_is_reported_and_replace
         )
         fresh = await pool.acquire(timeout=60)
         assert fresh.clone != warm
+        assert await aquery(fresh.endpoint, "SELECT count(*) FROM items") == [(100,)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_if_a_warm_database_died_since_the_last_health_check_then_acquire_skips_it(
+    data_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """If a warm clone's postgres was killed and no health check ran since, then acquire gives a working one."""
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    (backups / "a.sql").write_bytes(rows_sql(100))
+    local = LocalSettings(data_dir=data_dir)
+    settings = attrs.evolve(
+        PoolSettings(),
+        # No health check runs during the test: only the hand-out can notice the death.
+        pool=WarmPoolSettings(size=2, max_provisioning=2, health_check_interval=3600.0),
+        source=SourceSettings(poll_interval=3600.0),
+        local=local,
+    )
+    provider = LocalProvider(local)
+    events: list[object] = []
+    source = DirectorySource(DirectorySettings(path=backups, suffix=".sql"))
+    pool = Pool(settings, provider, source, observers=[events.append])
+
+    async def warm_clones() -> list[str]:
+        return [r.name for r in await provider.list(Kind.CLONE) if r.meta.get("status") == "warm"]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        await wait_for(lambda: pool.statistics().clones["warm"] == 2, "two warm clones", 120)
+        # The pool hands out the clone that became warm first: kill that one.
+        victim, survivor = [e.clone for e in events if isinstance(e, CloneProvisioned)]
+        pid = kill_database(data_dir, victim)
+        await wait_for(lambda: dead(pid), "the killed postmaster to exit", 10)
+        lease = await pool.acquire(timeout=0)  # a free clone is left: no queueing allowed
+        assert lease.clone == survivor
+        assert await aquery(lease.endpoint, "SELECT count(*) FROM items") == [(100,)]
+        found = [e for e in events if isinstance(e, CloneFailed)]
+        assert [(e.clone, e.reason) for e in found] == [
+            (victim, "its database was found dead at hand-out")
+        ]
+        await wait_for(lambda: not (data_dir / "clones" / victim).exists(), "the dead one gone", 60)
+
+        # Every warm clone dead: acquire queues for a replacement instead of handing one out.
+        await wait_for(lambda: pool.statistics().clones["warm"] == 2, "two warm clones again", 120)
+        killed = {name: kill_database(data_dir, name) for name in await warm_clones()}
+        await wait_for(lambda: all(map(dead, killed.values())), "both postmasters to exit", 10)
+        fresh = await pool.acquire(timeout=120)
+        assert fresh.clone not in killed
         assert await aquery(fresh.endpoint, "SELECT count(*) FROM items") == [(100,)]
         nursery.cancel_scope.cancel()

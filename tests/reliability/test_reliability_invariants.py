@@ -45,6 +45,8 @@ from pool_fakes import settings as pool_settings
 from trio.testing import MockClock
 
 from pool import (
+    CloneFailed,
+    CloneProvisioned,
     Endpoint,
     Kind,
     LeaseNotFoundError,
@@ -184,7 +186,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.held: dict[str, HeldLease] = {}
         self.restarts = 0
         self.dead_warm: set[str] = set()
-        """Warm clones whose database was killed: one may still be handed out (see below)."""
+        """Warm clones whose database was killed: none of them may be handed out."""
         self.pool: Pool | None = None
         self.pool_scope: trio.CancelScope | None = None
         tokens: queue.Queue[Any] = queue.Queue()
@@ -286,6 +288,7 @@ class PoolMachine(RuleBasedStateMachine):
         if lease is None:
             return
         assert lease.clone not in self.handed, f"clone {lease.clone} handed out twice"
+        assert lease.clone not in self.dead_warm, f"dead clone {lease.clone} handed out"
         self.handed.append(lease.clone)
         self.held[lease.id] = HeldLease(
             id=lease.id,
@@ -294,10 +297,6 @@ class PoolMachine(RuleBasedStateMachine):
             ttl=ttl,
             lifetime_deadline=start + MAX_LIFETIME,
             idle_deadline=start + ttl,
-            # Known gap (docs/reliability.md): a warm clone that died since the last health
-            # check is handed out as it is; its lease shows unhealthy, reset heals it, and a
-            # restart before that ends it as lost.
-            dead_since_restart=self.restarts if lease.clone in self.dead_warm else None,
         )
 
     def _pick(self, data: st.DataObject) -> HeldLease | None:
@@ -370,9 +369,10 @@ class PoolMachine(RuleBasedStateMachine):
             return
         assert lease.id == held.id
         assert lease.clone not in self.handed, f"clone {lease.clone} handed out twice"
+        assert lease.clone not in self.dead_warm, f"dead clone {lease.clone} handed out"
         self.handed.append(lease.clone)
         held.clone = lease.clone
-        held.dead_since_restart = self.restarts if lease.clone in self.dead_warm else None
+        held.dead_since_restart = None
         held.idle_deadline = start + held.ttl
 
     @rule(data=st.data())
@@ -559,29 +559,46 @@ def test_if_pool_operations_come_in_any_order_then_the_invariants_hold() -> None
     )
 
 
-async def test_if_a_dead_warm_clone_is_handed_out_then_its_lease_shows_unhealthy_and_reset_heals(
+async def test_if_a_warm_clone_died_since_the_health_check_then_the_next_one_is_handed_out(
     autojump_clock: MockClock,
 ) -> None:
-    """If a warm clone dies between health checks and is handed out, then its lease shows dead and reset heals it."""
+    """If a warm clone dies between health checks, then acquire skips it and it is replaced."""
     source = FakeSource()
     source.put("a.sql", b"CREATE TABLE a();", modified=1.0)
-    s = pool_settings(pool=WarmPoolSettings(size=1, max_provisioning=1, health_check_interval=10.0))
+    s = pool_settings(
+        pool=WarmPoolSettings(size=2, max_provisioning=1, health_check_interval=3600.0)
+    )
+    async with running_pool(FakeWorld(), source, s) as h:
+        await wait_for(lambda: h.pool.statistics().clones["warm"] == 2, what="two warm clones")
+        # The clone that became warm first is the next one handed out: kill that one.
+        dead, living = [e.clone for e in h.events if isinstance(e, CloneProvisioned)]
+        h.world.kill(dead)
+        lease = await h.pool.acquire()
+        assert lease.clone == living  # no health check ran: the hand-out itself saw it
+        failed = [e for e in h.events if isinstance(e, CloneFailed) and e.clone == dead]
+        assert [e.reason for e in failed] == ["its database was found dead at hand-out"]
+        (info,) = h.pool.statistics().leases
+        assert info.healthy
+        await wait_for(lambda: h.world.get(Kind.CLONE, dead) is None, what="dead one gone")
+        await wait_for(lambda: h.pool.statistics().clones["warm"] == 2, what="replaced")
+
+
+async def test_if_the_only_warm_clone_is_dead_then_acquire_waits_for_its_replacement(
+    autojump_clock: MockClock,
+) -> None:
+    """If the one warm clone died unseen, then acquire queues and gets a fresh, running clone."""
+    source = FakeSource()
+    source.put("a.sql", b"CREATE TABLE a();", modified=1.0)
+    s = pool_settings(
+        pool=WarmPoolSettings(size=1, max_provisioning=1, health_check_interval=3600.0)
+    )
     async with running_pool(FakeWorld(), source, s) as h:
         await wait_for(lambda: h.pool.statistics().clones["warm"] == 1, what="a warm clone")
-        (warm,) = h.world.of(Kind.CLONE)
-        h.world.kill(warm.name)
+        (dead,) = h.world.of(Kind.CLONE)
+        h.world.kill(dead.name)
         lease = await h.pool.acquire()
-        assert lease.clone == warm.name  # the gap: no check at hand-out (it would cost ~9 ms)
-
-        def healthy() -> bool:
-            (info,) = h.pool.statistics().leases
-            return info.healthy
-
-        await wait_for(lambda: not healthy(), what="the lease to be reported dead", limit=11.0)
-        healed = await h.pool.reset(lease.id)
-        assert healed.clone != warm.name
-        assert healthy()
-        clone = h.world.get(Kind.CLONE, healed.clone)
+        assert lease.clone != dead.name
+        clone = h.world.get(Kind.CLONE, lease.clone)
         assert clone is not None
         assert clone.running
 
