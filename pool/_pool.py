@@ -1407,7 +1407,6 @@ class Pool:
         reason = reason[: m.MAX_REASON_CHARS]
         snap.reason = reason
         log.error("snapshot.failed", backup_key=snap.backup_key, reason=reason)
-        self._emit(SnapshotFailed(snapshot=snap.name, backup_key=snap.backup_key, reason=reason))
         await self._clean_artefacts(snap)
         snap.meta |= {
             m.STATUS: SnapshotState.FAILED.value,
@@ -1415,6 +1414,8 @@ class Pool:
             m.FAILED_AT: m.fmt_time(self._wall()),
         }
         snap.state = snapshot_transition(snap.name, snap.state, SnapshotEvent.FAILED)
+        # After the state changed: whoever hears the event sees the snapshot as failed.
+        self._emit(SnapshotFailed(snapshot=snap.name, backup_key=snap.backup_key, reason=reason))
         try:
             resource = await self._provider.record_failed_snapshot(snap.name, snap.meta)
         except ProviderError as exc:
