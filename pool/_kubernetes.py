@@ -31,6 +31,7 @@ import math
 import re
 import socket
 import threading
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -132,7 +133,9 @@ class _PodFailed(Exception):
 # -- errors ------------------------------------------------------------------------------------
 
 
-def _translate(exc: BaseException, verb: str, what: str, timeout: float) -> ProviderError:
+def _translate(
+    exc: BaseException, verb: str, what: str, timeout: float, host: str = ""
+) -> ProviderError:
     """Map a client exception to the provider's errors, in one sentence."""
     if isinstance(exc, ApiException):
         status = exc.status or 0
@@ -165,13 +168,19 @@ def _translate(exc: BaseException, verb: str, what: str, timeout: float) -> Prov
         return ProviderError(
             f"the Kubernetes API refused to {verb} {what} (HTTP {status}: {message})."
         )
+    reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+    if isinstance(reason, urllib3.exceptions.NewConnectionError) or (
+        isinstance(exc, urllib3.exceptions.MaxRetryError)
+        and not isinstance(reason, urllib3.exceptions.TimeoutError)
+    ):
+        # Checked before timeouts: urllib3's NewConnectionError (refused, no route, unknown
+        # host) is a ConnectTimeoutError too, but nothing was slow, nobody listened.
+        at = f" at {_shown_host(host)}" if host else ""
+        return TemporaryProviderError(
+            f"the Kubernetes API{at} could not be reached to {verb} {what} "
+            f"({_cause_text(reason)}); retrying is safe."
+        )
     if isinstance(exc, urllib3.exceptions.TimeoutError | urllib3.exceptions.MaxRetryError):
-        if isinstance(exc, urllib3.exceptions.MaxRetryError) and not isinstance(
-            exc.reason, urllib3.exceptions.TimeoutError
-        ):
-            return TemporaryProviderError(
-                f"the Kubernetes API could not be reached to {verb} {what} ({exc.reason}); retrying is safe."
-            )
         return TemporaryProviderError(
             f"the Kubernetes API did not answer {verb} {what} within {timeout:g} s; retrying is safe."
         )
@@ -180,6 +189,22 @@ def _translate(exc: BaseException, verb: str, what: str, timeout: float) -> Prov
             f"the connection to the Kubernetes API broke during {verb} {what} ({exc!r}); retrying is safe."
         )
     raise exc
+
+
+def _cause_text(exc: BaseException | None) -> str:
+    """Why a connection failed, without urllib3's ``<... object at 0x...>:`` prefix."""
+    cause = exc.__cause__ or exc.__context__ if exc is not None else None
+    if isinstance(cause, OSError) and cause.strerror:
+        return str(cause.strerror)
+    text = re.sub(r"^<[^>]*>: ", "", str(exc))
+    return text.removeprefix("Failed to establish a new connection: ")[:200] or "no reason given"
+
+
+def _shown_host(host: str) -> str:
+    """The API server's URL as safe to show: any user:password@ part is dropped."""
+    parts = urllib.parse.urlsplit(host)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
 
 
 def _status_message(exc: ApiException) -> str:
@@ -215,6 +240,7 @@ class _Client:
             configuration.retries = False  # retried here, with back-off and a log line per retry
             api_client = k8s.ApiClient(configuration)
         self.api_client = api_client
+        self.host = str(getattr(api_client.configuration, "host", "") or "")
         pool_size = getattr(api_client.configuration, "connection_pool_maxsize", None)
         # The connection pool is shared: half of it for watches (each holds a connection and a
         # thread for up to watch_timeout_seconds), half for calls, so that waits for pods never
@@ -311,7 +337,7 @@ class _Client:
                 try:
                     return await trio.to_thread.run_sync(job, limiter=limiter or self.limiter)
                 except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-                    raise _translate(exc, verb, what, timeout) from exc
+                    raise _translate(exc, verb, what, timeout, self.host) from exc
             except TemporaryProviderError as exc:
                 if attempt >= self._settings.api_retries:
                     log.warning(
@@ -413,7 +439,7 @@ class _Client:
             try:
                 await trio.to_thread.run_sync(pump, limiter=self._in_slot)
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-                failures.append(_translate(exc, "watch", what, timeout))
+                failures.append(_translate(exc, "watch", what, timeout, self.host))
             finally:
                 self.watch_threads -= 1
 
