@@ -335,7 +335,13 @@ class _Client:
         for attempt in range(1, self._settings.api_retries + 1):
             try:
                 try:
-                    return await trio.to_thread.run_sync(job, limiter=limiter or self.limiter)
+                    # Abandoned on cancellation: a call hung in the API (no answer, no error)
+                    # must not hold up a cancelled pool or a leader stepping down for
+                    # request_timeout_seconds. The thread ends by itself at that timeout and
+                    # only then gives its limiter slot back.
+                    return await trio.to_thread.run_sync(
+                        job, limiter=limiter or self.limiter, abandon_on_cancel=True
+                    )
                 except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
                     raise _translate(exc, verb, what, timeout, self.host) from exc
             except TemporaryProviderError as exc:
@@ -1425,14 +1431,23 @@ class LeaderElector:
         last_renewed = trio.current_time()
         while True:
             await trio.sleep(self._election.retry_period_seconds)
-            if await self._try_take(renewing=True):
-                last_renewed = trio.current_time()
-            elif self._observed[0] is not None and self._observed[0].holder not in (
+            # A renewal that hangs must not outlive the renew deadline: past it another
+            # replica may take the Lease, and two leaders would run the pipeline at once.
+            with trio.move_on_at(last_renewed + self._election.renew_deadline_seconds):
+                if await self._try_take(renewing=True):
+                    last_renewed = trio.current_time()
+                    continue
+            if self._observed[0] is not None and self._observed[0].holder not in (
                 "",
                 self.identity,
             ):
                 return  # someone else holds it: step down at once
-            elif trio.current_time() - last_renewed >= self._election.renew_deadline_seconds:
+            if trio.current_time() - last_renewed >= self._election.renew_deadline_seconds:
+                log.warning(
+                    "kubernetes.leader_renew_timeout",
+                    identity=self.identity,
+                    seconds=self._election.renew_deadline_seconds,
+                )
                 return
 
     def _record(self, lease: Obj) -> LeaseRecord:
