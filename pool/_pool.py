@@ -277,6 +277,7 @@ class Pool:
                 self._nursery = nursery
                 nursery.start_soon(self._persist_loop)
                 nursery.start_soon(self._view_loop)
+                nursery.start_soon(self._follower_health_loop)
                 task_status.started()
         finally:
             self._nursery = None
@@ -1146,6 +1147,17 @@ class Pool:
                     self._break(clone, "its database stopped answering")
             await self._check_leased()
             await self._retry_doomed()
+
+    async def _follower_health_loop(self) -> None:
+        """While not leading, still check the leases in view (reads only, destroys nothing).
+
+        A lease's client may talk to any replica: its ``healthy`` flag must turn
+        false there too, not only on the leader, whose health loop does this itself.
+        """
+        while True:
+            await trio.sleep(self._settings.pool.health_check_interval)
+            if not self.leading:
+                await self._check_leased()
 
     async def _check_leased(self) -> None:
         """Find leases whose database died: reported (statistics, log, event) until reset."""
