@@ -216,6 +216,55 @@ def _status_message(exc: ApiException) -> str:
     return str(message or exc.reason or "no message")
 
 
+# -- settings that become names, label keys and selectors -----------------------------------
+
+_SUBDOMAIN = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
+_RULE_LABEL = (
+    "at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit"
+)
+
+
+def _check_names(settings: KubernetesSettings) -> None:
+    """Refuse naming settings that are not valid Kubernetes names (they end up in URL paths,
+    object names, label keys and label selectors, where a ',' or '=' would change a query)."""
+    rules: list[tuple[str, str, bool, str]] = [
+        ("namespace", settings.namespace, bool(_DNS_NAME.match(settings.namespace)), _RULE_LABEL),
+        ("instance", settings.instance, bool(_DNS_NAME.match(settings.instance)), _RULE_LABEL),
+        (
+            "label_prefix",
+            settings.label_prefix,
+            settings.label_prefix == ""
+            or (
+                settings.label_prefix.endswith("/")
+                and bool(_SUBDOMAIN.match(settings.label_prefix[:-1]))
+            ),
+            "'' or a DNS subdomain followed by '/', e.g. 'aldaas.io/'",
+        ),
+        (
+            "leader_election.lease_name",
+            settings.leader_election.lease_name,
+            bool(_SUBDOMAIN.match(settings.leader_election.lease_name)),
+            "lower-case letters, digits, '-' and '.'",
+        ),
+    ]
+    rules += [
+        (
+            "label_meta_keys",
+            key,
+            bool(_META_KEY.match(key)),
+            "1-63 letters, digits, '-', '_' or '.'",
+        )
+        for key in settings.label_meta_keys
+    ]
+    for setting, value, ok, rule in rules:
+        if not ok:
+            shown = value if len(value) <= 80 else value[:80] + "…"
+            raise ProviderError(
+                f"kubernetes setting {setting} is {shown!r}, which is not valid in Kubernetes "
+                f"names and labels; use {rule}."
+            )
+
+
 # -- the thin, thread-offloading client ------------------------------------------------------
 
 
@@ -223,6 +272,7 @@ class _Client:
     """Runs official-client calls in threads, with retries, error translation and raw JSON."""
 
     def __init__(self, settings: KubernetesSettings, api_client: Any | None) -> None:
+        _check_names(settings)  # before any request, and before any client is built
         self._settings = settings
         self._owned = api_client is None
         if api_client is None:
