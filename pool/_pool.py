@@ -1003,6 +1003,15 @@ class Pool:
             clone.state = clone_transition(clone.name, clone.state, CloneEvent.RETIRED)
             log.info("clone.rolled_over", clone=clone.name, snapshot=clone.snapshot, to=newest.name)
             self._spawn("destroy", self._retire_published, clone, None)
+        surplus = len(self._warm) - size if not self._waiters else 0
+        if self._shared and surplus > 0 and not provisioning:
+            # Replicas: a clone whose publishing or retiring failed is forgotten and comes
+            # back through the view once the API answers, after a replacement was made.
+            for clone in list(self._warm.values())[-surplus:]:
+                del self._warm[clone.name]
+                clone.state = clone_transition(clone.name, clone.state, CloneEvent.RETIRED)
+                log.info("clone.surplus", clone=clone.name, snapshot=clone.snapshot, size=size)
+                self._spawn("destroy", self._retire_published, clone, None)
 
     def _start_provisioning(self, snapshot: _Snapshot) -> None:
         clone = _Clone(
@@ -1017,14 +1026,25 @@ class Pool:
 
     async def _provision(self, clone: _Clone) -> None:
         started = trio.current_time()
+        published = False
         try:
             clone.endpoint = await self._provider.clone(
                 clone.snapshot, clone.name, self._clone_meta(clone, CloneState.PROVISIONING)
             )
             warm = clone_transition(clone.name, clone.state, CloneEvent.PROVISIONED)
             clone.writes += 1
+            made: str | None = None
+            if self._shared:
+                # Publish by compare-and-set over the version as made: once `warm` has
+                # landed (even if its answer was lost), another replica may claim it, and
+                # a blind retry of this write would hand that lease's clone out again.
+                found = await self._find(Kind.CLONE, clone.name)
+                if found is None:
+                    raise NotFoundError(f"clone {clone.name!r} vanished while being made.")
+                made = found.version
+            published = True  # from here on the `warm` meta may have landed, whatever we hear
             resource = await self._provider.set_meta(
-                Kind.CLONE, clone.name, self._clone_meta(clone, warm)
+                Kind.CLONE, clone.name, self._clone_meta(clone, warm), expect_version=made
             )
             clone.version = resource.version
             clone.state = warm
@@ -1042,7 +1062,9 @@ class Pool:
                 retry_in=delay,
             )
             self._report_error("provision", exc)
-            self._break(clone, str(exc))
+            # If the warm write landed but its answer was lost, another replica may have
+            # claimed the clone already: retire it by compare-and-set, never blindly.
+            self._break(clone, str(exc), maybe_published=published)
             return
         seconds = trio.current_time() - started
         self._provisioning_failures = 0
@@ -1057,14 +1079,22 @@ class Pool:
         self._dispatch()
         self._wake(self._keeper_wakeup)
 
-    def _break(self, clone: _Clone, reason: str, lease_id: str | None = None) -> None:
+    def _break(
+        self,
+        clone: _Clone,
+        reason: str,
+        lease_id: str | None = None,
+        *,
+        maybe_published: bool = False,
+    ) -> None:
         """Mark a clone broken (it is never handed out) and destroy it in the background.
 
         A clone that was warm may have been claimed by another replica meanwhile:
         it is retired by compare-and-set (:meth:`_retire_published`), so that
         replica's lease survives; ``lease_id`` names this pool's own claim, if any.
+        ``maybe_published``: a write of ``warm`` was sent, its outcome unknown.
         """
-        published = clone.state is CloneState.WARM
+        published = clone.state is CloneState.WARM or (maybe_published and self._shared)
         self._warm.pop(clone.name, None)
         if clone.state in (CloneState.PROVISIONING, CloneState.WARM, CloneState.LEASED):
             clone.state = clone_transition(clone.name, clone.state, CloneEvent.BROKE)
@@ -1108,7 +1138,10 @@ class Pool:
             return
         except ProviderError:
             if self._shared:
-                raise  # unsure who holds it now: leave it rather than destroy a lease
+                # Unsure who holds it now: leave it rather than destroy a lease. Forget it,
+                # so the next view refresh takes it back as what the cluster says it is.
+                self._forget_clone(clone)
+                raise
         await self._destroy_clone(clone)
 
     async def _retire_clone(self, clone: _Clone, why: str) -> None:
@@ -1736,6 +1769,7 @@ class Pool:
                 and origin.state is SnapshotState.READY
             ):
                 self._warm[r.name] = self._adopted_clone(r, CloneState.WARM)
+                self._wake(self._keeper_wakeup)  # a leader may hold more warm than pool.size now
         self._dispatch()
 
     def _merge_lease_meta(self, lease: _Lease, meta: Mapping[str, str], *, take_ttl: bool) -> None:

@@ -90,6 +90,12 @@ async def until(check: Callable[[], Awaitable[bool] | bool], seconds: float = 30
             await trio.sleep(0.02)
 
 
+def settled(pool: Pool, *, warm: int) -> bool:
+    """``warm`` clones free, none being made or destroyed (nothing in flight to count as leaked)."""
+    clones = pool.statistics().clones
+    return (clones["warm"], clones["provisioning"], clones["destroying"]) == (warm, 0, 0)
+
+
 def objects(fake: FakeKubernetes, plural: str) -> dict[str, dict[str, str]]:
     """name → labels of every ``plural`` object in the test namespace."""
     return {
@@ -129,3 +135,24 @@ async def leftovers(fake: FakeKubernetes, pool: Pool, provider: KubernetesProvid
     snapshots = {r.name for r in await provider.list(Kind.SNAPSHOT)}
     problems += [f"snapshot {name} the pool does not know" for name in snapshots - known]
     return problems
+
+
+async def assert_nothing_leaked(
+    fake: FakeKubernetes, pool: Pool, provider: KubernetesProvider, *, warm: int
+) -> None:
+    """Wait until the pool has settled with ``warm`` free clones and the cluster holds nothing it
+    does not account for; fail with what leaked if that does not happen.
+
+    Polls: a view refresh may show the pool a clone another replica took, and
+    the leader then makes a replacement, so one look is not enough.
+    """
+    problems: list[str] = ["not settled"]
+    with trio.move_on_after(30):
+        while True:
+            await pool.refresh_view()
+            if settled(pool, warm=warm):
+                problems = await leftovers(fake, pool, provider)
+                if not problems and settled(pool, warm=warm):
+                    return
+            await trio.sleep(0.05)
+    assert problems == [], (problems, pool.statistics().clones)

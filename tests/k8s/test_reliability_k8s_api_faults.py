@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 
+import attrs
 import pytest
 import trio
 from faultproxy import FaultProxy
@@ -20,7 +21,7 @@ from k8s_reliability import (
     TOKEN,
     Backups,
     api_client,
-    leftovers,
+    assert_nothing_leaked,
     objects,
     pool_settings,
     seed_ready_snapshot,
@@ -29,8 +30,8 @@ from k8s_reliability import (
 from structlog.testing import capture_logs
 
 from pool import Kind, Lease, Pool, TemporaryProviderError
-from pool._kubernetes import KubernetesProvider
-from pool._kubernetes_settings import KubernetesSettings
+from pool._kubernetes import KubernetesProvider, LeaderElector
+from pool._kubernetes_settings import KubernetesSettings, LeaderElectionSettings
 
 
 def flaky(fake: FakeKubernetes) -> list[Fault]:
@@ -86,10 +87,7 @@ async def test_if_the_api_fails_in_bursts_then_restore_snapshot_clone_and_claims
                 await pool.release(leases[0].id)
                 for fault in faults:
                     fault.times = 0  # the API recovers
-                await until(lambda: pool.statistics().clones["warm"] == 2)
-                await until(lambda: pool.statistics().clones["destroying"] == 0)
-                await pool.refresh_view()
-                assert await leftovers(fake, pool, provider) == []
+                await assert_nothing_leaked(fake, pool, provider, warm=2)
                 nursery.cancel_scope.cancel()
     finally:
         await provider.aclose()
@@ -137,13 +135,11 @@ async def test_if_the_api_is_unreachable_mid_restore_then_the_pipeline_retries_a
                     proxy.mode = "pass"
                     hold.set()
                     await until(lambda: pool.statistics().snapshots_by_status["ready"] == 2)
-                    await until(lambda: pool.statistics().clones["warm"] == 1)
-                    await until(lambda: pool.statistics().clones["destroying"] == 0)
+                    await assert_nothing_leaked(fake, pool, provider, warm=1)
                     assert [held.id for held in pool.leases()] == [lease.id]
                     assert pool.verify_secret(lease.id, lease.secret or "")
                     clones = {r.name: r for r in await provider.list(Kind.CLONE)}
                     assert clones[lease.clone].meta["lease_id"] == lease.id
-                    await until(lambda: _no_leftovers(fake, pool, provider))
                     nursery.cancel_scope.cancel()
         finally:
             await provider.aclose()
@@ -154,10 +150,6 @@ async def test_if_the_api_is_unreachable_mid_restore_then_the_pipeline_retries_a
     assert errors
     assert not [e for e in errors if "did not answer" in e], errors  # nothing timed out here
     assert_clean_errors(logs)
-
-
-async def _no_leftovers(fake: FakeKubernetes, pool: Pool, provider: KubernetesProvider) -> bool:
-    return await leftovers(fake, pool, provider) == []
 
 
 async def test_if_the_api_refuses_connections_then_the_error_says_unreachable_not_slow(
@@ -181,3 +173,58 @@ async def test_if_the_api_refuses_connections_then_the_error_says_unreachable_no
         f"the Kubernetes API at http://127.0.0.1:{port} could not be reached to read pod "
         '"aldaas-c" (Connection refused); retrying is safe.'
     )
+
+
+@pytest.mark.slow
+async def test_if_claims_lose_replies_while_two_replicas_race_then_no_pod_is_handed_out_twice(
+    fake: FakeKubernetes, settings: KubernetesSettings
+) -> None:
+    """If claims on two replicas meet lost replies, 503s and give-ups, then every lease has its
+    own pod whose meta names it, and a failed claim leaves no pod behind once the API recovers."""
+    settings = attrs.evolve(
+        settings,
+        leader_election=LeaderElectionSettings(
+            lease_duration_seconds=1.0, renew_deadline_seconds=0.5, retry_period_seconds=0.1
+        ),
+    )
+    names = ("broker-a", "broker-b")
+    apis = [api_client(fake.url) for _ in names]
+    providers = [
+        KubernetesProvider(attrs.evolve(settings, identity=name), api)
+        for name, api in zip(names, apis, strict=True)
+    ]
+    elector = LeaderElector(settings, apis[0], identity="broker-a")
+    a, b = (Pool(pool_settings(size=3), p, Backups([OLD])) for p in providers)
+    await seed_ready_snapshot(providers[0], "snap-old", OLD)
+    faults = [
+        Fault("PATCH", "/persistentvolumeclaims/", drop="after", every=3, times=10**6),
+        Fault("PATCH", "/persistentvolumeclaims/", code=503, every=2, times=10**6),
+    ]
+    leases: list[Lease] = []
+    try:
+        with capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(a.serve)
+                await nursery.start(b.serve)
+                nursery.start_soon(elector.serve, a.lead)
+                await until(lambda: b.statistics().clones["warm"] == 3)
+                fake.faults.extend(faults)
+                async with trio.open_nursery() as racing:
+                    for _ in range(4):
+                        racing.start_soon(lambda: _take(a, leases))
+                        racing.start_soon(lambda: _take(b, leases))
+                for fault in faults:
+                    fault.times = 0
+                await assert_nothing_leaked(fake, a, providers[0], warm=3)
+                clones = {r.name: r for r in await providers[0].list(Kind.CLONE)}
+                for lease in leases:
+                    assert clones[lease.clone].meta["lease_id"] == lease.id
+                nursery.cancel_scope.cancel()
+    finally:
+        for provider in providers:
+            await provider.aclose()
+        for api in apis:
+            api.close()
+    assert all(fault.hits > 0 for fault in faults), [f.hits for f in faults]
+    assert len({lease.clone for lease in leases}) == len(leases) == 8
+    assert_clean_errors(logs)

@@ -11,7 +11,7 @@ from k8s_reliability import (
     OLD,
     Backups,
     api_client,
-    leftovers,
+    assert_nothing_leaked,
     objects,
     pool_settings,
     seed_ready_snapshot,
@@ -77,11 +77,9 @@ async def test_if_a_leased_pod_dies_then_the_lease_is_unhealthy_until_reset_and_
             (victim, *_) = (r for r in objects(fake, "pods") if r not in _leased_pods(pool))
             fake.remove("pods", NS, victim)
             await until(lambda: victim not in objects(fake, "persistentvolumeclaims"))
-            await until(lambda: pool.statistics().clones["warm"] == 2)
-            await until(lambda: pool.statistics().clones["destroying"] == 0)
+            await assert_nothing_leaked(fake, pool, provider, warm=2)
             for old in (deleted.clone, crashed.clone):
                 assert f"aldaas-{old}" not in objects(fake, "persistentvolumeclaims")
-            assert await leftovers(fake, pool, provider) == []
             nursery.cancel_scope.cancel()
     finally:
         await provider.aclose()

@@ -18,7 +18,7 @@ from k8s_reliability import (
     OLD,
     Backups,
     api_client,
-    leftovers,
+    assert_nothing_leaked,
     objects,
     pool_settings,
     seed_ready_snapshot,
@@ -100,14 +100,11 @@ async def test_if_the_leader_dies_mid_restore_then_the_follower_cleans_up_and_ke
             async with trio.open_nursery() as racing:
                 for _ in range(3):
                     racing.start_soon(lambda: _take(b, leases))
-            await until(lambda: b.statistics().clones["warm"] == 2)
-            await until(lambda: b.statistics().clones["destroying"] == 0)
-            await b.refresh_view()
+            await assert_nothing_leaked(fake, b, providers[1], warm=2)
             live = {lease.id: lease.clone for lease in b.leases()}
             assert live == {lease.id: lease.clone for lease in leases}
             for lease in leases[:2]:  # handed out by each replica before the failover
                 assert b.verify_secret(lease.id, lease.secret or "")
-            assert await leftovers(fake, b, providers[1]) == []
             nursery.cancel_scope.cancel()
     finally:
         hold.set()

@@ -13,7 +13,7 @@ from k8s_reliability import (
     OLD,
     Backups,
     api_client,
-    leftovers,
+    assert_nothing_leaked,
     pool_settings,
     seed_ready_snapshot,
     until,
@@ -51,18 +51,13 @@ async def test_if_watches_expire_mid_restore_then_the_pipeline_relists_and_finis
                     await until(lambda: fake.watch_requests > before)  # noqa: B023
                 hold.set()
                 await until(lambda: pool.statistics().snapshots_by_status["ready"] == 2)
-                await until(lambda: pool.statistics().clones["destroying"] == 0)
-                await until(lambda: _clean(fake, pool, provider))
+                await assert_nothing_leaked(fake, pool, provider, warm=1)
                 nursery.cancel_scope.cancel()
     finally:
         hold.set()
         await provider.aclose()
         api.close()
     assert [e["event"] for e in logs].count("kubernetes.watch_expired") >= 2
-
-
-async def _clean(fake: FakeKubernetes, pool: Pool, provider: KubernetesProvider) -> bool:
-    return await leftovers(fake, pool, provider) == []
 
 
 async def test_if_the_pool_is_cancelled_while_a_watch_and_calls_block_then_it_ends_promptly(
