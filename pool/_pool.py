@@ -1697,6 +1697,9 @@ class Pool:
         """
         now = trio.current_time()
         listed = {(r.kind, r.name): r for r in resources}
+        # Clones this pool dropped while the listing ran (destroyed, forgotten): the listing
+        # is older than that for them, and must not bring them back as warm or leased.
+        dropped = writes.keys() - self._clones.keys()
         for r in listed.values():
             state = _SNAPSHOT_STATES.get(r.meta.get(m.STATUS, ""))
             if r.kind is not Kind.SNAPSHOT or state is None:
@@ -1753,6 +1756,8 @@ class Pool:
         for lease_id, r in holders.items():
             if lease_id in self._leases or r.name in self._clones or r.endpoint is None:
                 continue
+            if r.name in dropped:
+                continue
             adopted = self._adopted_lease(r, now)
             if adopted is not None:
                 self._clones[r.name] = adopted.clone
@@ -1760,6 +1765,8 @@ class Pool:
                 self._wake(self._lease_wakeup)
         for r in listed.values():
             if r.kind is not Kind.CLONE or r.name in self._clones or r.endpoint is None:
+                continue
+            if r.name in dropped:
                 continue
             origin = self._snapshots.get(r.meta.get(m.SNAPSHOT, ""))
             if (
@@ -1770,6 +1777,19 @@ class Pool:
             ):
                 self._warm[r.name] = self._adopted_clone(r, CloneState.WARM)
                 self._wake(self._keeper_wakeup)  # a leader may hold more warm than pool.size now
+        if self.leading and self._shared:
+            # Half-made or half-destroyed clones no pool holds (a step whose API calls gave up
+            # and whose clone was forgotten): nobody can claim them, so the leader ends them.
+            for r in listed.values():
+                status = r.meta.get(m.STATUS)
+                if (
+                    r.kind is Kind.CLONE
+                    and r.name not in self._clones
+                    and r.name not in dropped
+                    and status in (CloneState.PROVISIONING.value, CloneState.DESTROYING.value)
+                    and r.meta.get(m.ROLE) != m.ROLE_VERIFY
+                ):
+                    self._doomed.setdefault((Kind.CLONE, r.name), f"left {status} by a failed step")
         self._dispatch()
 
     def _merge_lease_meta(self, lease: _Lease, meta: Mapping[str, str], *, take_ttl: bool) -> None:

@@ -130,8 +130,12 @@ async def test_if_the_api_is_unreachable_mid_restore_then_the_pipeline_retries_a
                     lease = await pool.acquire(timeout=30)
                     await until(lambda: any("restore" in n for n in objects(fake, "jobs")))
                     proxy.mode = "refuse"  # the API server is down: every connection is reset
-                    proxy.cut()
-                    await until(lambda: any(e["event"] == "snapshot.retry_later" for e in logs))
+
+                    def restore_gave_up() -> bool:
+                        proxy.cut()  # also any connection accepted just before the outage
+                        return any(e["event"] == "snapshot.retry_later" for e in logs)
+
+                    await until(restore_gave_up)
                     proxy.mode = "pass"
                     hold.set()
                     await until(lambda: pool.statistics().snapshots_by_status["ready"] == 2)
