@@ -97,6 +97,19 @@ def settled(pool: Pool, *, warm: int) -> bool:
     return clones["warm"] >= warm and (clones["provisioning"], clones["destroying"]) == (0, 0)
 
 
+def history(fake: FakeKubernetes, clone: str) -> list[tuple[int, str, str | None, str | None]]:
+    """(resourceVersion, event, status, lease id) of a clone's PVC: the story when a check fails."""
+    story = []
+    for rv, plural, kind, obj in fake.events:
+        if plural == "persistentvolumeclaims" and obj["metadata"]["name"] == f"aldaas-{clone}":
+            labels = obj["metadata"].get("labels") or {}
+            annotations = obj["metadata"].get("annotations") or {}
+            story.append(
+                (rv, kind, labels.get("aldaas.io/status"), annotations.get("aldaas.io/lease_id"))
+            )
+    return story
+
+
 def objects(fake: FakeKubernetes, plural: str) -> dict[str, dict[str, str]]:
     """name → labels of every ``plural`` object in the test namespace."""
     return {
