@@ -1789,7 +1789,7 @@ class Pool:
                     and status in (CloneState.PROVISIONING.value, CloneState.DESTROYING.value)
                     and r.meta.get(m.ROLE) != m.ROLE_VERIFY
                 ):
-                    self._doomed.setdefault((Kind.CLONE, r.name), f"left {status} by a failed step")
+                    self._spawn("destroy", self._destroy_listed_clone, r, f"left {status}")
         self._dispatch()
 
     def _merge_lease_meta(self, lease: _Lease, meta: Mapping[str, str], *, take_ttl: bool) -> None:
@@ -1822,6 +1822,7 @@ class Pool:
             resources = await self._provider.list()
             self._merge(resources, writes)
         doomed: list[tuple[Kind, str, str]] = []
+        nobodys: list[tuple[Resource, str]] = []
         for r in resources:
             if r.kind is Kind.VOLUME:
                 doomed.append((r.kind, r.name, "half-made restore"))
@@ -1833,14 +1834,40 @@ class Pool:
                     )
                 elif snap.state is SnapshotState.VERIFYING and snap not in self._to_verify:
                     self._to_verify.append(snap)
-            elif r.name not in self._clones:
+            elif r.name not in self._clones and r.name not in writes:
+                # (A clone this pool dropped while the listing ran is not "nobody's": the
+                # merge skipped it for now, and it may hold another replica's lease.)
                 status = r.meta.get(m.STATUS)
                 if status == CloneState.LEASED.value and r.endpoint is None:
                     log.warning("lease.lost", lease_id=r.meta.get(m.LEASE_ID), clone=r.name)
-                doomed.append((r.kind, r.name, f"clone with status {status!r} nobody holds"))
+                nobodys.append((r, f"clone with status {status!r} nobody holds"))
         for kind, name, why in doomed:
             log.info("adopt.destroying", kind=kind.value, name=name, why=why)
             await self._destroy_quietly(kind, name)
+        for r, why in nobodys:
+            await self._destroy_listed_clone(r, why)
+
+    async def _destroy_listed_clone(self, r: Resource, why: str) -> None:
+        """Destroy a clone nobody holds, as listed: ``destroying`` by compare-and-set first.
+
+        Between the listing and the destroy, a write of a former leader still in
+        flight may publish it and another replica may claim it: then the
+        compare-and-set fails and the clone (now a lease) is left alone.
+        """
+        meta = {**r.meta, m.STATUS: CloneState.DESTROYING.value}
+        try:
+            await self._provider.set_meta(Kind.CLONE, r.name, meta, expect_version=r.version)
+        except NotFoundError:
+            return
+        except ConflictError:
+            log.info("adopt.spared", clone=r.name, why="changed since it was listed")
+            return
+        except ProviderError as exc:
+            log.warning("destroy_failed", kind=Kind.CLONE.value, name=r.name, error=str(exc))
+            self._report_error("destroy", exc)
+            return
+        log.info("adopt.destroying", kind=Kind.CLONE.value, name=r.name, why=why)
+        await self._destroy_quietly(Kind.CLONE, r.name)
 
     def _step_down(self) -> None:
         """Leadership ended: forget leader-only work in flight; the next leader cleans it up."""
