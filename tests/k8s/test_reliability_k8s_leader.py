@@ -25,7 +25,7 @@ from k8s_reliability import (
     until,
 )
 
-from pool import Lease, Pool
+from pool import Kind, Lease, Pool
 from pool._kubernetes import KubernetesProvider, LeaderElector
 from pool._kubernetes_settings import KubernetesSettings, LeaderElectionSettings
 
@@ -174,3 +174,44 @@ async def test_if_the_leaders_renewals_hang_then_it_steps_down_before_the_other_
         for api in apis:
             api.close()
     assert overlaps == []
+
+
+async def test_if_a_clone_left_provisioning_is_claimed_before_the_new_leader_cleans_it_then_it_stays(
+    fake: FakeKubernetes, settings: KubernetesSettings
+) -> None:
+    """If a new leader lists a clone as half-made, and before it cleans up a former leader's late
+    publish and a claim land on it, then the clean-up's compare-and-set fails and the pod stays."""
+    settings = attrs.evolve(settings, leader_election=ELECTION)
+    api = api_client(fake.url)
+    provider = KubernetesProvider(settings, api)
+    await seed_ready_snapshot(provider, "snap-old", OLD)
+    await provider.clone(
+        "snap-old", "clone-late", {"status": "provisioning", "snapshot": "snap-old"}
+    )
+    held = threading.Event()
+    cleanup = Fault("PATCH", "/persistentvolumeclaims/aldaas-clone-late", code=None, hold=held)
+    fake.faults.append(cleanup)
+    elector = LeaderElector(settings, api, identity="broker-b")
+    pool = Pool(pool_settings(size=0), provider, Backups([OLD]))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.serve)
+            nursery.start_soon(elector.serve, pool.lead)
+            await until(lambda: cleanup.hits == 1)  # the new leader's clean-up write, held
+            other = KubernetesProvider(attrs.evolve(settings, identity="broker-a"), api)
+            await other.set_meta(
+                Kind.CLONE,
+                "clone-late",
+                {"status": "leased", "snapshot": "snap-old", "lease_id": "l1"},
+            )
+            held.set()
+            await until(lambda: pool.leading)
+            for _ in range(2):  # what the new leader's view loop does next
+                await pool.refresh_view()
+            assert "aldaas-clone-late" in objects(fake, "persistentvolumeclaims")
+            assert "aldaas-clone-late" in objects(fake, "pods")
+            nursery.cancel_scope.cancel()
+    finally:
+        held.set()
+        await provider.aclose()
+        api.close()
