@@ -31,6 +31,7 @@ import math
 import re
 import socket
 import threading
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -133,7 +134,9 @@ class _PodFailed(Exception):
 # -- errors ------------------------------------------------------------------------------------
 
 
-def _translate(exc: BaseException, verb: str, what: str, timeout: float) -> ProviderError:
+def _translate(
+    exc: BaseException, verb: str, what: str, timeout: float, host: str = ""
+) -> ProviderError:
     """Map a client exception to the provider's errors, in one sentence."""
     if isinstance(exc, ApiException):
         status = exc.status or 0
@@ -166,13 +169,19 @@ def _translate(exc: BaseException, verb: str, what: str, timeout: float) -> Prov
         return ProviderError(
             f"the Kubernetes API refused to {verb} {what} (HTTP {status}: {message})."
         )
+    reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+    if isinstance(reason, urllib3.exceptions.NewConnectionError) or (
+        isinstance(exc, urllib3.exceptions.MaxRetryError)
+        and not isinstance(reason, urllib3.exceptions.TimeoutError)
+    ):
+        # Checked before timeouts: urllib3's NewConnectionError (refused, no route, unknown
+        # host) is a ConnectTimeoutError too, but nothing was slow, nobody listened.
+        at = f" at {_shown_host(host)}" if host else ""
+        return TemporaryProviderError(
+            f"the Kubernetes API{at} could not be reached to {verb} {what} "
+            f"({_cause_text(reason)}); retrying is safe."
+        )
     if isinstance(exc, urllib3.exceptions.TimeoutError | urllib3.exceptions.MaxRetryError):
-        if isinstance(exc, urllib3.exceptions.MaxRetryError) and not isinstance(
-            exc.reason, urllib3.exceptions.TimeoutError
-        ):
-            return TemporaryProviderError(
-                f"the Kubernetes API could not be reached to {verb} {what} ({exc.reason}); retrying is safe."
-            )
         return TemporaryProviderError(
             f"the Kubernetes API did not answer {verb} {what} within {timeout:g} s; retrying is safe."
         )
@@ -181,6 +190,22 @@ def _translate(exc: BaseException, verb: str, what: str, timeout: float) -> Prov
             f"the connection to the Kubernetes API broke during {verb} {what} ({exc!r}); retrying is safe."
         )
     raise exc
+
+
+def _cause_text(exc: BaseException | None) -> str:
+    """Why a connection failed, without urllib3's ``<... object at 0x...>:`` prefix."""
+    cause = exc.__cause__ or exc.__context__ if exc is not None else None
+    if isinstance(cause, OSError) and cause.strerror:
+        return str(cause.strerror)
+    text = re.sub(r"^<[^>]*>: ", "", str(exc))
+    return text.removeprefix("Failed to establish a new connection: ")[:200] or "no reason given"
+
+
+def _shown_host(host: str) -> str:
+    """The API server's URL as safe to show: any user:password@ part is dropped."""
+    parts = urllib.parse.urlsplit(host)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
 
 
 def _status_message(exc: ApiException) -> str:
@@ -192,6 +217,55 @@ def _status_message(exc: ApiException) -> str:
     return str(message or exc.reason or "no message")
 
 
+# -- settings that become names, label keys and selectors -----------------------------------
+
+_SUBDOMAIN = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
+_RULE_LABEL = (
+    "at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit"
+)
+
+
+def _check_names(settings: KubernetesSettings) -> None:
+    """Refuse naming settings that are not valid Kubernetes names (they end up in URL paths,
+    object names, label keys and label selectors, where a ',' or '=' would change a query)."""
+    rules: list[tuple[str, str, bool, str]] = [
+        ("namespace", settings.namespace, bool(_DNS_NAME.match(settings.namespace)), _RULE_LABEL),
+        ("instance", settings.instance, bool(_DNS_NAME.match(settings.instance)), _RULE_LABEL),
+        (
+            "label_prefix",
+            settings.label_prefix,
+            settings.label_prefix == ""
+            or (
+                settings.label_prefix.endswith("/")
+                and bool(_SUBDOMAIN.match(settings.label_prefix[:-1]))
+            ),
+            "'' or a DNS subdomain followed by '/', e.g. 'aldaas.io/'",
+        ),
+        (
+            "leader_election.lease_name",
+            settings.leader_election.lease_name,
+            bool(_SUBDOMAIN.match(settings.leader_election.lease_name)),
+            "lower-case letters, digits, '-' and '.'",
+        ),
+    ]
+    rules += [
+        (
+            "label_meta_keys",
+            key,
+            bool(_META_KEY.match(key)),
+            "1-63 letters, digits, '-', '_' or '.'",
+        )
+        for key in settings.label_meta_keys
+    ]
+    for setting, value, ok, rule in rules:
+        if not ok:
+            shown = value if len(value) <= 80 else value[:80] + "…"
+            raise ProviderError(
+                f"kubernetes setting {setting} is {shown!r}, which is not valid in Kubernetes "
+                f"names and labels; use {rule}."
+            )
+
+
 # -- the thin, thread-offloading client ------------------------------------------------------
 
 
@@ -199,6 +273,7 @@ class _Client:
     """Runs official-client calls in threads, with retries, error translation and raw JSON."""
 
     def __init__(self, settings: KubernetesSettings, api_client: Any | None) -> None:
+        _check_names(settings)  # before any request, and before any client is built
         self._settings = settings
         self._owned = api_client is None
         if api_client is None:
@@ -216,6 +291,7 @@ class _Client:
             configuration.retries = False  # retried here, with back-off and a log line per retry
             api_client = k8s.ApiClient(configuration)
         self.api_client = api_client
+        self.host = str(getattr(api_client.configuration, "host", "") or "")
         pool_size = getattr(api_client.configuration, "connection_pool_maxsize", None)
         # The connection pool is shared: half of it for watches (each holds a connection and a
         # thread for up to watch_timeout_seconds), half for calls, so that waits for pods never
@@ -310,9 +386,15 @@ class _Client:
         for attempt in range(1, self._settings.api_retries + 1):
             try:
                 try:
-                    return await trio.to_thread.run_sync(job, limiter=limiter or self.limiter)
+                    # Abandoned on cancellation: a call hung in the API (no answer, no error)
+                    # must not hold up a cancelled pool or a leader stepping down for
+                    # request_timeout_seconds. The thread ends by itself at that timeout and
+                    # only then gives its limiter slot back.
+                    return await trio.to_thread.run_sync(
+                        job, limiter=limiter or self.limiter, abandon_on_cancel=True
+                    )
                 except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-                    raise _translate(exc, verb, what, timeout) from exc
+                    raise _translate(exc, verb, what, timeout, self.host) from exc
             except TemporaryProviderError as exc:
                 if attempt >= self._settings.api_retries:
                     log.warning(
@@ -414,7 +496,7 @@ class _Client:
             try:
                 await trio.to_thread.run_sync(pump, limiter=self._in_slot)
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-                failures.append(_translate(exc, "watch", what, timeout))
+                failures.append(_translate(exc, "watch", what, timeout, self.host))
             finally:
                 self.watch_threads -= 1
 
@@ -1430,14 +1512,23 @@ class LeaderElector:
         last_renewed = trio.current_time()
         while True:
             await trio.sleep(self._election.retry_period_seconds)
-            if await self._try_take(renewing=True):
-                last_renewed = trio.current_time()
-            elif self._observed[0] is not None and self._observed[0].holder not in (
+            # A renewal that hangs must not outlive the renew deadline: past it another
+            # replica may take the Lease, and two leaders would run the pipeline at once.
+            with trio.move_on_at(last_renewed + self._election.renew_deadline_seconds):
+                if await self._try_take(renewing=True):
+                    last_renewed = trio.current_time()
+                    continue
+            if self._observed[0] is not None and self._observed[0].holder not in (
                 "",
                 self.identity,
             ):
                 return  # someone else holds it: step down at once
-            elif trio.current_time() - last_renewed >= self._election.renew_deadline_seconds:
+            if trio.current_time() - last_renewed >= self._election.renew_deadline_seconds:
+                log.warning(
+                    "kubernetes.leader_renew_timeout",
+                    identity=self.identity,
+                    seconds=self._election.renew_deadline_seconds,
+                )
                 return
 
     def _record(self, lease: Obj) -> LeaseRecord:

@@ -282,6 +282,7 @@ class Pool:
                 self._nursery = nursery
                 nursery.start_soon(self._persist_loop)
                 nursery.start_soon(self._view_loop)
+                nursery.start_soon(self._follower_health_loop)
                 task_status.started()
         finally:
             self._nursery = None
@@ -1027,6 +1028,15 @@ class Pool:
             clone.state = clone_transition(clone.name, clone.state, CloneEvent.RETIRED)
             log.info("clone.rolled_over", clone=clone.name, snapshot=clone.snapshot, to=newest.name)
             self._spawn("destroy", self._retire_published, clone, None)
+        surplus = len(self._warm) - size if not self._waiters else 0
+        if self._shared and surplus > 0 and not provisioning:
+            # Replicas: a clone whose publishing or retiring failed is forgotten and comes
+            # back through the view once the API answers, after a replacement was made.
+            for clone in list(self._warm.values())[-surplus:]:
+                del self._warm[clone.name]
+                clone.state = clone_transition(clone.name, clone.state, CloneEvent.RETIRED)
+                log.info("clone.surplus", clone=clone.name, snapshot=clone.snapshot, size=size)
+                self._spawn("destroy", self._retire_published, clone, None)
 
     def _start_provisioning(self, snapshot: _Snapshot) -> None:
         clone = _Clone(
@@ -1041,14 +1051,25 @@ class Pool:
 
     async def _provision(self, clone: _Clone) -> None:
         started = trio.current_time()
+        published = False
         try:
             clone.endpoint = await self._provider.clone(
                 clone.snapshot, clone.name, self._clone_meta(clone, CloneState.PROVISIONING)
             )
             warm = clone_transition(clone.name, clone.state, CloneEvent.PROVISIONED)
             clone.writes += 1
+            made: str | None = None
+            if self._shared:
+                # Publish by compare-and-set over the version as made: once `warm` has
+                # landed (even if its answer was lost), another replica may claim it, and
+                # a blind retry of this write would hand that lease's clone out again.
+                found = await self._find(Kind.CLONE, clone.name)
+                if found is None:
+                    raise NotFoundError(f"clone {clone.name!r} vanished while being made.")
+                made = found.version
+            published = True  # from here on the `warm` meta may have landed, whatever we hear
             resource = await self._provider.set_meta(
-                Kind.CLONE, clone.name, self._clone_meta(clone, warm)
+                Kind.CLONE, clone.name, self._clone_meta(clone, warm), expect_version=made
             )
             clone.version = resource.version
             clone.state = warm
@@ -1066,7 +1087,9 @@ class Pool:
                 retry_in=delay,
             )
             self._report_error("provision", exc)
-            self._break(clone, str(exc))
+            # If the warm write landed but its answer was lost, another replica may have
+            # claimed the clone already: retire it by compare-and-set, never blindly.
+            self._break(clone, str(exc), maybe_published=published)
             return
         seconds = trio.current_time() - started
         self._provisioning_failures = 0
@@ -1081,14 +1104,22 @@ class Pool:
         self._dispatch()
         self._wake(self._keeper_wakeup)
 
-    def _break(self, clone: _Clone, reason: str, lease_id: str | None = None) -> None:
+    def _break(
+        self,
+        clone: _Clone,
+        reason: str,
+        lease_id: str | None = None,
+        *,
+        maybe_published: bool = False,
+    ) -> None:
         """Mark a clone broken (it is never handed out) and destroy it in the background.
 
         A clone that was warm may have been claimed by another replica meanwhile:
         it is retired by compare-and-set (:meth:`_retire_published`), so that
         replica's lease survives; ``lease_id`` names this pool's own claim, if any.
+        ``maybe_published``: a write of ``warm`` was sent, its outcome unknown.
         """
-        published = clone.state is CloneState.WARM
+        published = clone.state is CloneState.WARM or (maybe_published and self._shared)
         self._warm.pop(clone.name, None)
         if clone.state in (CloneState.PROVISIONING, CloneState.WARM, CloneState.LEASED):
             clone.state = clone_transition(clone.name, clone.state, CloneEvent.BROKE)
@@ -1132,7 +1163,10 @@ class Pool:
             return
         except ProviderError:
             if self._shared:
-                raise  # unsure who holds it now: leave it rather than destroy a lease
+                # Unsure who holds it now: leave it rather than destroy a lease. Forget it,
+                # so the next view refresh takes it back as what the cluster says it is.
+                self._forget_clone(clone)
+                raise
         await self._destroy_clone(clone)
 
     async def _retire_clone(self, clone: _Clone, why: str) -> None:
@@ -1171,6 +1205,17 @@ class Pool:
                     self._break(clone, "its database stopped answering")
             await self._check_leased()
             await self._retry_doomed()
+
+    async def _follower_health_loop(self) -> None:
+        """While not leading, still check the leases in view (reads only, destroys nothing).
+
+        A lease's client may talk to any replica: its ``healthy`` flag must turn
+        false there too, not only on the leader, whose health loop does this itself.
+        """
+        while True:
+            await trio.sleep(self._settings.pool.health_check_interval)
+            if not self.leading:
+                await self._check_leased()
 
     async def _check_leased(self) -> None:
         """Find leases whose database died: reported (statistics, log, event) until reset."""
@@ -1678,6 +1723,9 @@ class Pool:
         """
         now = trio.current_time()
         listed = {(r.kind, r.name): r for r in resources}
+        # Clones this pool dropped while the listing ran (destroyed, forgotten): the listing
+        # is older than that for them, and must not bring them back as warm or leased.
+        dropped = writes.keys() - self._clones.keys()
         for r in listed.values():
             state = _SNAPSHOT_STATES.get(r.meta.get(m.STATUS, ""))
             if r.kind is not Kind.SNAPSHOT or state is None:
@@ -1734,6 +1782,8 @@ class Pool:
         for lease_id, r in holders.items():
             if lease_id in self._leases or r.name in self._clones or r.endpoint is None:
                 continue
+            if r.name in dropped:
+                continue
             adopted = self._adopted_lease(r, now)
             if adopted is not None:
                 self._clones[r.name] = adopted.clone
@@ -1741,6 +1791,8 @@ class Pool:
                 self._wake(self._lease_wakeup)
         for r in listed.values():
             if r.kind is not Kind.CLONE or r.name in self._clones or r.endpoint is None:
+                continue
+            if r.name in dropped:
                 continue
             origin = self._snapshots.get(r.meta.get(m.SNAPSHOT, ""))
             if (
@@ -1750,6 +1802,20 @@ class Pool:
                 and origin.state is SnapshotState.READY
             ):
                 self._warm[r.name] = self._adopted_clone(r, CloneState.WARM)
+                self._wake(self._keeper_wakeup)  # a leader may hold more warm than pool.size now
+        if self.leading and self._shared:
+            # Half-made or half-destroyed clones no pool holds (a step whose API calls gave up
+            # and whose clone was forgotten): nobody can claim them, so the leader ends them.
+            for r in listed.values():
+                status = r.meta.get(m.STATUS)
+                if (
+                    r.kind is Kind.CLONE
+                    and r.name not in self._clones
+                    and r.name not in dropped
+                    and status in (CloneState.PROVISIONING.value, CloneState.DESTROYING.value)
+                    and r.meta.get(m.ROLE) != m.ROLE_VERIFY
+                ):
+                    self._spawn("destroy", self._destroy_listed_clone, r, f"left {status}")
         self._dispatch()
 
     def _merge_lease_meta(self, lease: _Lease, meta: Mapping[str, str], *, take_ttl: bool) -> None:
@@ -1782,6 +1848,7 @@ class Pool:
             resources = await self._provider.list()
             self._merge(resources, writes)
         doomed: list[tuple[Kind, str, str]] = []
+        nobodys: list[tuple[Resource, str]] = []
         for r in resources:
             if r.kind is Kind.VOLUME:
                 doomed.append((r.kind, r.name, "half-made restore"))
@@ -1793,14 +1860,40 @@ class Pool:
                     )
                 elif snap.state is SnapshotState.VERIFYING and snap not in self._to_verify:
                     self._to_verify.append(snap)
-            elif r.name not in self._clones:
+            elif r.name not in self._clones and r.name not in writes:
+                # (A clone this pool dropped while the listing ran is not "nobody's": the
+                # merge skipped it for now, and it may hold another replica's lease.)
                 status = r.meta.get(m.STATUS)
                 if status == CloneState.LEASED.value and r.endpoint is None:
                     log.warning("lease.lost", lease_id=r.meta.get(m.LEASE_ID), clone=r.name)
-                doomed.append((r.kind, r.name, f"clone with status {status!r} nobody holds"))
+                nobodys.append((r, f"clone with status {status!r} nobody holds"))
         for kind, name, why in doomed:
             log.info("adopt.destroying", kind=kind.value, name=name, why=why)
             await self._destroy_quietly(kind, name)
+        for r, why in nobodys:
+            await self._destroy_listed_clone(r, why)
+
+    async def _destroy_listed_clone(self, r: Resource, why: str) -> None:
+        """Destroy a clone nobody holds, as listed: ``destroying`` by compare-and-set first.
+
+        Between the listing and the destroy, a write of a former leader still in
+        flight may publish it and another replica may claim it: then the
+        compare-and-set fails and the clone (now a lease) is left alone.
+        """
+        meta = {**r.meta, m.STATUS: CloneState.DESTROYING.value}
+        try:
+            await self._provider.set_meta(Kind.CLONE, r.name, meta, expect_version=r.version)
+        except NotFoundError:
+            return
+        except ConflictError:
+            log.info("adopt.spared", clone=r.name, why="changed since it was listed")
+            return
+        except ProviderError as exc:
+            log.warning("destroy_failed", kind=Kind.CLONE.value, name=r.name, error=str(exc))
+            self._report_error("destroy", exc)
+            return
+        log.info("adopt.destroying", kind=Kind.CLONE.value, name=r.name, why=why)
+        await self._destroy_quietly(Kind.CLONE, r.name)
 
     def _step_down(self) -> None:
         """Leadership ended: forget leader-only work in flight; the next leader cleans it up."""

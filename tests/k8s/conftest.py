@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import attrs
@@ -16,6 +18,11 @@ from pool._kubernetes_settings import (
     KubernetesSettings,
     LeaderElectionSettings,
 )
+
+# tests/ has no __init__.py: make tests/reliability's fault proxy importable from here.
+_RELIABILITY_TESTS = str(pathlib.Path(__file__).resolve().parent.parent / "reliability")
+if _RELIABILITY_TESTS not in sys.path:
+    sys.path.append(_RELIABILITY_TESTS)
 
 
 @pytest.fixture

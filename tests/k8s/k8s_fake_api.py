@@ -19,6 +19,7 @@ been a rewrite, so this module is the compact version of just those parts.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import http.server
@@ -132,7 +133,14 @@ def field_selector_matches(selector: str, obj: Obj) -> bool:
 
 @attrs.define
 class Fault:
-    """Answer the next ``times`` matching requests with ``code`` (or delay them by ``delay`` s)."""
+    """Answer the next ``times`` matching requests with ``code`` (or delay them by ``delay`` s).
+
+    Reliability modes: ``drop="before"`` closes the connection without an answer
+    and without doing the request; ``drop="after"`` does it, then closes without
+    an answer (the reply is lost). ``hold`` keeps the request hanging until the
+    event is set (or the fake stops). ``every`` hits only every n-th matching
+    request; ``body_contains`` matches on the request body.
+    """
 
     method: str | None
     path_contains: str
@@ -140,6 +148,12 @@ class Fault:
     times: int = 1
     delay: float = 0.0
     watch: bool | None = None
+    drop: str | None = None
+    hold: threading.Event | None = None
+    every: int = 1
+    body_contains: bytes | None = None
+    seen: int = 0
+    hits: int = 0
 
 
 @attrs.define
@@ -182,6 +196,8 @@ class FakeKubernetes:
         self.open_watches = 0
         self.watch_requests = 0
         self.compact_on_next_watch = False
+        self.watch_epoch = 0
+        """Bumped by expire_watches(): open watches answer 410 Gone and end."""
         self.stopping = False
         self._ips = itertools.count(2)
         # Rules the tests change: what the simulated cluster does with new objects.
@@ -342,17 +358,29 @@ class FakeKubernetes:
         return copy.deepcopy(new)
 
     # -- HTTP ---------------------------------------------------------------------------------
-    def take_fault(self, method: str, path: str, watch: bool) -> Fault | None:
+    def take_fault(self, method: str, path: str, watch: bool, body: bytes = b"") -> Fault | None:
         with self.lock:
             self.requests.append((method, path))
             self.calls.append((method, path, watch))
             for fault in self.faults:
                 if fault.times <= 0 or (fault.method and fault.method != method):
                     continue
+                if fault.body_contains is not None and fault.body_contains not in body:
+                    continue
                 if fault.path_contains in path and (fault.watch is None or fault.watch == watch):
+                    fault.seen += 1
+                    if fault.seen % fault.every:
+                        continue
                     fault.times -= 1
+                    fault.hits += 1
                     return fault
         return None
+
+    def expire_watches(self) -> None:
+        """End every open watch with an ERROR 410 Gone event (etcd compacted under them)."""
+        with self.lock:
+            self.watch_epoch += 1
+            self.lock.notify_all()
 
     def handle(self, method: str, path: str, query: dict[str, str], body: Any) -> Obj:
         m = _PATH.match(path)
@@ -421,6 +449,7 @@ class FakeKubernetes:
         deadline = time.monotonic() + float(query.get("timeoutSeconds") or 1800)
         since = query.get("resourceVersion") or ""
         with self.lock:
+            epoch = self.watch_epoch
             self.open_watches += 1
             self.watch_requests += 1
             self.watches_by_plural[plural] = self.watches_by_plural.get(plural, 0) + 1
@@ -461,10 +490,15 @@ class FakeKubernetes:
                         and self._matches(o, query)
                     ]
                     last = self.rv
-                    if not fresh and not self.stopping:
+                    if not fresh and not self.stopping and self.watch_epoch == epoch:
                         self.lock.wait(timeout=0.05)
+                    expired = self.watch_epoch != epoch
                 for event in fresh:
                     write(event)
+                if expired:
+                    gone = ApiError(410, "Expired", f"too old resource version: {since}")
+                    write({"type": "ERROR", "object": gone.status()})
+                    return
                 if self.stopping or time.monotonic() >= deadline or closed():
                     return
         finally:
@@ -729,9 +763,18 @@ def _make_handler(fake: FakeKubernetes) -> type[http.server.BaseHTTPRequestHandl
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             watch = query.get("watch") in ("true", "1", "True")
-            fault = fake.take_fault(self.command, parsed.path, watch)
+            fault = fake.take_fault(self.command, parsed.path, watch, raw)
             if fault is not None and fault.delay:
                 time.sleep(fault.delay)
+            if fault is not None and fault.hold is not None:
+                while not fault.hold.wait(timeout=0.05) and not fake.stopping:
+                    pass
+            if fault is not None and fault.drop is not None:
+                if fault.drop == "after":
+                    with contextlib.suppress(ApiError):
+                        fake.handle(self.command, parsed.path, query, json.loads(raw or b"null"))
+                self.close_connection = True  # no answer at all: the client sees the link break
+                return
             try:
                 if fault is not None and fault.code is not None:
                     raise ApiError(fault.code, "InternalError", "simulated failure")
