@@ -34,6 +34,7 @@ from tunnel._protocol import (
     Role,
     Welcome,
 )
+from tunnel._relay import current_relay
 from tunnel._settings import GatewaySettings
 from tunnel._splice import connect_tcp, splice
 from tunnel._ws import WebSocket, accept, new_server_connection, read_request, reject
@@ -737,6 +738,7 @@ async def serve_gateway(
         listeners = [trio.SSLListener(lst, context, https_compatible=True) for lst in tcp_listeners]
     else:
         listeners = list(tcp_listeners)
+    current_relay()  # started with the gateway: its task and epoll are there from the start
     async with trio.open_nursery() as nursery:
         gateway = Gateway(settings, hooks, nursery, port)
         await nursery.start(trio.serve_listeners, gateway._serve_connection, listeners)
