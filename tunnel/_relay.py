@@ -36,7 +36,7 @@ import trio.testing
 
 log = structlog.get_logger()
 
-HOT_WAIT = float(__import__("os").environ.get("HOTWAIT", "0.002"))
+HOT_WAIT = 0.002
 """Seconds the relay waits for traffic inside its task step before it parks in trio."""
 YIELD_EVERY = 0.001
 """While busy, the relay still yields to trio at least this often (seconds)."""
