@@ -276,9 +276,7 @@ class WebSocket:
         Only after :meth:`relay_fd` gave a socket. Control frames are answered by queueing
         (see :attr:`needs_flush`). Raises ``trio.BrokenResourceError`` like :meth:`receive`.
         """
-        frames = self._frames
         fd = self._fd
-        assert frames is not None
         assert fd is not None
         if self._closed:
             return b""
@@ -292,8 +290,14 @@ class WebSocket:
         if not data:
             self._closed = True
             return b""
+        return self._take(data)
+
+    def _take(self, data: bytes) -> bytes | bytearray | None:
+        """The payload in ``data`` (b"" if the websocket closed, None if only control
+        frames came); control frames are answered by queueing (see :attr:`needs_flush`)."""
+        assert self._frames is not None
         try:
-            chunks, controls = frames.feed(data)
+            chunks, controls = self._frames.feed(data)
         except FrameError as exc:
             self._closed = True
             self.close_code = exc.code
@@ -323,7 +327,7 @@ class WebSocket:
         """
         self._choose_parser()
         if self._frames is not None:
-            return await self._receive_frames(self._frames)
+            return await self._receive_frames()
         while True:
             if self._closed:
                 return b""
@@ -361,7 +365,7 @@ class WebSocket:
                 self._closed = True
                 return b""
 
-    async def _receive_frames(self, frames: FrameReader) -> bytes | bytearray:
+    async def _receive_frames(self) -> bytes | bytearray:
         while True:
             if self._closed:
                 return b""
@@ -373,27 +377,20 @@ class WebSocket:
                 self._closed = True
                 return b""
             try:
-                chunks, controls = frames.feed(data)
-            except FrameError as exc:
-                self._closed = True
-                self.close_code = exc.code
-                with contextlib.suppress(*WS_ERRORS, trio.BrokenResourceError, OSError):
-                    await self._send_raw(self.ws.send(CloseConnection(code=exc.code)))
-                raise trio.BrokenResourceError(f"websocket framing error: {exc}") from exc
-            for opcode, payload in controls:
-                if opcode == 9:  # ping
-                    await self._send_raw(self.ws.send(WsPong(payload=payload)))
-                elif opcode == 8:  # close
-                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                    self.close_code = code
-                    self.close_reason = payload[2:].decode(errors="replace")
-                    self._closed = True
-                    reply = CloseConnection(code=code if code not in (1005, 1006) else 1000)
-                    with contextlib.suppress(*WS_ERRORS, trio.BrokenResourceError, OSError):
-                        await self._send_raw(self.ws.send(reply))
-                    break
-            if chunks:
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                payload = self._take(data)
+            finally:
+                if self.needs_flush:
+                    await self._flush_replies()
+            if payload is not None:
+                return payload
+
+    async def _flush_replies(self) -> None:
+        """Send the queued answers to control frames; once closing, the peer may be gone."""
+        if not self._closed:
+            await self.flush()
+            return
+        with contextlib.suppress(trio.BrokenResourceError, OSError):
+            await self.flush()
 
     async def send(self, data: bytes) -> None:
         """Send ``data`` as one binary message."""
