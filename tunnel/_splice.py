@@ -61,6 +61,13 @@ class _RelayedReads:
         self._ready = trio.Event()
         self._handler = self._on_readable  # one bound method: the relay removes by identity
 
+    def _lend(self) -> trio.Event:
+        """Hand the socket to the relay until a read does not fit or ends the stream."""
+        self._rest = None
+        self._ready = trio.Event()
+        self._relay.add(self._fd, self._handler)
+        return self._ready
+
     def _on_readable(self) -> None:
         try:
             data = os.read(self._fd, TCP_READ_SIZE)
@@ -79,19 +86,14 @@ class _RelayedReads:
         self._relay.remove(self._fd, self._handler)
         self._ready.set()
 
-    def _taken(self) -> bytes | OSError | None:
-        return self._rest
-
     async def run(self) -> None:
         while True:
-            self._rest = None
-            self._ready = trio.Event()
-            self._relay.add(self._fd, self._handler)
+            ready = self._lend()
             try:
-                await self._ready.wait()
+                await ready.wait()
             finally:
                 self._relay.remove(self._fd, self._handler)
-            rest = self._taken()
+            rest = self._rest
             if isinstance(rest, OSError):
                 raise rest
             if not rest:
@@ -103,13 +105,13 @@ class _RelayedReads:
 async def splice(tunnel: TunnelStream, tcp: trio.abc.HalfCloseableStream) -> None:
     """Relay until both directions finished; a broken end aborts the other one."""
 
-    reader = SocketReader(tcp, TCP_READ_SIZE)
     unlimit_unsent(tcp)
 
     async def upstream() -> None:
         if isinstance(tcp, trio.SocketStream):
             await _RelayedReads(tunnel, tcp.socket.fileno()).run()
             return
+        reader = SocketReader(tcp, TCP_READ_SIZE)
         while True:
             data = await reader.read()
             if not data:
