@@ -106,7 +106,7 @@ def role_aldaas_gateway(port: int, target: str, first_target: str | None = None)
 
         streams = 0
 
-        async def resolve(self, session_id):  # type: ignore[no-untyped-def]
+        def resolve(self, session_id):  # type: ignore[no-untyped-def]
             # With --first-target, the session's first real stream goes elsewhere (the bulk
             # source), the others to --target: one session, two kinds of traffic. Stream 1
             # is wait_port()'s readiness probe of the client's local port.

@@ -273,7 +273,7 @@ class Broker:
     async def verify_session(self, session_id: str, secret: str) -> bool:
         return self.pool.verify_secret(session_id, secret)
 
-    async def resolve(self, session_id: str) -> tuple[str, int]:
+    def resolve(self, session_id: str) -> tuple[str, int]:
         endpoint = self.pool.lease(session_id).endpoint
         return endpoint.host, endpoint.port
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import random
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -33,8 +35,9 @@ from tunnel._protocol import (
     Role,
     Welcome,
 )
+from tunnel._relay import current_relay
 from tunnel._settings import ClientSettings
-from tunnel._splice import splice
+from tunnel._splice import Pipe
 from tunnel._ws import HandshakeRejected, WebSocket, client_ssl_context, connect
 
 log = structlog.get_logger("tunnel.client")
@@ -250,7 +253,8 @@ async def serve_client(
                 )
             except (SessionRefused, SessionClosed, ProtocolError) as exc:
                 failure = exc
-            mux.finish("the client stopped")
+            finally:
+                mux.finish("the client stopped")  # also closes every spliced connection
             nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
@@ -313,7 +317,7 @@ async def _connect_forever(
                     )
                     host, port = listeners[0].socket.getsockname()[:2]
                     client.local_address = (host, port)
-                    nursery.start_soon(_accept_loop, mux, listeners, nursery)
+                    nursery.start_soon(_accept_loop, mux, listeners)
                 task_status.started(client)
             else:
                 client.session = session
@@ -362,23 +366,64 @@ async def _connect_forever(
         await trio.sleep(delay)
 
 
-async def _accept_loop(
-    mux: Mux, listeners: list[trio.SocketListener], nursery: trio.Nursery
-) -> None:
-    async def serve(listener: trio.SocketListener) -> None:
-        async with listener:
-            while True:
-                tcp = await listener.accept()
-                try:
-                    stream = mux.open_stream()
-                except trio.BrokenResourceError:
-                    await trio.aclose_forcefully(tcp)
-                    continue
-                nursery.start_soon(splice, stream, tcp)
+_ACCEPT_BURST = 64
+"""Connections accepted per readiness callback (then the relay serves other sockets)."""
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_PAUSE = 0.1
+"""Seconds accepting pauses when the process is out of file descriptors or memory."""
 
-    async with trio.open_nursery() as inner:
-        for listener in listeners:
-            inner.start_soon(serve, listener)
+
+async def _accept_loop(mux: Mux, listeners: list[trio.SocketListener]) -> None:
+    """Accept local connections in the relay task, each joined to a new stream by a
+    :class:`Pipe`: no task and no scheduler pass per connection."""
+    relay = current_relay()
+    socks = [socket.socket(fileno=listener.socket.detach()) for listener in listeners]
+    out_of_resources = trio.Event()
+
+    def acceptor(listening: socket.socket) -> Callable[[int], None]:
+        def on_readable(events: int) -> None:
+            mux.hold()  # the OPEN frames and first bytes of a burst go in one message
+            try:
+                for _ in range(_ACCEPT_BURST):
+                    try:
+                        sock, _address = listening.accept()
+                    except BlockingIOError:
+                        return
+                    except OSError as exc:
+                        if exc.errno in _OUT_OF_RESOURCES:
+                            log.warning("tunnel client cannot accept", error=str(exc))
+                            out_of_resources.set()
+                            for listening_sock in socks:
+                                relay.remove(listening_sock.fileno(), handlers[listening_sock])
+                            return
+                        continue  # ECONNABORTED and the like: that client gave up
+                    try:
+                        sock.setblocking(False)
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        stream = mux.open_stream()
+                    except (OSError, trio.BrokenResourceError):
+                        sock.close()
+                        continue
+                    Pipe(stream, sock, read_now=True)
+            finally:
+                mux.release()
+
+        return on_readable
+
+    handlers = {listening: acceptor(listening) for listening in socks}
+    try:
+        for listening in socks:
+            listening.setblocking(False)
+        while True:
+            for listening, handler in handlers.items():
+                relay.add(listening.fileno(), handler)
+            await out_of_resources.wait()
+            out_of_resources = trio.Event()
+            await trio.sleep(_ACCEPT_PAUSE)
+    finally:
+        for listening, handler in handlers.items():
+            relay.remove(listening.fileno(), handler)
+            listening.close()
 
 
 class ControlChannel:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import math
+import socket
 import ssl
 import sys
 import traceback
@@ -36,7 +37,7 @@ from tunnel._protocol import (
 )
 from tunnel._relay import current_relay
 from tunnel._settings import GatewaySettings
-from tunnel._splice import connect_tcp, splice
+from tunnel._splice import Pipe, connect_socket, connect_tcp, finish_connect, start_connect
 from tunnel._ws import WebSocket, accept, new_server_connection, read_request, reject
 
 log = structlog.get_logger("tunnel.gateway")
@@ -228,23 +229,48 @@ class _Session:
             )
             return
         self.gateway._streams_opened += 1
-        self.nursery.start_soon(self._bridge, stream)
-
-    async def _bridge(self, stream: TunnelStream) -> None:
-        gateway = self.gateway
+        # In the relay's callback: resolve, connect (on loopback the handshake is over when
+        # connect returns) and splice without a task; a host name or a connect still under
+        # way continues in a task.
         try:
-            with trio.fail_after(gateway.settings.connect_timeout):
-                host, port = await gateway.hooks.resolve(self.id)
-                tcp = await connect_tcp(host, port)
-        except (OSError, trio.TooSlowError, SessionRefused) as exc:
-            stream.reset(ResetCode.CONNECT_FAILED, f"the gateway could not connect: {exc}")
-            log.warning("tunnel stream connect failed", session_id=self.id, error=str(exc))
+            host, port = self.gateway.hooks.resolve(self.id)
+            started = start_connect(host, port)
+        except (OSError, SessionRefused) as exc:
+            self._connect_failed(stream, exc)
             return
         except Exception:
-            stream.reset(ResetCode.INTERNAL_ERROR, "the gateway failed to route the stream")
-            _failure(event="tunnel resolve hook failed", session_id=self.id)
+            self._route_failed(stream)
             return
-        await splice(stream, tcp)
+        if started is not None and started[1]:
+            Pipe(stream, started[0], read_now=False)
+        else:
+            self.nursery.start_soon(self._connect, stream, host, port, started)
+
+    async def _connect(
+        self,
+        stream: TunnelStream,
+        host: str,
+        port: int,
+        started: tuple[socket.socket, bool] | None,
+    ) -> None:
+        try:
+            with trio.fail_after(self.gateway.settings.connect_timeout):
+                if started is None:
+                    sock = await connect_socket(host, port)
+                else:
+                    sock = await finish_connect(started[0], host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            self._connect_failed(stream, exc)
+            return
+        Pipe(stream, sock, read_now=False)
+
+    def _connect_failed(self, stream: TunnelStream, exc: Exception) -> None:
+        stream.reset(ResetCode.CONNECT_FAILED, f"the gateway could not connect: {exc}")
+        log.warning("tunnel stream connect failed", session_id=self.id, error=str(exc))
+
+    def _route_failed(self, stream: TunnelStream) -> None:
+        stream.reset(ResetCode.INTERNAL_ERROR, "the gateway failed to route the stream")
+        _failure(event="tunnel resolve hook failed", session_id=self.id)
 
     def _on_request(self, request: Request) -> None:
         if self.nursery is not None:

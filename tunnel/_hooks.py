@@ -47,8 +47,9 @@ class GatewayHooks(Protocol):
         """Whether ``secret`` is the secret of ``session_id`` (compare in constant time)."""
         ...
 
-    async def resolve(self, session_id: str) -> tuple[str, int]:
-        """The TCP address a new stream of ``session_id`` connects to (asked per stream)."""
+    def resolve(self, session_id: str) -> tuple[str, int]:
+        """The TCP address a new stream of ``session_id`` connects to (asked per stream, in
+        the relay's callback: must not block; an IP literal is connected without a task)."""
         ...
 
     async def control(self, session_id: str | None, name: str, args: JSONObject) -> JSONValue:

@@ -13,6 +13,7 @@ import json
 import operator
 import os
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint_if_cancelled
@@ -48,7 +49,6 @@ every quarter of the replay budget if that is smaller (the peer's is assumed to 
 ours). The peer keeps every unacknowledged frame for replay: acknowledging only every
 quarter of an 8 MiB budget kept ~2 MiB of small frames (~7 MB of objects) per busy session
 in the gateway; an ACK per 64 KiB costs 16 bytes."""
-_IOV_MAX = 1024
 
 
 def error_frame(code: int, message: str) -> bytes:
@@ -76,74 +76,71 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._receive_lot = ParkingLot()
         self._send_lot = ParkingLot()
-        self.sink_fd: int | None = None
-        """A non-blocking TCP socket the reader may write received data into directly."""
-        self.sink_busy = False
-        """Set while a task writes to ``sink_fd`` the trio way (no direct writes then)."""
+        self.pipe: StreamPipe | None = None
+        """Where received data goes instead of the buffer (see :meth:`attach`)."""
         self._pending: list[bytes] | None = None
+        self._fin_pending = False
 
     # -------------------------------------------------------------- called by the mux
 
     def _feed(self, data: bytes, fin: bool) -> None:
         if self._closed:
             return
-        if data:
+        if self.pipe is not None:
+            # Gathered for one delivery at the end of the dispatch (see Mux._dispatch): the
+            # payloads of one websocket read go into the TCP socket in one writev.
             pending = self._pending
-            if pending is not None:
-                pending.append(data)
-            elif self.sink_fd is not None and not self._buffer and not self.sink_busy:
-                # Splice fast path: straight into the TCP socket, no task switch. Every
-                # payload of one websocket read goes out in one writev (see _flush_sink).
-                self._pending = [data]
+            if pending is None:
+                self._pending = pending = []
                 self._mux._sinks.append(self)
-            else:
-                self._buffer += data
+            if data:
+                pending.append(data)
+            if fin:
+                self._eof = self._fin_pending = True
+            return
+        if data:
+            self._buffer += data
         if fin:
             self._eof = True
         if self._buffer or fin:
             self._receive_lot.unpark_all()
 
     def _flush_sink(self) -> None:
-        """Write the payloads gathered by ``_feed`` into ``sink_fd`` with one ``writev``;
-        what the socket does not take waits in the buffer for the splice task."""
         parts, self._pending = self._pending, None
-        fd = self.sink_fd
-        if not parts or self._closed or fd is None:
-            return
-        try:
-            written = os.writev(fd, parts[:_IOV_MAX])
-        except OSError:
-            written = 0  # full or broken: the splice task finds out the trio way
-        if written:
-            mux = self._mux
-            mux.bytes_received += written
-            mux.write(mux.conn.acknowledge_data(self.stream_id, written))
-        for part in parts:
-            if written >= len(part):
-                written -= len(part)
-                continue
-            self._buffer += memoryview(part)[written:] if written else part
-            written = 0
-        if self._buffer:
-            self._receive_lot.unpark_all()
+        fin, self._fin_pending = self._fin_pending, False
+        pipe = self.pipe
+        if parts is not None and pipe is not None and not self._closed:
+            pipe.deliver(parts, fin)
 
-    def flush_to_sink(self) -> None:
-        """Write what waits in the stream's buffer into ``sink_fd`` now, as far as the
-        socket takes it (a new stream's first bytes usually arrive before its TCP
-        connection is made); the rest stays for ``receive_some``."""
-        if self._buffer and self.sink_fd is not None and not self.sink_busy:
-            self._pending = [bytes(self._buffer)]
+    def attach(self, pipe: StreamPipe) -> None:
+        """From now on hand received data to ``pipe`` (no task reads this stream then);
+        what arrived before goes to it at once."""
+        self.pipe = pipe
+        if self._broken is not None:
+            pipe.broken(self._broken)
+        elif self._buffer or self._eof:
+            data = bytes(self._buffer)
             self._buffer.clear()
-            self._flush_sink()
+            pipe.deliver([data] if data else [], self._eof)
+
+    def consumed(self, nbytes: int) -> None:
+        """The pipe delivered ``nbytes`` (flow control: maybe a WINDOW frame)."""
+        mux = self._mux
+        mux.bytes_received += nbytes
+        mux.write(mux.conn.acknowledge_data(self.stream_id, nbytes))
 
     def _break(self, reason: str) -> None:
         if self._broken is None:
             self._broken = reason
         self._receive_lot.unpark_all()
         self._send_lot.unpark_all()
+        if self.pipe is not None:
+            self.pipe.broken(reason)
 
     def _wake_sender(self) -> None:
         self._send_lot.unpark_all()
+        if self.pipe is not None:
+            self.pipe.writable()
 
     # -------------------------------------------------------------- receiving
 
@@ -175,8 +172,6 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             else:
                 data = bytes(buffer[:max_bytes])
                 del buffer[:max_bytes]
-            if self.sink_fd is not None:
-                self.sink_busy = True  # until the splice has written ``data`` (order!)
             mux = self._mux
             mux.bytes_received += len(data)
             if not self._eof:
@@ -209,11 +204,17 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 await self._send_lot.park()
 
     def send_available(self, data: bytes) -> int:
-        """Send as much of ``data`` as credit allows right now, without a checkpoint; the
-        splice calls this first and ``send_all`` for the rest. Returns bytes sent."""
-        if self._sending or self._closed or self._eof_sent or self._broken is not None:
-            return 0
+        """Send as much of ``data`` as credit and replay room allow right now, without a
+        checkpoint (a pipe's send). Returns bytes sent."""
         mux = self._mux
+        if (
+            self._sending
+            or self._closed
+            or self._eof_sent
+            or self._broken is not None
+            or mux.finished
+        ):
+            return 0
         conn = mux.conn
         window = conn.send_window(self.stream_id)
         if window <= 0 or not mux.has_room():
@@ -223,6 +224,14 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         mux.write(conn.send(Data(stream_id=self.stream_id, data=chunk)))
         mux.bytes_sent += n
         return n
+
+    def send_window(self) -> int:
+        """Bytes the peer lets us send on this stream now (its credit)."""
+        return self._mux.conn.send_window(self.stream_id)
+
+    def want_room(self) -> None:
+        """Call ``pipe.writable()`` when the session may have replay room again."""
+        self._mux.want_room(self)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
@@ -270,12 +279,17 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         await checkpoint_if_cancelled()
         if self._closed:
             raise trio.ClosedResourceError("this stream was closed")
-        if not self._eof_sent:
-            if self._broken is not None:
-                raise trio.BrokenResourceError(self._broken)
-            self._eof_sent = True
-            self._mux.write(self._mux.conn.send(Data(stream_id=self.stream_id, data=b"", fin=True)))
+        if not self._eof_sent and self._broken is not None:
+            raise trio.BrokenResourceError(self._broken)
+        self.finish_sending()
         await cancel_shielded_checkpoint()
+
+    def finish_sending(self) -> None:
+        """Send FIN now if it can still be sent (a pipe's ``send_eof``)."""
+        if self._closed or self._eof_sent or self._broken is not None:
+            return
+        self._eof_sent = True
+        self._mux.write(self._mux.conn.send(Data(stream_id=self.stream_id, data=b"", fin=True)))
 
     # -------------------------------------------------------------- closing
 
@@ -300,6 +314,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._mux.wake_room()
 
     async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """``aclose`` without the checkpoint (for a pipe, which runs in no task)."""
         if not self._closed:
             self._closed = True
             mux = self._mux
@@ -315,7 +334,19 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     )
                 mux.write(frames)
             self._finish()
-        await trio.lowlevel.checkpoint()
+
+
+class StreamPipe(Protocol):
+    """Takes a stream's received data instead of a reading task (tunnel/_splice.py)."""
+
+    def deliver(self, parts: list[bytes], fin: bool) -> None:
+        """Payloads received (in order), and whether the peer finished sending."""
+
+    def writable(self) -> None:
+        """The stream may have credit again."""
+
+    def broken(self, reason: str) -> None:
+        """The stream broke (reset by the peer, or the session ended)."""
 
 
 RequestHandler = Callable[[Request], None]
@@ -354,6 +385,7 @@ class Mux:
         self._out = bytearray()
         self._batch: list[bytes] | None = None
         self._sinks: list[TunnelStream] = []
+        self._room_waiters: list[TunnelStream] = []
         self._ack_threshold = max(1, min(ACK_EVERY, replay_limit // 4))
         self._ws: WebSocket | None = None
         self._out_lot = ParkingLot()
@@ -395,18 +427,42 @@ class Mux:
             pass  # the reader ends this websocket; the replay buffer keeps the frames
         self._out_lot.unpark_all()
 
+    def hold(self) -> None:
+        """Gather the frames written from now on into one websocket message, sent by
+        :meth:`release` (a burst of new streams and their first bytes)."""
+        if self._batch is None:
+            self._batch = []
+
+    def release(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch:
+            self.write(b"".join(batch))
+
     def has_room(self) -> bool:
         return self.conn.replay_size < self.replay_limit
 
     async def wait_room(self) -> None:
+        self._request_ack()
+        await self._room_lot.park()
+
+    def want_room(self, stream: TunnelStream) -> None:
+        """Call ``stream.pipe.writable()`` when replay room may be back."""
+        self._request_ack()
+        self._room_waiters.append(stream)
+
+    def _request_ack(self) -> None:
         if not self._ack_requested and self._live:
             # Ask for an ACK: the peer answers every PING with PONG + ACK.
             self._ack_requested = True
             self._send_ping()
-        await self._room_lot.park()
 
     def wake_room(self) -> None:
         self._room_lot.unpark_all()
+        if self._room_waiters:
+            waiters, self._room_waiters = self._room_waiters, []
+            for stream in waiters:
+                if stream.pipe is not None:
+                    stream.pipe.writable()
 
     def _send_ping(self) -> None:
         payload = os.urandom(8)
@@ -571,7 +627,7 @@ class Mux:
         failure: list[Exception] = []
         conn = self.conn
 
-        def on_readable() -> None:
+        def on_readable(events: int) -> None:
             try:
                 data = ws.receive_nowait()
                 if data:
@@ -637,7 +693,7 @@ class Mux:
                     stream._wake_sender()
             elif kind is Acknowledged:
                 self._ack_requested = False
-                self._room_lot.unpark_all()
+                self.wake_room()
             elif kind is OpenStream:
                 assert isinstance(event, OpenStream)
                 stream = TunnelStream(self, event.stream_id)

@@ -104,7 +104,7 @@ async def test_if_a_session_opens_then_it_is_a_lease_that_resolves_to_its_clone(
         assert (lease.ttl, dict(lease.labels)) == (60.0, {"name": "dev"})
         assert await w.broker.verify_session(grant.session_id, grant.secret) is True
         assert await w.broker.verify_session(grant.session_id, grant.secret + "x") is False
-        assert await w.broker.resolve(grant.session_id) == (
+        assert w.broker.resolve(grant.session_id) == (
             lease.endpoint.host,
             lease.endpoint.port,
         )
@@ -180,12 +180,12 @@ async def test_if_reset_is_asked_on_the_session_then_new_streams_reach_a_new_clo
     async with wired() as w:
         await _warm(w, 2)
         grant = await w.broker.open_session({}, _no_progress)
-        before = await w.broker.resolve(grant.session_id)
+        before = w.broker.resolve(grant.session_id)
         answer = await w.broker.control(grant.session_id, "reset", {})
         assert isinstance(answer, dict)
         assert answer["lease"] == grant.session_id
         assert answer["resets"] == 1
-        after = await w.broker.resolve(grant.session_id)
+        after = w.broker.resolve(grant.session_id)
         assert after != before
         assert _sample(w, "aldaas_lease_resets_total") == 1
         assert w.gateway.closed == []

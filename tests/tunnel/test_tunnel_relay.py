@@ -28,12 +28,12 @@ async def test_if_a_socket_becomes_readable_then_its_handler_runs_until_removed(
         seen: list[bytes] = []
         arrived = trio.Event()
 
-        def handler() -> None:
+        def handler(events: int) -> None:
             seen.append(b.recv(100))
             arrived.set()
 
         relay.add(b.fileno(), handler)
-        relay.remove(b.fileno(), lambda: None)  # not its handler: still registered
+        relay.remove(b.fileno(), lambda events: None)  # not its handler: still registered
         a.send(b"one")
         with trio.fail_after(5):
             await arrived.wait()
@@ -56,11 +56,11 @@ async def test_if_a_handler_raises_then_it_is_dropped_and_others_keep_running(
         calls = {"bad": 0}
         arrived = trio.Event()
 
-        def bad() -> None:
+        def bad(events: int) -> None:
             calls["bad"] += 1
             raise RuntimeError("handler bug")
 
-        def good() -> None:
+        def good(events: int) -> None:
             good_b.recv(100)
             arrived.set()
 
@@ -98,7 +98,7 @@ async def test_if_the_relay_is_busy_then_other_tasks_timers_and_threads_still_ru
 
     rounds = {"n": 0}
 
-    def handler() -> None:
+    def handler(events: int) -> None:
         try:
             data = b.recv(100)
         except BlockingIOError:
@@ -150,7 +150,7 @@ async def test_if_a_test_waits_for_all_tasks_blocked_then_it_returns_with_the_re
     a, b = pair()
     with a, b:
 
-        def handler() -> None:
+        def handler(events: int) -> None:
             pass
 
         relay.add(b.fileno(), handler)
@@ -169,7 +169,7 @@ async def test_if_the_clock_is_a_mock_clock_then_the_relay_still_delivers(
     with a, b:
         arrived = trio.Event()
 
-        def handler() -> None:
+        def handler(events: int) -> None:
             b.recv(10)
             arrived.set()
 

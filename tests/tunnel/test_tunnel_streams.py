@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 
 import pytest
 import trio
@@ -12,7 +11,6 @@ import trio.testing
 from tunnel_fakes import mux_pair
 
 from tunnel import TunnelStream
-from tunnel._splice import connect_tcp
 
 WINDOW = 64 * 1024
 
@@ -104,63 +102,6 @@ async def test_if_a_stream_is_reset_then_the_peer_reads_and_writes_fail(
         await right.send_all(b"x")
 
 
-def drain_socket(sock: socket.socket) -> bytes:
-    """Everything readable on a non-blocking socket right now."""
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(1 << 20)
-        except BlockingIOError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
-
-
-async def test_if_frames_arrive_together_for_a_spliced_stream_then_the_socket_gets_them_in_order(
-    nursery: trio.Nursery,
-) -> None:
-    """If several DATA frames arrive in one read for a stream with a sink socket, then they
-    are written there in order and their credit goes back to the sender."""
-    left, right = await stream_pair(nursery)
-    sink, far = socket.socketpair()
-    with sink, far:
-        sink.setblocking(False)
-        far.setblocking(False)
-        right.sink_fd = sink.fileno()
-        payload = os.urandom(4 * 9000)  # over half the window: a WINDOW comes back
-        for i in range(4):  # one burst, no checkpoint: one websocket read at the other end
-            assert left.send_available(payload[i * 9000 : (i + 1) * 9000]) == 9000
-        await trio.testing.wait_all_tasks_blocked()
-        assert drain_socket(far) == payload
-        assert left._mux.conn.send_window(left.stream_id) == WINDOW
-
-
-async def test_if_the_sink_socket_is_full_then_the_rest_waits_in_the_stream_in_order(
-    nursery: trio.Nursery,
-) -> None:
-    """If the sink socket takes only part of a burst, then the rest comes out of
-    receive_some, after what the socket took, with nothing lost or reordered."""
-    left, right = await stream_pair(nursery)
-    sink, far = socket.socketpair()
-    with sink, far:
-        sink.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        sink.setblocking(False)
-        far.setblocking(False)
-        right.sink_fd = sink.fileno()
-        payload = os.urandom(3 * 20000)
-        for i in range(3):
-            assert left.send_available(payload[i * 20000 : (i + 1) * 20000]) == 20000
-        await trio.testing.wait_all_tasks_blocked()
-        direct = drain_socket(far)
-        assert 0 < len(direct) < len(payload)
-        rest = b""
-        while len(direct) + len(rest) < len(payload):
-            rest += await right.receive_some()
-            right.sink_busy = False
-        assert direct + rest == payload
-
-
 async def test_if_a_session_carries_steady_small_traffic_then_the_replay_buffer_stays_small(
     nursery: trio.Nursery,
 ) -> None:
@@ -176,21 +117,3 @@ async def test_if_a_session_carries_steady_small_traffic_then_the_replay_buffer_
         assert await into.receive_some() == b"q" * 200
         largest = max(largest, client.conn.replay_size)
     assert largest <= 64 * 1024 + 2 * 1024
-
-
-async def test_if_a_tcp_address_refuses_or_answers_then_connect_tcp_says_so_or_connects() -> None:
-    """If nothing listens at an IP literal, then connect_tcp raises an OSError naming the
-    address; if something does, it returns a working stream (loopback: often with no wait)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    listener.close()
-    with pytest.raises(OSError, match=rf"connecting to 127\.0\.0\.1:{port} failed"):
-        await connect_tcp("127.0.0.1", port)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with listeners[0] as server:
-        stream = await connect_tcp("127.0.0.1", server.socket.getsockname()[1])
-        accepted = await server.accept()
-        async with stream, accepted:
-            await stream.send_all(b"hi")
-            assert await accepted.receive_some(10) == b"hi"
