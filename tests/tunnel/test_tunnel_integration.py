@@ -299,6 +299,48 @@ async def test_if_the_address_cannot_be_reached_then_the_stream_is_reset(rig: Ri
     client.close()
 
 
+async def test_if_the_session_resolves_to_a_host_name_then_streams_connect_through_a_task(
+    rig: Rig,
+) -> None:
+    """If the resolver returns a name (not an IP literal), then the gateway resolves and
+    connects it outside the relay and the stream works the same."""
+    client = await start_client(rig)
+    rig.hooks.addresses["s1"] = ("localhost", rig.hooks.address[1])
+    assert client.local_address is not None
+    assert await echo_roundtrip(client.local_address, b"by name") == b"by name"
+    client.close()
+
+
+async def test_if_the_resolver_fails_then_the_stream_is_reset_as_an_internal_error(
+    rig: Rig,
+) -> None:
+    """If the resolver raises something unexpected, then only that stream is reset
+    (code 5) and the session goes on."""
+    client = await start_client(rig)
+    del rig.hooks.addresses["s1"]
+    stream = await client.open_stream()
+    with pytest.raises(trio.BrokenResourceError, match="code 5"):
+        await stream.receive_some()
+    rig.hooks.addresses["s1"] = rig.hooks.address
+    assert client.local_address is not None
+    assert await echo_roundtrip(client.local_address, b"still here") == b"still here"
+    client.close()
+
+
+async def test_if_the_client_stops_then_its_local_connections_close(rig: Rig) -> None:
+    """If the client is closed while an application is connected, then that connection
+    ends (EOF) instead of hanging."""
+    client = await start_client(rig)
+    assert client.local_address is not None
+    tcp = await trio.open_tcp_stream(*client.local_address)
+    async with tcp:
+        await tcp.send_all(b"x")
+        assert await tcp.receive_some(1) == b"x"
+        client.close()
+        with trio.fail_after(5):
+            assert await tcp.receive_some(1) == b""
+
+
 # ------------------------------------------------------------------------ hostile peers
 
 
