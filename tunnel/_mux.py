@@ -57,6 +57,11 @@ def error_frame(code: int, message: str) -> bytes:
     return HEADER.pack(FrameType.ERROR, 0, 0, 0, len(payload)) + payload
 
 
+def _wake(lot: ParkingLot | None) -> None:
+    if lot:  # a ParkingLot is false when nobody waits in it
+        lot.unpark_all()
+
+
 class TunnelStream(trio.abc.HalfCloseableStream):
     """One multiplexed TCP stream; behaves like a ``trio.SocketStream``.
 
@@ -74,8 +79,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._broken: str | None = None
         self._receiving = False
         self._sending = False
-        self._receive_lot = ParkingLot()
-        self._send_lot = ParkingLot()
+        self._receive_lot: ParkingLot | None = None  # made when a task first waits
+        self._send_lot: ParkingLot | None = None
         self.pipe: StreamPipe | None = None
         """Where received data goes instead of the buffer (see :meth:`attach`)."""
         self._pending: list[bytes] | None = None
@@ -103,7 +108,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if fin:
             self._eof = True
         if self._buffer or fin:
-            self._receive_lot.unpark_all()
+            _wake(self._receive_lot)
 
     def _flush_sink(self) -> None:
         parts, self._pending = self._pending, None
@@ -132,13 +137,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def _break(self, reason: str) -> None:
         if self._broken is None:
             self._broken = reason
-        self._receive_lot.unpark_all()
-        self._send_lot.unpark_all()
+        _wake(self._receive_lot)
+        _wake(self._send_lot)
         if self.pipe is not None:
             self.pipe.broken(reason)
 
     def _wake_sender(self) -> None:
-        self._send_lot.unpark_all()
+        _wake(self._send_lot)
         if self.pipe is not None:
             self.pipe.writable()
 
@@ -164,6 +169,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     return b""
                 if self._broken is not None:
                     raise trio.BrokenResourceError(self._broken)
+                if self._receive_lot is None:
+                    self._receive_lot = ParkingLot()
                 await self._receive_lot.park()
             buffer = self._buffer
             if max_bytes is None or max_bytes >= len(buffer):
@@ -201,6 +208,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     return window
                 await mux.wait_room()
             else:
+                if self._send_lot is None:
+                    self._send_lot = ParkingLot()
                 await self._send_lot.park()
 
     def send_available(self, data: bytes) -> int:
@@ -221,7 +230,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return 0
         n = min(len(data), window)
         chunk = data if n == len(data) else data[:n]
-        mux.write(conn.send(Data(stream_id=self.stream_id, data=chunk)))
+        mux.write(conn.send_data(self.stream_id, chunk))
         mux.bytes_sent += n
         return n
 
@@ -251,7 +260,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                         window = await self._wait_writable()
                     n = min(total - pos, window)
                     chunk = bytes(raw[pos : pos + n]) if (pos or n < total) else bytes(raw)
-                    mux.write(conn.send(Data(stream_id=self.stream_id, data=chunk)))
+                    mux.write(conn.send_data(self.stream_id, chunk))
                     mux.bytes_sent += n
                     pos += n
             await cancel_shielded_checkpoint()
@@ -289,7 +298,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._closed or self._eof_sent or self._broken is not None:
             return
         self._eof_sent = True
-        self._mux.write(self._mux.conn.send(Data(stream_id=self.stream_id, data=b"", fin=True)))
+        self._mux.write(self._mux.conn.send_data(self.stream_id, b"", fin=True))
 
     # -------------------------------------------------------------- closing
 
@@ -309,8 +318,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._closed = True
         self._buffer = bytearray()
         self._mux.forget(self)
-        self._receive_lot.unpark_all()
-        self._send_lot.unpark_all()
+        _wake(self._receive_lot)
+        _wake(self._send_lot)
         self._mux.wake_room()
 
     async def aclose(self) -> None:
@@ -327,7 +336,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 frames = b""
                 if not self._eof_sent:
                     self._eof_sent = True
-                    frames = conn.send(Data(stream_id=self.stream_id, data=b"", fin=True))
+                    frames = conn.send_data(self.stream_id, b"", fin=True)
                 if not self._eof:
                     frames += conn.send(
                         ResetStream(stream_id=self.stream_id, code=ResetCode.CANCELLED)
@@ -418,14 +427,14 @@ class Mux:
         ws = self._ws
         if self._out or ws is None:
             self._out += frames
-            self._out_lot.unpark_all()
+            _wake(self._out_lot)
             return
         try:
             if not ws.send_nowait(frames):
                 return
         except trio.BrokenResourceError:
             pass  # the reader ends this websocket; the replay buffer keeps the frames
-        self._out_lot.unpark_all()
+        _wake(self._out_lot)
 
     def hold(self) -> None:
         """Gather the frames written from now on into one websocket message, sent by
@@ -457,7 +466,7 @@ class Mux:
             self._send_ping()
 
     def wake_room(self) -> None:
-        self._room_lot.unpark_all()
+        _wake(self._room_lot)
         if self._room_waiters:
             waiters, self._room_waiters = self._room_waiters, []
             for stream in waiters:
@@ -635,7 +644,7 @@ class Mux:
                     conn.receive_data(data)
                     self._dispatch()
                 if ws.needs_flush:
-                    self._out_lot.unpark_all()
+                    _wake(self._out_lot)
                 if data is None or data:
                     return
             except (trio.BrokenResourceError, OSError):

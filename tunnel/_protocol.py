@@ -511,7 +511,7 @@ class Connection:
         if self.state is State.CLOSED:
             raise LocalProtocolError(f"cannot send {type(event).__name__} on a closed session")
         if isinstance(event, Data):
-            return self._send_data(event)
+            return self._send_data(event.stream_id, event.data, event.fin)
         if isinstance(event, Hello):
             if event.mode not in MODES:
                 raise LocalProtocolError(f"unknown hello mode {event.mode!r}")
@@ -611,22 +611,25 @@ class Connection:
         )
         return frame
 
-    def _send_data(self, event: Data) -> bytes:
-        stream = self._streams.get(event.stream_id)
+    def send_data(self, stream_id: int, data: bytes, fin: bool = False) -> bytes:
+        """``send(Data(stream_id, data, fin))`` without building the event (the hot path)."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("cannot send Data on a closed session")
+        return self._send_data(stream_id, data, fin)
+
+    def _send_data(self, sid: int, data: bytes, fin: bool) -> bytes:
+        stream = self._streams.get(sid)
         if stream is None or stream.local_closed:
-            raise LocalProtocolError(f"stream {event.stream_id} is not open for sending")
+            raise LocalProtocolError(f"stream {sid} is not open for sending")
         if not self._established:
             raise LocalProtocolError(f"cannot send DATA in handshake state {self.state.value}")
-        data = event.data
         if len(data) > stream.send_window:
             raise LocalProtocolError(
-                f"{len(data)} bytes exceed the send window of stream {event.stream_id} "
-                f"({stream.send_window})"
+                f"{len(data)} bytes exceed the send window of stream {sid} ({stream.send_window})"
             )
         stream.send_window -= len(data)
         end = len(data)
-        sid = event.stream_id
-        fin_flag = FLAG_FIN if event.fin else 0
+        fin_flag = FLAG_FIN if fin else 0
         if end <= MAX_DATA_CHUNK:
             blob = HEADER.pack(FrameType.DATA, fin_flag, 0, sid, end) + data
         else:
@@ -642,7 +645,7 @@ class Connection:
                 parts.clear()
         self._sent += len(blob)
         self._replay.append(blob)
-        if event.fin:
+        if fin:
             stream.local_closed = True
             if stream.remote_closed:
                 del self._streams[sid]

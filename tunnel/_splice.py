@@ -234,6 +234,9 @@ class Pipe:
         if self._shut or self.closed:
             return
         self._shut = True
+        if self._sent_fin:
+            self._close()  # both directions are over: close() sends the FIN itself
+            return
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -258,7 +261,7 @@ class Pipe:
         if self.closed:
             return
         self.closed = True
-        self._relay.remove(self._fd, self._handler)
+        self._relay.forget(self._fd, self._handler)  # closing the socket unregisters it
         self._events = 0
         self._out = []
         self._rest = b""
