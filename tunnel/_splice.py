@@ -49,9 +49,8 @@ def start_connect(host: str, port: int) -> tuple[socket.socket, bool] | None:
     family = _ip_family(host)
     if family is None:
         return None
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         error = sock.connect_ex((host, port))
         if error == errno.EINPROGRESS:
