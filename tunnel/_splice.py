@@ -14,6 +14,7 @@ import errno
 import os
 import select
 import socket
+from collections.abc import Sequence
 
 import trio
 
@@ -147,11 +148,11 @@ class Pipe:
             self._relay.watch(self._fd, self._handler, events)
 
     def _on_events(self, events: int) -> None:
+        # Each step below calls _update() itself when it changes what we wait for.
         if self._out and events & (_OUT | _TROUBLE):
             self._write_out()
         if self._reading and events & (_IN | _TROUBLE):
             self._read()
-        self._update()
 
     def _read(self) -> None:
         try:
@@ -165,12 +166,14 @@ class Pipe:
             self._reading = False
             self._stream.finish_sending()
             self._sent_fin = True
+            self._update()
             self._maybe_done()
             return
         sent = self._stream.send_available(data)
         if sent < len(data):
             self._rest = data[sent:]
             self._reading = False
+            self._update()
             self._wait_credit()
 
     def _wait_credit(self) -> None:
@@ -197,37 +200,53 @@ class Pipe:
             return
         if self._out:
             self._out.extend(parts)
-        elif parts:
-            self._out = list(parts)
-            self._write_out()
+        elif parts and not self._write(parts):
+            return
         if fin:
             self._fin_received = True
             if not self._out:
                 self._shutdown()
-        self._update()
+        if self._out and not self._events & _OUT:
+            self._update()
 
-    def _write_out(self) -> None:
-        out = self._out
+    def _write(self, parts: Sequence[bytes | memoryview]) -> bool:
+        """Write ``parts`` now; keep what the socket did not take for when it is writable.
+        False if the connection broke (the pipe is closed then)."""
         try:
-            written = os.writev(self._fd, out[:_IOV_MAX])
+            if len(parts) == 1:
+                written = os.write(self._fd, parts[0])
+            else:
+                written = os.writev(self._fd, parts[:_IOV_MAX])
         except BlockingIOError:
-            return
+            written = 0
         except OSError as exc:
             self._abort(f"{_LOST}: {exc.strerror or exc}")
-            return
+            return False
         if written:
             self._stream.consumed(written)
-        done = 0
-        for part in out:
-            if written < len(part):
-                break
-            written -= len(part)
-            done += 1
-        del out[:done]
-        if written:
-            out[0] = memoryview(out[0])[written:]
-        if not out and self._fin_received:
+        total = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
+        if written == total:
+            return True
+        rest: list[bytes | memoryview] = []
+        for part in parts:
+            if written >= len(part):
+                written -= len(part)
+            elif written:
+                rest.append(memoryview(part)[written:])
+                written = 0
+            else:
+                rest.append(part)
+        self._out = rest
+        return True
+
+    def _write_out(self) -> None:
+        """The socket became writable: write what waited for it."""
+        out, self._out = self._out, []
+        if not self._write(out):
+            return
+        if not self._out and self._fin_received:
             self._shutdown()
+        self._update()
 
     def _shutdown(self) -> None:
         if self._shut or self.closed:
