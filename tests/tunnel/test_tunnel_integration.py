@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import resource
+import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +14,8 @@ from typing import Any
 
 import attrs
 import pytest
+import structlog
+import structlog.testing
 import trio
 import trio.testing
 import trustme
@@ -339,6 +344,41 @@ async def test_if_the_client_stops_then_its_local_connections_close(rig: Rig) ->
         client.close()
         with trio.fail_after(5):
             assert await tcp.receive_some(1) == b""
+
+
+async def test_if_the_process_runs_out_of_file_descriptors_then_accepting_pauses_and_resumes(
+    rig: Rig,
+) -> None:
+    """If accepting a local connection fails for lack of file descriptors, then the client
+    stops accepting for a moment (no busy loop on the still-readable listener) and serves
+    the waiting connection once descriptors are free again."""
+    client = await start_client(rig)
+    assert client.local_address is not None
+    app = socket.socket()
+    app.setblocking(False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while len(fillers) < highest:  # take every free descriptor number left
+                fillers.append(os.dup(0))
+        with structlog.testing.capture_logs() as logs:
+            with contextlib.suppress(BlockingIOError):
+                app.connect(client.local_address)  # the kernel completes the handshake
+            await trio.sleep(0.05)  # the client tried, failed and paused (0.1 s)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [entry["event"] for entry in logs] == ["tunnel client cannot accept"]
+    tcp = trio.SocketStream(trio.socket.from_stdlib_socket(app))
+    async with tcp:
+        with trio.fail_after(5):
+            await tcp.send_all(b"after the pause")
+            assert await tcp.receive_some(100) == b"after the pause"
+    client.close()
 
 
 # ------------------------------------------------------------------------ hostile peers
