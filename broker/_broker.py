@@ -485,6 +485,9 @@ async def serve(
 
     ``parts`` replaces the pool and provider built from ``settings`` (tests).
     """
+    folder_lock: pool.DataFolderLock | None = None
+    if parts is None and settings.provider != "kubernetes":
+        folder_lock = pool.DataFolderLock(settings.local.data_dir)
     the_pool, provider = parts if parts is not None else make_pool(settings)
     elector: Elector | None = None
     if settings.provider == "kubernetes" and parts is None:
@@ -551,6 +554,8 @@ async def serve(
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(30):
             await provider.aclose()
+        if folder_lock is not None:
+            folder_lock.release()
     log.info("broker.stopped", leases=the_pool.statistics().leases_active)
 
 

@@ -34,7 +34,7 @@ from ._lease import (
     SnapshotInfo,
     SnapshotReady,
 )
-from ._local import LocalProvider
+from ._local import DataFolderLock, LocalProvider
 from ._local_settings import DirectorySettings, LocalSettings, S3Settings
 from ._pool import Pool
 from ._provider import (
@@ -73,6 +73,7 @@ __all__ = [
     "Command",
     "CommandSettings",
     "ConflictError",
+    "DataFolderLock",
     "DirectorySettings",
     "DirectorySource",
     "Endpoint",

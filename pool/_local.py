@@ -21,6 +21,7 @@ through ``postmaster.pid`` and adopts them.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -70,6 +71,48 @@ class _Setup:
     run_user: pg.RunUser | None
     bin_dir: pathlib.Path
     major: int
+
+
+LOCK_FILE = "broker.lock"
+"""In the data folder: ``flock``-ed by the broker serving from it, and holding its pid."""
+
+
+class DataFolderLock:
+    """A broker's claim on a local data folder, held until :meth:`release` or the process
+    dies (the kernel drops it then, so a broker killed with -9 never blocks the next one).
+
+    A second broker on the same folder would sweep the first one's half-made folders away
+    and adopt its leases; this makes it refuse to start instead.
+    """
+
+    def __init__(self, folder: pathlib.Path) -> None:
+        folder = folder.absolute()
+        path = folder / LOCK_FILE
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ProviderError(
+                f"cannot create the lock file {path} ({exc.strerror}); fix the data folder's "
+                "permissions or set local.data_dir to a writable folder"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ProviderError(
+                f"another aldaas broker (pid {holder}) is using the data folder {folder}; "
+                "stop it first, or give this one its own local.data_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class LocalProvider:

@@ -155,3 +155,43 @@ def test_if_the_gateway_port_is_taken_then_serve_exits_1_in_one_sentence(
         f"The gateway cannot listen on 127.0.0.1:{port} (Address already in use); "
         "set gateway.host/gateway.port to a free address."
     )
+
+
+def test_if_a_second_broker_starts_on_the_same_data_folder_then_it_refuses_and_the_first_goes_on(
+    data_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """If another broker already serves from the data folder, then a second one exits 1 with
+    one sentence naming the first one's pid, and starts once the first is gone."""
+    (tmp_path / "backups").mkdir()
+
+    def broker(name: str) -> BrokerProcess:
+        return BrokerProcess(
+            data_dir=data_dir,
+            backups=tmp_path / "backups",
+            log_path=tmp_path / f"{name}.log",
+            overrides=["pool.size=0"],
+        )
+
+    first = broker("first")
+    first.start()
+    try:
+        first.wait_until("the admin listener", lambda: first.http("GET", "/healthz")[0] == 200)
+        second = broker("second")
+        second.start()
+        assert second.proc is not None
+        assert second.proc.wait(60) == 1
+        assert first.proc is not None
+        assert one_sentence(second.log()) == (
+            f"The broker could not start: another aldaas broker "
+            f"(pid {first.proc.pid}) is using the data folder {data_dir}; stop it first, "
+            "or give this one its own local.data_dir."
+        )
+        assert first.http("GET", "/healthz")[0] == 200
+    finally:
+        assert first.stop() == 0
+    third = broker("third")
+    third.start()
+    try:
+        third.wait_until("the admin listener", lambda: third.http("GET", "/healthz")[0] == 200)
+    finally:
+        assert third.stop() == 0
