@@ -366,8 +366,6 @@ async def _connect_forever(
         await trio.sleep(delay)
 
 
-_ACCEPT_BURST = 64
-"""Connections accepted per readiness callback (then the relay serves other sockets)."""
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACCEPT_PAUSE = 0.1
 """Seconds accepting pauses when the process is out of file descriptors or memory."""
@@ -382,31 +380,29 @@ async def _accept_loop(mux: Mux, listeners: list[trio.SocketListener]) -> None:
 
     def acceptor(listening: socket.socket) -> Callable[[int], None]:
         def on_readable(events: int) -> None:
-            mux.hold()  # the OPEN frames and first bytes of a burst go in one message
+            # One connection per call: the listener stays readable while more wait (the
+            # relay calls again), and no failing accept() delays this one's first bytes.
             try:
-                for _ in range(_ACCEPT_BURST):
-                    try:
-                        sock, _address = listening.accept()
-                    except BlockingIOError:
-                        return
-                    except OSError as exc:
-                        if exc.errno in _OUT_OF_RESOURCES:
-                            log.warning("tunnel client cannot accept", error=str(exc))
-                            out_of_resources.set()
-                            for listening_sock in socks:
-                                relay.remove(listening_sock.fileno(), handlers[listening_sock])
-                            return
-                        continue  # ECONNABORTED and the like: that client gave up
-                    try:
-                        sock.setblocking(False)
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        stream = mux.open_stream()
-                    except (OSError, trio.BrokenResourceError):
-                        sock.close()
-                        continue
-                    Pipe(stream, sock, read_now=True)
-            finally:
-                mux.release()
+                sock, _address = listening.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    log.warning("tunnel client cannot accept", error=str(exc))
+                    out_of_resources.set()
+                    for listening_sock in socks:
+                        relay.remove(listening_sock.fileno(), handlers[listening_sock])
+                return  # else (ECONNABORTED and the like) that client gave up
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                mux.hold()  # the OPEN frame and the first bytes go in one message
+                try:
+                    Pipe(mux.open_stream(), sock, read_now=True)
+                finally:
+                    mux.release()
+            except (OSError, trio.BrokenResourceError):
+                sock.close()
 
         return on_readable
 
