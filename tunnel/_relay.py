@@ -5,16 +5,18 @@ waiting on the socket is woken through trio's epoll (``epoll_wait``, then ``epol
 re-arm the one-shot registration), rescheduled, stepped, and parked again. That pass was
 about half of the CPU the tunnel spent per ``pgbench`` transaction. Here every hot socket
 stays registered, level-triggered, in one epoll of our own, and one system task calls a
-plain callback for each socket that became readable: the callbacks (the mux's frame
-handling, a splice's TCP read) run back to back in one task step.
+plain callback for each socket that is ready: the callbacks (the mux's frame handling, a
+pipe's TCP read or write, the client's accept) run back to back in one task step.
 
 While messages keep coming, the relay waits for the next one in its own epoll *without
 leaving its task step* (``poll`` on our epoll and trio's together, bounded by trio's
 next deadline and :data:`HOT_WAIT`), so a busy relay costs one ``poll`` and the reads
-and writes per message. It leaves the step whenever trio has anything to do: a task
-became runnable, trio's own epoll has an event, a deadline is due, a test waits for all
-tasks to be blocked, or the clock is a test clock. After :data:`HOT_WAIT` without
-traffic it parks in trio like any task (``wait_readable`` on its epoll).
+and writes per message; what is ready already is taken with one ``epoll_wait`` and no
+``poll``. It leaves the step whenever trio has anything to do: a task became runnable,
+trio's own epoll has an event, a deadline is due, a test waits for all tasks to be
+blocked, or the clock is a test clock (noticed when it next waits, and at least every
+:data:`YIELD_EVERY`). After :data:`HOT_WAIT` without traffic it parks in trio like any
+task (``wait_readable`` on its epoll).
 
 Reading trio's run queue, deadlines and epoll uses trio internals (checked once per run);
 where they are not what we expect, the relay never waits in its own step, and stays
@@ -39,10 +41,11 @@ log = structlog.get_logger()
 HOT_WAIT = 0.002
 """Seconds the relay waits for traffic inside its task step before it parks in trio."""
 YIELD_EVERY = 0.005
-"""While busy and not alone, the relay still yields to trio at least this often (seconds).
-Waiting in its step it leaves at once for trio's I/O, deadlines and runnable tasks; each
-yield here costs two scheduler passes (to become alone again), about 30 µs, which at 1 ms
-was a tenth of the CPU of a short connection."""
+"""While busy, the relay still yields to trio at least this often (seconds): the bound on
+how late trio's own I/O and deadlines are served while our sockets always have something
+ready. Whenever it waits it leaves at once for them; each yield costs two scheduler passes
+(to become alone again), about 30 µs, which at 1 ms was a tenth of the CPU of a short
+connection."""
 IDLE_WAIT = 0.001
 """Seconds the relay waits for every other task to block before it may wait in its step;
 our sockets are not watched meanwhile."""
@@ -150,7 +153,9 @@ class Relay:
             while True:
                 if alone:
                     assert view is not None
-                    events = self._wait_here(view)
+                    # Busy: what is ready already costs one system call; trio's own I/O and
+                    # deadlines wait for the next yield (YIELD_EVERY) meanwhile.
+                    events = epoll_poll(0) or self._wait_here(view)
                     if events is None:
                         # Trio has I/O or a deadline to handle: let it.
                         alone = False
