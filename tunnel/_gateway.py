@@ -230,7 +230,7 @@ class _Session:
             return
         self.gateway._streams_opened += 1
         # In the relay's callback: resolve, connect (on loopback the handshake is over when
-        # connect returns) and splice without a task; a host name or a connect still under
+        # connect returns) and pipe without a task; a host name or a connect still under
         # way continues in a task.
         try:
             host, port = self.gateway.hooks.resolve(self.id)
