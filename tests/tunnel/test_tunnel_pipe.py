@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import trio
 import trio.testing
-from tunnel_fakes import mux_pair
+from tunnel_fakes import mux_pair, receive_exactly, send_in_background
 
 from tunnel import TunnelStream
 from tunnel._splice import TCP_READ_SIZE, Pipe, connect_socket, start_connect
@@ -36,6 +36,10 @@ def tcp_pair(*, small: bool = False) -> tuple[socket.socket, socket.socket]:
     near.setblocking(False)
     far.setblocking(False)
     return near, far
+
+
+def buffer_within_window(stream: TunnelStream) -> None:
+    assert len(stream._buffer) <= WINDOW
 
 
 def bounded(test: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
@@ -77,15 +81,6 @@ async def piped(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Awaitable[
         far.socket.close()
 
 
-async def read_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await stream.receive_some()
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
-
-
 @bounded
 async def test_if_frames_arrive_together_for_a_piped_stream_then_the_socket_gets_them_in_order(
     piped: Callable[..., Awaitable[Piped]],
@@ -98,7 +93,7 @@ async def test_if_frames_arrive_together_for_a_piped_stream_then_the_socket_gets
         assert left.send_available(payload[i * 9000 : (i + 1) * 9000]) == 9000
     await trio.testing.wait_all_tasks_blocked()
     assert left.send_window() == WINDOW
-    assert await read_exactly(far, len(payload)) == payload
+    assert await receive_exactly(far, len(payload)) == payload
 
 
 @bounded
@@ -109,17 +104,11 @@ async def test_if_the_tcp_peer_reads_slowly_then_the_pipe_holds_at_most_a_window
     bytes, the sender waits for credit, and once the peer reads everything arrives intact."""
     left, pipe, far = await piped(small=True)
     payload = os.urandom(20 * WINDOW)
-    sent = trio.Event()
-
-    async def send_everything() -> None:
-        await left.send_all(payload)
-        sent.set()
-
-    nursery.start_soon(send_everything)
+    sent = send_in_background(nursery, left, payload)
     await trio.testing.wait_all_tasks_blocked()
     assert not sent.is_set()
     assert 0 < sum(len(part) for part in pipe._out) <= WINDOW
-    received = await read_exactly(far, len(payload))
+    received = await receive_exactly(far, len(payload))
     await sent.wait()
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
@@ -141,10 +130,9 @@ async def test_if_the_tcp_peer_sends_more_than_the_window_then_reading_pauses_an
     assert not pipe._reading
     assert len(pipe._rest) <= TCP_READ_SIZE
     assert len(left._buffer) <= WINDOW
-    received = bytearray()
-    while len(received) < len(payload):
-        received += await left.receive_some(10000)
-        assert len(left._buffer) <= WINDOW
+    received = await receive_exactly(
+        left, len(payload), max_bytes=10000, check=lambda: buffer_within_window(left)
+    )
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
 
@@ -160,11 +148,11 @@ async def test_if_the_replay_room_runs_out_then_a_piped_upload_waits_for_an_ack(
     mux.replay_limit = 48 * 1024  # below the receiver's ACK interval (64 KiB)
     payload = os.urandom(8 * WINDOW)
     nursery.start_soon(far.send_all, payload)
-    received = bytearray()
-    while len(received) < len(payload):
-        received += await left.receive_some()
+
+    def bounded_replay() -> None:
         assert mux.conn.replay_size <= mux.replay_limit + TCP_READ_SIZE
-    assert bytes(received) == payload
+
+    assert await receive_exactly(left, len(payload), check=bounded_replay) == payload
 
 
 @bounded
@@ -176,12 +164,12 @@ async def test_if_each_side_half_closes_then_the_other_sees_eof_and_the_pipe_clo
     left, pipe, far = await piped()
     await far.send_all(b"question")
     await far.send_eof()
-    assert await read_exactly(left, 8) == b"question"
+    assert await receive_exactly(left, 8) == b"question"
     assert await left.receive_some() == b""
     assert not pipe.closed
     await left.send_all(b"answer")
     await left.send_eof()
-    assert await read_exactly(far, 6) == b"answer"
+    assert await receive_exactly(far, 6) == b"answer"
     assert await far.receive_some() == b""
     await trio.testing.wait_all_tasks_blocked()
     assert pipe.closed

@@ -8,7 +8,7 @@ import os
 import pytest
 import trio
 import trio.testing
-from tunnel_fakes import mux_pair
+from tunnel_fakes import mux_pair, receive_exactly, send_in_background
 
 from tunnel import TunnelStream
 
@@ -50,22 +50,17 @@ async def test_if_a_reader_is_slow_then_only_its_stream_waits_and_memory_stays_b
     fast_out = client.open_stream()
     fast_in = await accepted.receive()
     payload = os.urandom(10 * WINDOW)
-    sent = trio.Event()
-
-    async def send_everything() -> None:
-        await slow_out.send_all(payload)
-        sent.set()
-
-    nursery.start_soon(send_everything)
+    sent = send_in_background(nursery, slow_out, payload)
     await trio.testing.wait_all_tasks_blocked()
     assert not sent.is_set()
     assert len(slow_in._buffer) == WINDOW
     await fast_out.send_all(b"ping")
     assert await fast_in.receive_some() == b"ping"
-    received = bytearray()
-    while len(received) < len(payload):
-        received += await slow_in.receive_some(5000)
+
+    def bounded_buffer() -> None:
         assert len(slow_in._buffer) <= WINDOW
+
+    received = await receive_exactly(slow_in, len(payload), max_bytes=5000, check=bounded_buffer)
     await sent.wait()
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
@@ -80,13 +75,14 @@ async def test_if_the_replay_budget_is_full_then_senders_wait_for_an_ack(
     out = client.open_stream()
     into = await accepted.receive()
     payload = os.urandom(6 * WINDOW)
+
+    def bounded_replay() -> None:
+        assert client.conn.replay_size <= client.replay_limit + WINDOW
+
     async with trio.open_nursery() as inner:
         inner.start_soon(out.send_all, payload)
-        received = bytearray()
-        while len(received) < len(payload):
-            received += await into.receive_some()
-            assert client.conn.replay_size <= client.replay_limit + WINDOW
-    assert bytes(received) == payload
+        received = await receive_exactly(into, len(payload), check=bounded_replay)
+    assert received == payload
 
 
 async def test_if_a_stream_is_reset_then_the_peer_reads_and_writes_fail(

@@ -113,6 +113,39 @@ async def echo_handler(stream: trio.SocketStream) -> None:
         pass
 
 
+async def receive_exactly(
+    stream: trio.abc.ReceiveStream,
+    size: int,
+    *,
+    max_bytes: int | None = None,
+    check: Callable[[], None] | None = None,
+) -> bytes:
+    """Receive ``size`` bytes (EOF before is a failure), calling ``check()`` after every
+    read: an invariant that must hold all along."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = await stream.receive_some(max_bytes)
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+        if check is not None:
+            check()
+    return bytes(data)
+
+
+def send_in_background(
+    nursery: trio.Nursery, stream: trio.abc.SendStream, payload: bytes
+) -> trio.Event:
+    """Start sending ``payload`` on ``stream``; the event is set once all of it went out."""
+    sent = trio.Event()
+
+    async def send() -> None:
+        await stream.send_all(payload)
+        sent.set()
+
+    nursery.start_soon(send)
+    return sent
+
+
 async def start_tcp_server(
     nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
 ) -> tuple[str, int]:
