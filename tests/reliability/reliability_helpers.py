@@ -10,10 +10,23 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
+import attrs
 import pytest
 import trio
+
+from pool import (
+    DirectorySettings,
+    DirectorySource,
+    LocalProvider,
+    LocalSettings,
+    Observer,
+    Pool,
+    PoolSettings,
+    SourceSettings,
+    WarmPoolSettings,
+)
 
 
 def rows_sql(rows: int, table: str = "items") -> bytes:
@@ -24,6 +37,23 @@ def rows_sql(rows: int, table: str = "items") -> bytes:
     lines.extend(b"%d\t%032x\n" % (i, rng.getrandbits(128)) for i in range(rows))
     lines.append(b"\\.\n")
     return b"".join(lines)
+
+
+def local_pool(
+    data_dir: pathlib.Path,
+    backups: pathlib.Path,
+    warm: WarmPoolSettings,
+    observers: Sequence[Observer] = (),
+) -> tuple[Pool, LocalProvider]:
+    """A pool on the local provider in ``data_dir`` over the ``.sql`` backups in ``backups``
+    (not polled again during a test), and that provider."""
+    local = LocalSettings(data_dir=data_dir)
+    settings = attrs.evolve(
+        PoolSettings(), pool=warm, source=SourceSettings(poll_interval=3600.0), local=local
+    )
+    provider = LocalProvider(local)
+    source = DirectorySource(DirectorySettings(path=backups, suffix=".sql"))
+    return Pool(settings, provider, source, observers=observers), provider
 
 
 async def wait_for(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> None:

@@ -35,6 +35,19 @@ KILL_AT = CHUNKS // 2
 """The broker is killed once half of the COPY was handed to psql."""
 
 
+def copy_from_stdin(dsn: str, table: str) -> list[str]:
+    """psql running ``COPY table FROM STDIN`` against ``dsn``, stopping at the first error."""
+    return [
+        aldaas_e2e.psql_path(),
+        dsn,
+        "-X",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        f"COPY {table} FROM STDIN",
+    ]
+
+
 def test_if_the_broker_is_killed_mid_copy_then_the_lease_is_reachable_again(
     data_dir: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
@@ -56,15 +69,7 @@ def test_if_the_broker_is_killed_mid_copy_then_the_lease_is_reachable_again(
             aldaas_e2e.psql(dsn, "CREATE TABLE big (id text, body text)")
             (lease,) = broker.lease_ids()
             copy = subprocess.Popen(
-                [
-                    aldaas_e2e.psql_path(),
-                    dsn,
-                    "-X",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-c",
-                    "COPY big FROM STDIN",
-                ],
+                copy_from_stdin(dsn, "big"),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -113,15 +118,7 @@ def test_if_the_broker_is_killed_mid_copy_then_the_lease_is_reachable_again(
             # The table is usable: a COPY after the restart lands whole.
             aldaas_e2e.psql(dsn, "CREATE TABLE after (id text, body text)")
             again = subprocess.run(
-                [
-                    aldaas_e2e.psql_path(),
-                    dsn,
-                    "-X",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-c",
-                    "COPY after FROM STDIN",
-                ],
+                copy_from_stdin(dsn, "after"),
                 input=CHUNK,
                 capture_output=True,
                 check=False,

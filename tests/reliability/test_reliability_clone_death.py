@@ -6,24 +6,16 @@ import os
 import pathlib
 import signal
 
-import attrs
 import psycopg
 import pytest
 import trio
 from pg_query import aquery
-from reliability_helpers import rows_sql, wait_for
+from reliability_helpers import local_pool, rows_sql, wait_for
 
 from pool import (
     CloneFailed,
     CloneProvisioned,
-    DirectorySettings,
-    DirectorySource,
     Kind,
-    LocalProvider,
-    LocalSettings,
-    Pool,
-    PoolSettings,
-    SourceSettings,
     WarmPoolSettings,
 )
 
@@ -53,15 +45,11 @@ async def test_if_a_leased_or_warm_database_dies_then_it_is_reported_and_replace
     backups = tmp_path / "backups"
     backups.mkdir()
     (backups / "a.sql").write_bytes(rows_sql(100))
-    local = LocalSettings(data_dir=data_dir)
-    settings = attrs.evolve(
-        PoolSettings(),
-        pool=WarmPoolSettings(size=1, max_provisioning=1, health_check_interval=0.2),
-        source=SourceSettings(poll_interval=3600.0),
-        local=local,
+    pool, provider = local_pool(
+        data_dir,
+        backups,
+        WarmPoolSettings(size=1, max_provisioning=1, health_check_interval=0.2),
     )
-    provider = LocalProvider(local)
-    pool = Pool(settings, provider, DirectorySource(DirectorySettings(path=backups, suffix=".sql")))
 
     def lease_healthy(lease_id: str) -> bool:
         (info,) = [i for i in pool.statistics().leases if i.id == lease_id]
@@ -111,18 +99,14 @@ async def test_if_a_warm_database_died_since_the_last_health_check_then_acquire_
     backups = tmp_path / "backups"
     backups.mkdir()
     (backups / "a.sql").write_bytes(rows_sql(100))
-    local = LocalSettings(data_dir=data_dir)
-    settings = attrs.evolve(
-        PoolSettings(),
-        # No health check runs during the test: only the hand-out can notice the death.
-        pool=WarmPoolSettings(size=2, max_provisioning=2, health_check_interval=3600.0),
-        source=SourceSettings(poll_interval=3600.0),
-        local=local,
-    )
-    provider = LocalProvider(local)
     events: list[object] = []
-    source = DirectorySource(DirectorySettings(path=backups, suffix=".sql"))
-    pool = Pool(settings, provider, source, observers=[events.append])
+    pool, provider = local_pool(
+        data_dir,
+        backups,
+        # No health check runs during the test: only the hand-out can notice the death.
+        WarmPoolSettings(size=2, max_provisioning=2, health_check_interval=3600.0),
+        observers=[events.append],
+    )
 
     async def warm_clones() -> list[str]:
         return [r.name for r in await provider.list(Kind.CLONE) if r.meta.get("status") == "warm"]

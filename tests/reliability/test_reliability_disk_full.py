@@ -9,23 +9,15 @@ from __future__ import annotations
 
 import pathlib
 
-import attrs
 import pytest
 import trio
 from pg_query import aquery
-from reliability_helpers import fill, rows_sql, small_disk, used_bytes, wait_for
+from reliability_helpers import fill, local_pool, rows_sql, small_disk, used_bytes, wait_for
 
 from pool import (
     CloneFailed,
-    DirectorySettings,
-    DirectorySource,
     Kind,
-    LocalProvider,
-    LocalSettings,
-    Pool,
-    PoolSettings,
     QueueTimeoutError,
-    SourceSettings,
     WarmPoolSettings,
 )
 
@@ -43,19 +35,11 @@ async def test_if_the_disk_fills_during_restore_and_cloning_then_the_old_snapsho
     (backups / "a.sql").write_bytes(rows_sql(1000))
     (backups / "a.sql").touch()
     with small_disk(256) as disk:
-        local = LocalSettings(data_dir=disk / "data")
-        settings = attrs.evolve(
-            PoolSettings(),
-            pool=WarmPoolSettings(size=1, max_provisioning=1, health_check_interval=1.0),
-            source=SourceSettings(poll_interval=3600.0),
-            local=local,
-        )
-        provider = LocalProvider(local)
         events: list[object] = []
-        pool = Pool(
-            settings,
-            provider,
-            DirectorySource(DirectorySettings(path=backups, suffix=".sql")),
+        pool, provider = local_pool(
+            disk / "data",
+            backups,
+            WarmPoolSettings(size=1, max_provisioning=1, health_check_interval=1.0),
             observers=[events.append],
         )
         async with trio.open_nursery() as nursery:
