@@ -8,9 +8,8 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 
-import psycopg
 import pytest
-import trio
+from pg_query import aquery
 
 from pool import Kind, LocalProvider, LocalSettings
 
@@ -54,18 +53,7 @@ async def test_if_the_data_folder_is_on_xfs_with_reflink_then_clones_are_reflink
         await provider.seal("v", "s", {})
         endpoint = await provider.clone("s", "c", {})
         assert provider.clone_method("c") == "reflink"
-
-        def count_databases() -> object:
-            with psycopg.connect(
-                host=endpoint.host,
-                port=endpoint.port,
-                user=endpoint.user,
-                dbname=endpoint.database,
-                password=endpoint.password,
-            ) as conn:
-                return conn.execute("SELECT count(*) FROM pg_database").fetchone()
-
-        assert await trio.to_thread.run_sync(count_databases) == (4,)
+        assert await aquery(endpoint, "SELECT count(*) FROM pg_database") == [(4,)]
     finally:
         for resource in await provider.list():
             await provider.destroy(resource.kind, resource.name)
