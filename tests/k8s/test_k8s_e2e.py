@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import pathlib
+import socket
 from collections.abc import Iterator
 
 import attrs
@@ -92,12 +93,17 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernete
     local = LocalProvider(LocalSettings(data_dir=data_dir, password=PASSWORD))
     source = S3Source(s3)
     fake.kubelet = LocalKubelet(local, source, trio.lowlevel.current_trio_token(), tmp_path)
+    # Pod IPs are 127.0.0.x, all on the application port: take one that is free on every
+    # address, so that another process on the host (or a second test run) cannot hold it.
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = int(probe.getsockname()[1])
     kube_settings = attrs.evolve(
         settings,
         ready_timeout_seconds=120.0,
         snapshot_timeout_seconds=120.0,
         application=ApplicationSettings(
-            port=25432, user="aldaas", database="aldaas", password=PASSWORD
+            port=port, user="aldaas", database="aldaas", password=PASSWORD
         ),
     )
     provider = KubernetesProvider(kube_settings, api_client)
@@ -118,7 +124,7 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernete
 
             lease = await pool.acquire(labels={"test": "e2e"})
             assert lease.endpoint.host.startswith("127.0.0.")
-            assert lease.endpoint.port == 25432
+            assert lease.endpoint.port == port
             count = await trio.to_thread.run_sync(
                 query, lease.endpoint, "SELECT count(*) FROM items"
             )
