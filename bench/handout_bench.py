@@ -48,8 +48,8 @@ import trio
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import tunnel  # noqa: E402
-from client import _render as render  # noqa: E402
+from aldaas import tunnel  # noqa: E402
+from aldaas.client import _render as render  # noqa: E402
 
 TOKEN = "bench-token"
 ADMIN = "bench-admin"
@@ -151,7 +151,16 @@ def cli_round(url: str, state: pathlib.Path) -> float:
     env["PYTHONPATH"] = str(ROOT)
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "connect", "--port", "0", "--new", "--release-on-exit"],
+        [
+            sys.executable,
+            "-m",
+            "aldaas.broker",
+            "connect",
+            "--port",
+            "0",
+            "--new",
+            "--release-on-exit",
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -208,7 +217,7 @@ def bench_size(  # type: ignore[type-arg]
     write_backup(backups, parse_size(size_text))
     gw, admin = free_port(), free_port()
     log = (parent / "broker.log").open("wb")
-    argv = [sys.executable, "-m", "broker", "serve"]
+    argv = [sys.executable, "-m", "aldaas.broker", "serve"]
     for item in (
         f"local.data_dir={data}", f"directory.path={backups}", "directory.suffix=.sql.gz",
         f"pool.size={pool_size}", f"gateway.port={gw}", f"gateway.instance_token={TOKEN}",

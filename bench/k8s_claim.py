@@ -26,9 +26,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "k8s")]
 from k8s_fake_api import FakeKubernetes  # noqa: E402
 from kubernetes import client  # noqa: E402
 
-from pool import Kind  # noqa: E402
-from pool._kubernetes import KubernetesProvider  # noqa: E402
-from pool._kubernetes_settings import KubernetesSettings  # noqa: E402
+from aldaas.pool import Kind  # noqa: E402
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider  # noqa: E402
+from aldaas.pool.providers.kubernetes._settings import KubernetesSettings  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

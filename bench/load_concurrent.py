@@ -2,7 +2,7 @@
 
 What a team would do, on one machine and loopback only:
 
-1. one real ``aldaas serve`` (``python -m broker serve``: local provider, a
+1. one real ``aldaas serve`` (``python -m aldaas.broker serve``: local provider, a
    generated backup of 1000 rows, warm pool of ``--size``), started the way
    the end-to-end tests start it (tests/broker/aldaas_e2e.py);
 2. N real ``aldaas connect --port 0 --name loadNN --release-on-exit``

@@ -1,7 +1,7 @@
 """Sequential load through the product: N ``aldaas run -- psql`` cycles, pool size 3 (issue 6).
 
 What a CI job does for each test run, one after the other against one real
-``aldaas serve`` (``python -m broker serve``: local provider, a generated
+``aldaas serve`` (``python -m aldaas.broker serve``: local provider, a generated
 backup of 1000 rows, loopback only):
 
     aldaas run -- sh -c 'date +%s.%N; exec psql -X -A -t -c "SELECT count(*) FROM items"'

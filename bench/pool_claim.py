@@ -39,7 +39,7 @@ import trio
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "pool")]
 
-from pool import (  # noqa: E402
+from aldaas.pool import (  # noqa: E402
     DirectorySettings,
     DirectorySource,
     Kind,

@@ -33,8 +33,8 @@ import trio
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from pool import Command, Kind, LocalProvider, LocalSettings
-from pool._postgres import read_postmaster_pid
+from aldaas.pool import Command, Kind, LocalProvider, LocalSettings
+from aldaas.pool.providers.local._postgres import read_postmaster_pid
 
 ROW_BYTES = 1000  # ~990 bytes of payload + header per row, below the TOAST threshold
 

@@ -93,7 +93,7 @@ def role_bulk_server(port: int) -> None:
 def role_aldaas_gateway(port: int, target: str, first_target: str | None = None) -> None:
     import trio
 
-    from tunnel import GatewaySettings, SessionGrant, serve_gateway
+    from aldaas.tunnel import GatewaySettings, SessionGrant, serve_gateway
 
     host, tport = target.rsplit(":", 1)
 
@@ -138,7 +138,7 @@ def role_aldaas_client(port: int, url: str) -> None:
     import structlog
     import trio
 
-    from tunnel import ClientSettings, NewSession, serve_client
+    from aldaas.tunnel import ClientSettings, NewSession, serve_client
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     settings = ClientSettings(url=url, listen_port=port)

@@ -1,4 +1,4 @@
-"""``python -m broker`` is the ``aldaas`` program."""
+"""``python -m aldaas.broker`` is the ``aldaas`` program."""
 
 import sys
 

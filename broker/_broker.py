@@ -38,8 +38,7 @@ import attrs
 import structlog
 import trio
 
-import pool
-import tunnel
+from aldaas import pool, tunnel
 
 from ._admin import AdminApp, StartupError, serve_admin
 from ._metrics import Metrics, Readings

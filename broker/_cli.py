@@ -11,7 +11,7 @@ from functools import partial
 
 import trio
 
-from client._cli import add_commands, run_command
+from aldaas.client._cli import add_commands, run_command
 
 from ._config import ConfigError, load_settings, render_reference
 from ._logging import configure_logging
@@ -94,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
         if isinstance(leaf, StartupError | ConfigError):
             print(f"aldaas: error: {leaf}", file=sys.stderr)
             return 1
-        if isinstance(leaf, OSError) or type(leaf).__module__.startswith("pool"):
+        if isinstance(leaf, OSError) or type(leaf).__module__.startswith("aldaas.pool"):
             text = (leaf.strerror if isinstance(leaf, OSError) else None) or str(leaf)
             print(f"aldaas: error: The broker could not start: {text}.", file=sys.stderr)
             return 1

@@ -20,7 +20,7 @@ from typing import TextIO
 import attrs
 import trio
 
-import pool
+from aldaas import pool
 
 
 class FetchError(Exception):

@@ -12,8 +12,8 @@ from typing import Literal
 
 import attrs
 
-import pool as _pool
-import tunnel as _tunnel
+import aldaas.pool as _pool
+import aldaas.tunnel as _tunnel
 
 
 @attrs.frozen(kw_only=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-import tunnel
+from aldaas import tunnel
 
 from . import _state
 from ._console import Console

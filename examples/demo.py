@@ -49,7 +49,7 @@ def free_port() -> int:
 
 def aldaas() -> list[str]:
     found = shutil.which("aldaas", path=str(pathlib.Path(sys.executable).parent))
-    return [found] if found else [sys.executable, "-m", "broker"]
+    return [found] if found else [sys.executable, "-m", "aldaas.broker"]
 
 
 def psql() -> str:

@@ -5,8 +5,6 @@ Pure pool logic written against two small interfaces (:class:`Provider`,
 sources are its I/O edges.
 """
 
-from ._directory import DirectorySource
-from ._formats import BackupFormat, default_check_command, default_restore_command, format_of
 from ._lease import (
     CloneFailed,
     CloneProvisioned,
@@ -34,8 +32,6 @@ from ._lease import (
     SnapshotInfo,
     SnapshotReady,
 )
-from ._local import DataFolderLock, LocalProvider
-from ._local_settings import DirectorySettings, LocalSettings, S3Settings
 from ._pool import Pool
 from ._provider import (
     Backup,
@@ -53,7 +49,6 @@ from ._provider import (
     Source,
     TemporaryProviderError,
 )
-from ._s3 import S3Source
 from ._settings import (
     CommandSettings,
     LeaseSettings,
@@ -63,6 +58,17 @@ from ._settings import (
     WarmPoolSettings,
 )
 from ._states import CloneState, IllegalTransition, LeaseState, SnapshotState
+from .providers.local._provider import DataFolderLock, LocalProvider
+from .providers.local._settings import LocalSettings
+from .sources._directory import DirectorySource
+from .sources._formats import (
+    BackupFormat,
+    default_check_command,
+    default_restore_command,
+    format_of,
+)
+from .sources._s3 import S3Source
+from .sources._settings import DirectorySettings, S3Settings
 
 __all__ = [
     "Backup",
@@ -133,7 +139,7 @@ from typing import TYPE_CHECKING
 # Kubernetes provider (branch k8s). Its settings import nothing heavy; the
 # provider and the elector load the kubernetes client only when first used,
 # so `import pool` stays light for the local provider.
-from ._kubernetes_settings import (
+from .providers.kubernetes._settings import (
     ApplicationSettings,
     CheckSettings,
     KubernetesSettings,
@@ -155,12 +161,12 @@ __all__ += [
 
 
 if TYPE_CHECKING:
-    from ._kubernetes import KubernetesProvider, LeaderElector
+    from .providers.kubernetes._provider import KubernetesProvider, LeaderElector
 
 
 def __getattr__(name: str) -> object:
     if name in ("KubernetesProvider", "LeaderElector"):
-        from . import _kubernetes
+        from .providers.kubernetes import _provider as _kubernetes
 
         return getattr(_kubernetes, name)
     raise AttributeError(f"module 'pool' has no attribute {name!r}")

@@ -11,9 +11,10 @@ from typing import Literal
 
 import attrs
 
-from ._formats import default_check_command, default_restore_command, format_of
-from ._local_settings import DirectorySettings, LocalSettings, S3Settings
 from ._provider import Backup, Command
+from .providers.local._settings import LocalSettings
+from .sources._formats import default_check_command, default_restore_command, format_of
+from .sources._settings import DirectorySettings, S3Settings
 
 
 @attrs.frozen(kw_only=True)

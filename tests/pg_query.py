@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import trio
 
-from pool import Endpoint
+from aldaas.pool import Endpoint
 
 
 def query(endpoint: Endpoint, sql: str) -> list[tuple[object, ...]]:

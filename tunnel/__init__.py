@@ -1,6 +1,6 @@
 """aldaas tunnel: many TCP streams over one resumable websocket (see docs/protocol.md)."""
 
-from tunnel._client import (
+from aldaas.tunnel._client import (
     AttachSession,
     ClientEvent,
     ClientStatistics,
@@ -15,7 +15,7 @@ from tunnel._client import (
     open_control,
     serve_client,
 )
-from tunnel._errors import (
+from aldaas.tunnel._errors import (
     CloseCode,
     ControlError,
     LocalProtocolError,
@@ -25,10 +25,10 @@ from tunnel._errors import (
     SessionRefused,
     TunnelError,
 )
-from tunnel._gateway import Gateway, GatewayStatistics, serve_gateway
-from tunnel._hooks import GatewayHooks, LegacyRoute, ProgressCallback, SessionGrant
-from tunnel._mux import TunnelStream
-from tunnel._protocol import (
+from aldaas.tunnel._gateway import Gateway, GatewayStatistics, serve_gateway
+from aldaas.tunnel._hooks import GatewayHooks, LegacyRoute, ProgressCallback, SessionGrant
+from aldaas.tunnel._mux import TunnelStream
+from aldaas.tunnel._protocol import (
     SUBPROTOCOL,
     Acknowledged,
     Connection,
@@ -50,7 +50,7 @@ from tunnel._protocol import (
     Welcome,
     WindowUpdate,
 )
-from tunnel._settings import ClientSettings, GatewaySettings
+from aldaas.tunnel._settings import ClientSettings, GatewaySettings
 
 __all__ = [
     "SUBPROTOCOL",

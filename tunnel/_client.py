@@ -13,7 +13,7 @@ import attrs
 import structlog
 import trio
 
-from tunnel._errors import (
+from aldaas.tunnel._errors import (
     CloseCode,
     ControlError,
     ProtocolError,
@@ -21,8 +21,8 @@ from tunnel._errors import (
     SessionClosed,
     SessionRefused,
 )
-from tunnel._mux import Mux, TunnelStream
-from tunnel._protocol import (
+from aldaas.tunnel._mux import Mux, TunnelStream
+from aldaas.tunnel._protocol import (
     Connection,
     Error,
     Hello,
@@ -35,10 +35,10 @@ from tunnel._protocol import (
     Role,
     Welcome,
 )
-from tunnel._relay import current_relay
-from tunnel._settings import ClientSettings
-from tunnel._splice import Pipe
-from tunnel._ws import HandshakeRejected, WebSocket, client_ssl_context, connect
+from aldaas.tunnel._relay import current_relay
+from aldaas.tunnel._settings import ClientSettings
+from aldaas.tunnel._splice import Pipe
+from aldaas.tunnel._ws import HandshakeRejected, WebSocket, client_ssl_context, connect
 
 log = structlog.get_logger("tunnel.client")
 

@@ -18,10 +18,16 @@ import trio
 from wsproto import WSConnection
 from wsproto.events import Request as WsRequest
 
-from tunnel._errors import CloseCode, ControlError, ProtocolError, SessionClosed, SessionRefused
-from tunnel._hooks import GatewayHooks, SessionGrant
-from tunnel._mux import Mux, TunnelStream, error_frame
-from tunnel._protocol import (
+from aldaas.tunnel._errors import (
+    CloseCode,
+    ControlError,
+    ProtocolError,
+    SessionClosed,
+    SessionRefused,
+)
+from aldaas.tunnel._hooks import GatewayHooks, SessionGrant
+from aldaas.tunnel._mux import Mux, TunnelStream, error_frame
+from aldaas.tunnel._protocol import (
     SUBPROTOCOL,
     Connection,
     Error,
@@ -35,10 +41,10 @@ from tunnel._protocol import (
     Role,
     Welcome,
 )
-from tunnel._relay import current_relay
-from tunnel._settings import GatewaySettings
-from tunnel._splice import Pipe, connect_socket, connect_tcp, finish_connect, start_connect
-from tunnel._ws import WebSocket, accept, new_server_connection, read_request, reject
+from aldaas.tunnel._relay import current_relay
+from aldaas.tunnel._settings import GatewaySettings
+from aldaas.tunnel._splice import Pipe, connect_socket, connect_tcp, finish_connect, start_connect
+from aldaas.tunnel._ws import WebSocket, accept, new_server_connection, read_request, reject
 
 log = structlog.get_logger("tunnel.gateway")
 

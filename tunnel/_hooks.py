@@ -7,7 +7,7 @@ from typing import Protocol
 
 import attrs
 
-from tunnel._protocol import JSONObject, JSONValue
+from aldaas.tunnel._protocol import JSONObject, JSONValue
 
 ProgressCallback = Callable[[JSONObject], None]
 """Sends a PROGRESS frame to the waiting client (queue position, ETA, ...); never blocks."""

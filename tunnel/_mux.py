@@ -18,8 +18,8 @@ from typing import Protocol
 import trio
 from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint_if_cancelled
 
-from tunnel._errors import CloseCode, ProtocolError, SessionClosed
-from tunnel._protocol import (
+from aldaas.tunnel._errors import CloseCode, ProtocolError, SessionClosed
+from aldaas.tunnel._protocol import (
     HEADER,
     Acknowledged,
     Connection,
@@ -40,8 +40,8 @@ from tunnel._protocol import (
     State,
     WindowUpdate,
 )
-from tunnel._relay import current_relay
-from tunnel._ws import WebSocket
+from aldaas.tunnel._relay import current_relay
+from aldaas.tunnel._ws import WebSocket
 
 ACK_EVERY = 64 * 1024
 """Acknowledge received sequenced bytes at least this often (also with every PONG), or

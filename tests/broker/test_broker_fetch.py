@@ -10,7 +10,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from broker._cli import main
+from aldaas.broker._cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,17 @@ from pool_fakes import FakeSource, FakeWorld, Harness, running_pool, settings, w
 from prometheus_client.parser import text_string_to_metric_families
 from trio.testing import MockClock
 
-import tunnel
-from broker._admin import StartupError
-from broker._broker import Broker, make_pool
-from broker._settings import Settings
-from pool import KubernetesSettings, LeaseSettings, S3Settings, SourceSettings, WarmPoolSettings
+from aldaas import tunnel
+from aldaas.broker._admin import StartupError
+from aldaas.broker._broker import Broker, make_pool
+from aldaas.broker._settings import Settings
+from aldaas.pool import (
+    KubernetesSettings,
+    LeaseSettings,
+    S3Settings,
+    SourceSettings,
+    WarmPoolSettings,
+)
 
 
 @attrs.define

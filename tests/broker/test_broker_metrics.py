@@ -10,8 +10,8 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker._broker import trio_tasks
-from broker._metrics import Metrics, Readings, exported_metric_names
+from aldaas.broker._broker import trio_tasks
+from aldaas.broker._metrics import Metrics, Readings, exported_metric_names
 
 
 def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

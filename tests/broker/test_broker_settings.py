@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from broker._config import ConfigError, describe_settings, load_settings
-from broker._settings import Settings
+from aldaas.broker._config import ConfigError, describe_settings, load_settings
+from aldaas.broker._settings import Settings
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "local.yaml"
 

@@ -8,7 +8,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from broker._supervise import Backoff, supervised
+from aldaas.broker._supervise import Backoff, supervised
 
 
 async def test_if_a_started_task_crashes_then_it_restarts_with_doubling_backoff(

@@ -17,10 +17,10 @@ import pytest
 import yaml
 from test_chart_render import VALUE_SETS
 
-import pool
-from broker._broker import make_pool
-from broker._config import describe_settings, load_settings
-from broker._settings import Settings
+from aldaas import pool
+from aldaas.broker._broker import make_pool
+from aldaas.broker._config import describe_settings, load_settings
+from aldaas.broker._settings import Settings
 
 # As tests/chart/conftest.py renders: `helm install demo chart/ -n aldaas`.
 CHART_DIR = pathlib.Path(__file__).resolve().parents[2] / "chart"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from broker._metrics import exported_metric_names
+from aldaas.broker._metrics import exported_metric_names
 
 
 def test_if_the_dashboard_queries_metrics_then_the_broker_exports_each(

@@ -6,7 +6,7 @@ import io
 
 import trio
 
-from client._console import Console
+from aldaas.client._console import Console
 
 
 def test_if_not_on_a_terminal_then_only_changes_are_printed_as_lines() -> None:

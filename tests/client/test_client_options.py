@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from client._options import ClientError, resolve, resolve_url
+from aldaas.client._options import ClientError, resolve, resolve_url
 
 STATE = pathlib.Path("/state")
 

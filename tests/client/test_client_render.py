@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client._render import (
+from aldaas.client._render import (
     database_environ,
     dsn,
     duration,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 import stat
 
-from client._state import (
+from aldaas.client._state import (
     CachedLease,
     forget,
     forget_if_unchanged,

@@ -11,9 +11,9 @@ import pytest
 from k8s_fake_api import FakeKubernetes
 from kubernetes import client
 
-from pool import Backup
-from pool._kubernetes import KubernetesProvider
-from pool._kubernetes_settings import (
+from aldaas.pool import Backup
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider
+from aldaas.pool.providers.kubernetes._settings import (
     ApplicationSettings,
     KubernetesSettings,
     LeaderElectionSettings,

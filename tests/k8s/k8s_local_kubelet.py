@@ -35,8 +35,8 @@ from typing import Any
 import trio
 from k8s_fake_api import JobOutcome, Obj
 
-from pool import Backup, Kind, LocalProvider, S3Source
-from pool._postgres import embedded_bin_dir
+from aldaas.pool import Backup, Kind, LocalProvider, S3Source
+from aldaas.pool.providers.local._postgres import embedded_bin_dir
 
 
 class _Forwarder:

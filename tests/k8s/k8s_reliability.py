@@ -15,8 +15,8 @@ import trio
 from k8s_fake_api import FakeKubernetes
 from kubernetes import client
 
-from pool import Backup, Kind, Pool, PoolSettings, SourceSettings, WarmPoolSettings
-from pool._kubernetes import KubernetesProvider
+from aldaas.pool import Backup, Kind, Pool, PoolSettings, SourceSettings, WarmPoolSettings
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider
 
 NS = "test"
 TOKEN = "k8s-token-7f3a9c-never-logged"  # searched for in logs and errors

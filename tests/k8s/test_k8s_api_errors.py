@@ -9,9 +9,9 @@ from k8s_fake_api import FakeKubernetes, Fault, PodOutcome, wait_until
 from kubernetes import client
 from structlog.testing import capture_logs
 
-from pool import ConflictError, Kind, ProviderError, TemporaryProviderError
-from pool._kubernetes import KubernetesProvider
-from pool._kubernetes_settings import KubernetesSettings
+from aldaas.pool import ConflictError, Kind, ProviderError, TemporaryProviderError
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider
+from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 NS = "test"
 

@@ -23,7 +23,7 @@ from kubernetes import client
 from moto.server import ThreadedMotoServer
 from pg_query import query
 
-from pool import (
+from aldaas.pool import (
     Kind,
     LocalProvider,
     LocalSettings,
@@ -34,8 +34,8 @@ from pool import (
     SourceSettings,
     WarmPoolSettings,
 )
-from pool._kubernetes import KubernetesProvider
-from pool._kubernetes_settings import ApplicationSettings, KubernetesSettings
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider
+from aldaas.pool.providers.kubernetes._settings import ApplicationSettings, KubernetesSettings
 
 pytestmark = pytest.mark.slow
 

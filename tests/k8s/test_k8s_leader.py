@@ -9,8 +9,8 @@ import trio
 from k8s_fake_api import FakeKubernetes, Fault, wait_until
 from kubernetes import client
 
-from pool._kubernetes import LeaderElector, LeaseRecord, may_take_lease
-from pool._kubernetes_settings import KubernetesSettings
+from aldaas.pool.providers.kubernetes._provider import LeaderElector, LeaseRecord, may_take_lease
+from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 NS = "test"
 

@@ -10,9 +10,9 @@ import pytest
 from k8s_fake_api import FakeKubernetes
 from kubernetes import client
 
-from pool import Backup, Command, Kind
-from pool._kubernetes import KubernetesProvider, LeaderElector
-from pool._kubernetes_settings import (
+from aldaas.pool import Backup, Command, Kind
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool.providers.kubernetes._settings import (
     ApplicationSettings,
     KubernetesSettings,
     ResourceSettings,

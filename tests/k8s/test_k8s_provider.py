@@ -10,7 +10,7 @@ import trio
 from k8s_fake_api import FakeKubernetes, JobOutcome, PodOutcome, wait_until
 from kubernetes import client
 
-from pool import (
+from aldaas.pool import (
     Backup,
     Command,
     ConflictError,
@@ -20,8 +20,8 @@ from pool import (
     RestoreProgress,
     TemporaryProviderError,
 )
-from pool._kubernetes import KubernetesProvider
-from pool._kubernetes_settings import KubernetesSettings
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider
+from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 NS = "test"
 BACKUP = Backup(key="dumps/2026-11-26.sql.gz", etag="etag-1", size=1000, modified=0.0)

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from k8s_fake_api import FakeKubernetes
 
-import pool
-from pool._kubernetes import KubernetesProvider, LeaderElector
-from pool._kubernetes_settings import KubernetesSettings
+from aldaas import pool
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 
 @pytest.mark.slow

@@ -8,9 +8,9 @@ import trio
 from k8s_fake_api import FakeKubernetes, JobOutcome, PodOutcome, rbac_verbs
 from kubernetes import client
 
-from pool import Backup, Command, Kind, ProviderError
-from pool._kubernetes import RBAC_RULES, KubernetesProvider, LeaderElector
-from pool._kubernetes_settings import KubernetesSettings
+from aldaas.pool import Backup, Command, Kind, ProviderError
+from aldaas.pool.providers.kubernetes._provider import RBAC_RULES, KubernetesProvider, LeaderElector
+from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ import trio
 from k8s_fake_api import FakeKubernetes, wait_until
 from kubernetes import client
 
-from pool import Backup, Kind, Lease, Pool, PoolSettings, WarmPoolSettings
-from pool._kubernetes import KubernetesProvider, LeaderElector
-from pool._kubernetes_settings import KubernetesSettings
+from aldaas.pool import Backup, Kind, Lease, Pool, PoolSettings, WarmPoolSettings
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 BACKUP = Backup(key="dumps/nightly.sql.gz", etag="etag-1", size=1000, modified=1.0)
 

@@ -30,9 +30,9 @@ from k8s_reliability import (
 )
 from structlog.testing import capture_logs
 
-from pool import Kind, Lease, Pool, TemporaryProviderError
-from pool._kubernetes import KubernetesProvider, LeaderElector
-from pool._kubernetes_settings import KubernetesSettings, LeaderElectionSettings
+from aldaas.pool import Kind, Lease, Pool, TemporaryProviderError
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool.providers.kubernetes._settings import KubernetesSettings, LeaderElectionSettings
 
 
 def flaky(fake: FakeKubernetes) -> list[Fault]:

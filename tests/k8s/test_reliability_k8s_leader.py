@@ -25,9 +25,9 @@ from k8s_reliability import (
     until,
 )
 
-from pool import Kind, Lease, Pool
-from pool._kubernetes import KubernetesProvider, LeaderElector
-from pool._kubernetes_settings import KubernetesSettings, LeaderElectionSettings
+from aldaas.pool import Kind, Lease, Pool
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool.providers.kubernetes._settings import KubernetesSettings, LeaderElectionSettings
 
 pytestmark = pytest.mark.slow
 

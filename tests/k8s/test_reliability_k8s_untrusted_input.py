@@ -12,9 +12,9 @@ from k8s_fake_api import FakeKubernetes
 from k8s_reliability import OLD, Backups, api_client, objects, pool_settings, until
 from kubernetes import client
 
-from pool import Backup, Kind, Pool, ProviderError
-from pool._kubernetes import KubernetesProvider, LeaderElector
-from pool._kubernetes_settings import KubernetesSettings, LeaderElectionSettings
+from aldaas.pool import Backup, Kind, Pool, ProviderError
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool.providers.kubernetes._settings import KubernetesSettings, LeaderElectionSettings
 
 # What the API server accepts (apimachinery's validation): a qualified name key with an
 # optional DNS-subdomain prefix, and a value of ≤ 63 characters.

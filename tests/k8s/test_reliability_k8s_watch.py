@@ -20,9 +20,9 @@ from k8s_reliability import (
 )
 from structlog.testing import capture_logs
 
-from pool import Pool
-from pool._kubernetes import KubernetesProvider
-from pool._kubernetes_settings import KubernetesSettings
+from aldaas.pool import Pool
+from aldaas.pool.providers.kubernetes._provider import KubernetesProvider
+from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 
 @pytest.mark.slow

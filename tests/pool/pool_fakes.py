@@ -20,7 +20,7 @@ from contextlib import aclosing, asynccontextmanager
 import attrs
 import trio
 
-from pool import (
+from aldaas.pool import (
     Backup,
     Command,
     ConflictError,

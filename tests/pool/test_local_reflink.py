@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from pg_query import aquery
 
-from pool import Kind, LocalProvider, LocalSettings
+from aldaas.pool import Kind, LocalProvider, LocalSettings
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import trio
 from pool_fakes import FakeSource, FakeWorld, Harness, running_pool, settings, wait_for
 from trio.testing import MockClock
 
-from pool import Kind, LeaseNotFoundError, WarmPoolSettings
+from aldaas.pool import Kind, LeaseNotFoundError, WarmPoolSettings
 
 SIZE2 = settings(pool=WarmPoolSettings(size=2, max_provisioning=2))
 

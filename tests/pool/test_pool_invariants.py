@@ -10,7 +10,14 @@ import trio
 from pool_fakes import FakeSource, FakeWorld, running_pool, settings, wait_for
 from trio.testing import MockClock
 
-from pool import Kind, Lease, LeaseNotFoundError, LeaseSettings, QueueTimeoutError, WarmPoolSettings
+from aldaas.pool import (
+    Kind,
+    Lease,
+    LeaseNotFoundError,
+    LeaseSettings,
+    QueueTimeoutError,
+    WarmPoolSettings,
+)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

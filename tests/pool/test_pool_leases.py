@@ -9,7 +9,7 @@ import trio
 from pool_fakes import FakeSource, FakeWorld, Harness, running_pool, settings, wait_for
 from trio.testing import MockClock
 
-from pool import (
+from aldaas.pool import (
     InvalidRequestError,
     Kind,
     LeaseEnded,

@@ -21,7 +21,7 @@ import pytest
 import trio
 from pg_query import aquery
 
-from pool import (
+from aldaas.pool import (
     DirectorySettings,
     DirectorySource,
     Kind,
@@ -32,7 +32,7 @@ from pool import (
     SourceSettings,
     WarmPoolSettings,
 )
-from pool._postgres import embedded_bin_dir
+from aldaas.pool.providers.local._postgres import embedded_bin_dir
 
 pytestmark = pytest.mark.slow
 

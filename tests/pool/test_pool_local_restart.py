@@ -15,7 +15,7 @@ import pytest
 import trio
 from pg_query import query
 
-from pool import (
+from aldaas.pool import (
     DirectorySettings,
     DirectorySource,
     Endpoint,

@@ -7,7 +7,7 @@ import trio
 from pool_fakes import FakeSource, FakeWorld, replica, running_pool, settings, wait_for
 from trio.testing import MockClock
 
-from pool import (
+from aldaas.pool import (
     CloneProvisioned,
     Kind,
     Lease,

@@ -17,7 +17,7 @@ from pool_fakes import (
 )
 from trio.testing import MockClock
 
-from pool import (
+from aldaas.pool import (
     Backup,
     Kind,
     LeaseNotFoundError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from pool import Backup, CommandSettings, PoolSettings, WarmPoolSettings
+from aldaas.pool import Backup, CommandSettings, PoolSettings, WarmPoolSettings
 
 
 def _backup(key: str) -> Backup:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pool import CloneState, IllegalTransition, LeaseState, SnapshotState
-from pool._states import (
+from aldaas.pool import CloneState, IllegalTransition, LeaseState, SnapshotState
+from aldaas.pool._states import (
     CLONE_TRANSITIONS,
     LEASE_TRANSITIONS,
     SNAPSHOT_TRANSITIONS,

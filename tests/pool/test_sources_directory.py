@@ -7,7 +7,13 @@ import pathlib
 
 import pytest
 
-from pool import Backup, DirectorySettings, DirectorySource, ProviderError, TemporaryProviderError
+from aldaas.pool import (
+    Backup,
+    DirectorySettings,
+    DirectorySource,
+    ProviderError,
+    TemporaryProviderError,
+)
 
 
 def _source(path: pathlib.Path, suffix: str = ".sql.gz") -> DirectorySource:

@@ -6,8 +6,8 @@ import gzip
 
 import pytest
 
-from pool import BackupFormat, ProviderError, default_restore_command, format_of
-from pool._formats import GzipValidator, check_header
+from aldaas.pool import BackupFormat, ProviderError, default_restore_command, format_of
+from aldaas.pool.sources._formats import GzipValidator, check_header
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from pool import ProviderError, S3Settings, S3Source, TemporaryProviderError
+from aldaas.pool import ProviderError, S3Settings, S3Source, TemporaryProviderError
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import attrs
 import pytest
 import trio
 
-from pool import (
+from aldaas.pool import (
     DirectorySettings,
     DirectorySource,
     LocalProvider,

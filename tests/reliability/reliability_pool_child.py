@@ -15,7 +15,7 @@ import sys
 import attrs
 import trio
 
-from pool import (
+from aldaas.pool import (
     DirectorySettings,
     DirectorySource,
     LocalProvider,

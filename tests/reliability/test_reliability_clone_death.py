@@ -12,7 +12,7 @@ import trio
 from pg_query import aquery
 from reliability_helpers import local_pool, rows_sql, wait_for
 
-from pool import (
+from aldaas.pool import (
     CloneFailed,
     CloneProvisioned,
     Kind,

@@ -17,8 +17,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker._config import ConfigError, _is_secret, _leaf_paths, env_name, load_settings
-from pool import PoolSettings
+from aldaas.broker._config import ConfigError, _is_secret, _leaf_paths, env_name, load_settings
+from aldaas.pool import PoolSettings
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ import trio
 from pg_query import aquery
 from reliability_helpers import rows_sql, wait_for
 
-from pool import (
+from aldaas.pool import (
     DirectorySettings,
     DirectorySource,
     Endpoint,

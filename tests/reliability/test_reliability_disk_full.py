@@ -14,7 +14,7 @@ import trio
 from pg_query import aquery
 from reliability_helpers import fill, local_pool, rows_sql, small_disk, used_bytes, wait_for
 
-from pool import (
+from aldaas.pool import (
     CloneFailed,
     Kind,
     QueueTimeoutError,

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tunnel_fakes import TOKEN, Rig, start_rig
 
-from tunnel import NewSession, TunnelClient, serve_client
-from tunnel._protocol import Connection, Hello, Role, Welcome
-from tunnel._ws import HandshakeRejected, WebSocket, connect
+from aldaas.tunnel import NewSession, TunnelClient, serve_client
+from aldaas.tunnel._protocol import Connection, Hello, Role, Welcome
+from aldaas.tunnel._ws import HandshakeRejected, WebSocket, connect
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 UPGRADE = (

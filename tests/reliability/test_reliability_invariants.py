@@ -44,7 +44,7 @@ from pool_fakes import (
 from pool_fakes import settings as pool_settings
 from trio.testing import MockClock
 
-from pool import (
+from aldaas.pool import (
     CloneFailed,
     CloneProvisioned,
     Endpoint,

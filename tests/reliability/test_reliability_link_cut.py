@@ -17,7 +17,14 @@ import trio
 from faultproxy import FaultProxy
 from tunnel_fakes import TOKEN, Rig, start_rig
 
-from tunnel import ClientEvent, Connected, Disconnected, NewSession, TunnelClient, serve_client
+from aldaas.tunnel import (
+    ClientEvent,
+    Connected,
+    Disconnected,
+    NewSession,
+    TunnelClient,
+    serve_client,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from moto.server import ThreadedMotoServer
 from pool_fakes import FakeWorld, running_pool, settings, wait_for
 from trio.testing import MockClock
 
-from pool import (
+from aldaas.pool import (
     Backup,
     S3Settings,
     S3Source,

@@ -9,7 +9,13 @@ import trio
 from pool_fakes import FakeSource, FakeWorld, running_pool, settings, wait_for
 from trio.testing import MockClock
 
-from pool import Backup, SnapshotFailed, SourceSettings, TemporaryProviderError, WarmPoolSettings
+from aldaas.pool import (
+    Backup,
+    SnapshotFailed,
+    SourceSettings,
+    TemporaryProviderError,
+    WarmPoolSettings,
+)
 
 POLL = settings(
     pool=WarmPoolSettings(size=1, max_provisioning=1),

@@ -29,7 +29,7 @@ from tunnel_fakes import (
     start_tcp_server,
 )
 
-from tunnel import (
+from aldaas.tunnel import (
     AttachSession,
     ClientEvent,
     CloseCode,
@@ -44,8 +44,8 @@ from tunnel import (
     open_control,
     serve_client,
 )
-from tunnel._protocol import Connection, Data, Error, Hello, OpenStream, Role, Welcome
-from tunnel._ws import HandshakeRejected, WebSocket, connect
+from aldaas.tunnel._protocol import Connection, Data, Error, Hello, OpenStream, Role, Welcome
+from aldaas.tunnel._ws import HandshakeRejected, WebSocket, connect
 
 pytestmark = pytest.mark.slow
 

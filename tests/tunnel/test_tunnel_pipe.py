@@ -14,8 +14,8 @@ import trio
 import trio.testing
 from tunnel_fakes import mux_pair, receive_exactly, send_in_background
 
-from tunnel import TunnelStream
-from tunnel._splice import TCP_READ_SIZE, Pipe, connect_socket, start_connect
+from aldaas.tunnel import TunnelStream
+from aldaas.tunnel._splice import TCP_READ_SIZE, Pipe, connect_socket, start_connect
 
 WINDOW = 64 * 1024
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunnel import (
+from aldaas.tunnel import (
     CloseCode,
     Connection,
     Data,
@@ -31,7 +31,7 @@ from tunnel import (
     Welcome,
     WindowUpdate,
 )
-from tunnel._protocol import Acknowledged, Event, State
+from aldaas.tunnel._protocol import Acknowledged, Event, State
 
 WINDOW = 64 * 1024
 JUNK = b"\xff" * 12  # frame type 0xff does not exist

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from tunnel._relay import current_relay
+from aldaas.tunnel._relay import current_relay
 
 
 def pair() -> tuple[socket.socket, socket.socket]:

@@ -10,7 +10,7 @@ import trio
 import trio.testing
 from tunnel_fakes import mux_pair, receive_exactly, send_in_background
 
-from tunnel import TunnelStream
+from aldaas.tunnel import TunnelStream
 
 WINDOW = 64 * 1024
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol
 
-from tunnel._ws import FrameError, FrameReader, _mask, _mask_python, _MaskKeys
+from aldaas.tunnel._ws import FrameError, FrameReader, _mask, _mask_python, _MaskKeys
 
 
 def client_frames() -> tuple[bytes, bytes]:

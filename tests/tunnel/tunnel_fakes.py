@@ -14,7 +14,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection
 from wsproto.events import Request as WsRequest
 
-from tunnel import (
+from aldaas.tunnel import (
     ClientSettings,
     ControlError,
     Gateway,
@@ -27,9 +27,9 @@ from tunnel import (
     SessionRefused,
     serve_gateway,
 )
-from tunnel._mux import Mux, TunnelStream
-from tunnel._protocol import Connection, Hello, Role, Welcome
-from tunnel._ws import WebSocket
+from aldaas.tunnel._mux import Mux, TunnelStream
+from aldaas.tunnel._protocol import Connection, Hello, Role, Welcome
+from aldaas.tunnel._ws import WebSocket
 
 TOKEN = "instance-token-123"
 

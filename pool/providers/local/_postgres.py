@@ -31,7 +31,7 @@ import attrs
 import structlog
 import trio
 
-from ._provider import ProviderError
+from ..._provider import ProviderError
 
 logger = structlog.get_logger()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import zlib
 
-from ._provider import Command, ProviderError
+from .._provider import Command, ProviderError
 
 GZIP_MAGIC = b"\x1f\x8b"
 CUSTOM_MAGIC = b"PGDMP"

@@ -45,8 +45,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.utils.quantity import parse_quantity
 from kubernetes.watch.watch import iter_resp_lines
 
-from ._kubernetes_settings import KubernetesSettings, ResourceSettings
-from ._provider import (
+from ..._provider import (
     Backup,
     Command,
     ConflictError,
@@ -62,6 +61,7 @@ from ._provider import (
     Source,
     TemporaryProviderError,
 )
+from ._settings import KubernetesSettings, ResourceSettings
 
 log = structlog.get_logger()
 

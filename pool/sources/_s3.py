@@ -15,8 +15,8 @@ import botocore.config
 import botocore.exceptions
 import trio
 
-from ._local_settings import S3Settings, redact_url
-from ._provider import Backup, ProviderError, Source, TemporaryProviderError
+from .._provider import Backup, ProviderError, Source, TemporaryProviderError
+from ._settings import S3Settings, redact_url
 
 _TEMPORARY_CODES = frozenset(
     {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable"}

@@ -37,10 +37,7 @@ import attrs
 import structlog
 import trio
 
-from . import _postgres as pg
-from ._formats import BackupFormat, GzipValidator, check_header, format_of
-from ._local_settings import LocalSettings
-from ._provider import (
+from ..._provider import (
     Backup,
     Command,
     ConflictError,
@@ -55,6 +52,9 @@ from ._provider import (
     RestoreProgress,
     Source,
 )
+from ...sources._formats import BackupFormat, GzipValidator, check_header, format_of
+from . import _postgres as pg
+from ._settings import LocalSettings
 
 logger = structlog.get_logger()
 

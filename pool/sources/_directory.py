@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
-from ._local_settings import DirectorySettings
-from ._provider import Backup, ProviderError, Source, TemporaryProviderError
+from .._provider import Backup, ProviderError, Source, TemporaryProviderError
+from ._settings import DirectorySettings
 
 CHUNK_BYTES = 1024 * 1024
 
