@@ -161,12 +161,17 @@ __all__ += [
 
 
 if TYPE_CHECKING:
-    from .providers.kubernetes._provider import KubernetesProvider, LeaderElector
+    from .providers.kubernetes._leader import LeaderElector
+    from .providers.kubernetes._provider import KubernetesProvider
 
 
 def __getattr__(name: str) -> object:
-    if name in ("KubernetesProvider", "LeaderElector"):
-        from .providers.kubernetes import _provider as _kubernetes
+    if name == "KubernetesProvider":
+        from .providers.kubernetes._provider import KubernetesProvider
 
-        return getattr(_kubernetes, name)
+        return KubernetesProvider
+    if name == "LeaderElector":
+        from .providers.kubernetes._leader import LeaderElector
+
+        return LeaderElector
     raise AttributeError(f"module 'pool' has no attribute {name!r}")

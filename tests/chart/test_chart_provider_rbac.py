@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from aldaas.pool.providers.kubernetes._provider import RBAC_RULES
+from aldaas.pool.providers.kubernetes._client import RBAC_RULES
 
 Render = Callable[[dict[str, Any] | None], Any]
 

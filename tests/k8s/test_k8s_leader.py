@@ -9,7 +9,7 @@ import trio
 from k8s_fake_api import FakeKubernetes, Fault, wait_until
 from kubernetes import client
 
-from aldaas.pool.providers.kubernetes._provider import LeaderElector, LeaseRecord, may_take_lease
+from aldaas.pool.providers.kubernetes._leader import LeaderElector, LeaseRecord, may_take_lease
 from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 NS = "test"

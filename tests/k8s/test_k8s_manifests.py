@@ -10,8 +10,7 @@ import pytest
 from k8s_fake_api import FakeKubernetes
 from kubernetes import client
 
-from aldaas.pool import Backup, Command, Kind
-from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool import Backup, Command, Kind, KubernetesProvider, LeaderElector
 from aldaas.pool.providers.kubernetes._settings import (
     ApplicationSettings,
     KubernetesSettings,

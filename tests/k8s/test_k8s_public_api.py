@@ -11,7 +11,7 @@ import yaml
 from k8s_fake_api import FakeKubernetes
 
 from aldaas import pool
-from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool import KubernetesProvider, LeaderElector
 from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 

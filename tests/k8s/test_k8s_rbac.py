@@ -8,8 +8,8 @@ import trio
 from k8s_fake_api import FakeKubernetes, JobOutcome, PodOutcome, rbac_verbs
 from kubernetes import client
 
-from aldaas.pool import Backup, Command, Kind, ProviderError
-from aldaas.pool.providers.kubernetes._provider import RBAC_RULES, KubernetesProvider, LeaderElector
+from aldaas.pool import Backup, Command, Kind, KubernetesProvider, LeaderElector, ProviderError
+from aldaas.pool.providers.kubernetes._client import RBAC_RULES
 from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 

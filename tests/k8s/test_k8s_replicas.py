@@ -11,8 +11,16 @@ import trio
 from k8s_fake_api import FakeKubernetes, wait_until
 from kubernetes import client
 
-from aldaas.pool import Backup, Kind, Lease, Pool, PoolSettings, WarmPoolSettings
-from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool import (
+    Backup,
+    Kind,
+    KubernetesProvider,
+    LeaderElector,
+    Lease,
+    Pool,
+    PoolSettings,
+    WarmPoolSettings,
+)
 from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 BACKUP = Backup(key="dumps/nightly.sql.gz", etag="etag-1", size=1000, modified=1.0)

@@ -30,8 +30,7 @@ from k8s_reliability import (
 )
 from structlog.testing import capture_logs
 
-from aldaas.pool import Kind, Lease, Pool, TemporaryProviderError
-from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool import Kind, KubernetesProvider, LeaderElector, Lease, Pool, TemporaryProviderError
 from aldaas.pool.providers.kubernetes._settings import KubernetesSettings, LeaderElectionSettings
 
 

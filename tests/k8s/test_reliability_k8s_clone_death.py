@@ -18,8 +18,7 @@ from k8s_reliability import (
     until,
 )
 
-from aldaas.pool import Lease, LeaseInfo, Pool
-from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool import KubernetesProvider, LeaderElector, Lease, LeaseInfo, Pool
 from aldaas.pool.providers.kubernetes._settings import KubernetesSettings, LeaderElectionSettings
 
 pytestmark = pytest.mark.slow

@@ -25,8 +25,7 @@ from k8s_reliability import (
     until,
 )
 
-from aldaas.pool import Kind, Lease, Pool
-from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool import Kind, KubernetesProvider, LeaderElector, Lease, Pool
 from aldaas.pool.providers.kubernetes._settings import KubernetesSettings, LeaderElectionSettings
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,7 @@ from k8s_fake_api import FakeKubernetes
 from k8s_reliability import OLD, Backups, api_client, objects, pool_settings, until
 from kubernetes import client
 
-from aldaas.pool import Backup, Kind, Pool, ProviderError
-from aldaas.pool.providers.kubernetes._provider import KubernetesProvider, LeaderElector
+from aldaas.pool import Backup, Kind, KubernetesProvider, LeaderElector, Pool, ProviderError
 from aldaas.pool.providers.kubernetes._settings import KubernetesSettings, LeaderElectionSettings
 
 # What the API server accepts (apimachinery's validation): a qualified name key with an

@@ -1,0 +1,487 @@
+"""Pure builders of every object the Kubernetes provider sends, from settings and names, with no I/O.
+
+Object mapping (docs/kubernetes-provider.md has the full table):
+
+- volume  = PVC ``<instance>-<name>`` + database pod of the same name;
+- snapshot = VolumeSnapshot ``<instance>-<name>`` (snapshot.storage.k8s.io/v1);
+- clone   = PVC with ``dataSource`` the snapshot + database pod;
+- restore and check = batch/v1 Jobs ``<instance>-<name>-restore`` / ``-check``;
+- a failed snapshot's record = ConfigMap ``<instance>-<name>`` holding only its meta;
+- leader election = one coordination.k8s.io/v1 Lease.
+
+A name longer than a DNS label (63 characters, e.g. under a long Helm release
+name) is cut and ends in a hash of the whole name (:func:`object_name`), so any
+instance name fits. A resource's ``meta`` lives in labels (short values of
+``label_meta_keys``) and annotations (everything else), see :class:`MetaCodec`.
+Tests validate every builder's output against the Kubernetes OpenAPI schemas
+and the snapshot CRD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from kubernetes.utils.quantity import parse_quantity
+
+from ..._provider import Backup, Command, Kind, ProviderError
+from ._settings import KubernetesSettings, ResourceSettings
+
+Obj = dict[str, Any]
+
+SNAPSHOT_GROUP = "snapshot.storage.k8s.io"
+MAX_NAME = 63
+"""Object names are DNS labels: a pod's name is its hostname, a Job's name a label value."""
+
+_LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_META_KEY = re.compile(r"^[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
+_RESERVED_META = frozenset({"kind", "name", "instance", "created-by"})
+_HASH_LENGTH = 10
+_RULE_LABEL = (
+    "at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit"
+)
+
+
+# -- settings that become names, label keys and selectors -----------------------------------
+
+
+def check_settings(settings: KubernetesSettings) -> None:
+    """Refuse naming settings that cannot become Kubernetes names, in one sentence.
+
+    They end up in URL paths, object names, label values, label keys and label
+    selectors, where a ',' or '=' would change a query. The instance is a label
+    value too, so it must be a DNS label itself; object names derived from it
+    always fit (:func:`object_name`).
+    """
+    rules: list[tuple[str, str, bool, str]] = [
+        ("namespace", settings.namespace, bool(_DNS_LABEL.match(settings.namespace)), _RULE_LABEL),
+        ("instance", settings.instance, bool(_DNS_LABEL.match(settings.instance)), _RULE_LABEL),
+        (
+            "label_prefix",
+            settings.label_prefix,
+            settings.label_prefix == ""
+            or (
+                settings.label_prefix.endswith("/")
+                and bool(_SUBDOMAIN.match(settings.label_prefix[:-1]))
+            ),
+            "'' or a DNS subdomain followed by '/', e.g. 'aldaas.io/'",
+        ),
+        (
+            "leader_election.lease_name",
+            settings.leader_election.lease_name,
+            bool(_SUBDOMAIN.match(settings.leader_election.lease_name)),
+            "at most 253 lower-case letters, digits, '-' and '.'",
+        ),
+    ]
+    rules += [
+        (
+            "label_meta_keys",
+            key,
+            bool(_META_KEY.match(key)),
+            "1-63 letters, digits, '-', '_' or '.'",
+        )
+        for key in settings.label_meta_keys
+    ]
+    for setting, value, ok, rule in rules:
+        if not ok:
+            shown = value if len(value) <= 80 else value[:80] + "…"
+            raise ProviderError(
+                f"kubernetes setting {setting} is {shown!r} ({len(value)} characters), which is "
+                f"not valid in Kubernetes names and labels; use {rule}."
+            )
+
+
+def object_name(settings: KubernetesSettings, name: str, suffix: str = "") -> str:
+    """``<instance>-<name><suffix>``, cut to 63 characters with a hash of the whole when longer.
+
+    Short names are unchanged (objects made before the hash existed are found
+    again). ``name`` is the pool's name of a resource and a label value, so it
+    must be a DNS label itself.
+    """
+    if not _DNS_LABEL.match(name) or (suffix and not re.fullmatch(r"[-a-z0-9]+", suffix)):
+        raise ProviderError(
+            f"{name + suffix!r} cannot be part of a Kubernetes object name; use lower-case "
+            "letters, digits and '-', at most 63 characters."
+        )
+    full = f"{settings.instance}-{name}{suffix}"
+    if len(full) <= MAX_NAME:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:_HASH_LENGTH]
+    return f"{full[: MAX_NAME - _HASH_LENGTH - 1].rstrip('-')}-{digest}"
+
+
+def system_labels(settings: KubernetesSettings, kind: str, name: str) -> dict[str, str]:
+    """The labels that make an object aldaas's, of this instance, of ``kind``, named ``name``."""
+    prefix = settings.label_prefix
+    return {
+        "app.kubernetes.io/managed-by": "aldaas",
+        "aldaas": settings.instance,
+        f"{prefix}instance": settings.instance,
+        f"{prefix}kind": kind,
+        f"{prefix}name": name,
+    }
+
+
+def selector(settings: KubernetesSettings, kind: str | None = None) -> str:
+    """The label selector of this instance's objects (of one ``kind`` if given)."""
+    prefix = settings.label_prefix
+    parts = ["app.kubernetes.io/managed-by=aldaas", f"{prefix}instance={settings.instance}"]
+    if kind is not None:
+        parts.append(f"{prefix}kind={kind}")
+    return ",".join(parts)
+
+
+def is_ours(settings: KubernetesSettings, obj: Obj, kind: str) -> bool:
+    """Whether ``obj`` carries every label :func:`system_labels` gives an object of ``kind``."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    prefix = settings.label_prefix
+    expected = system_labels(settings, kind, str(labels.get(f"{prefix}name", "")))
+    return all(labels.get(key) == value for key, value in expected.items())
+
+
+def label_value_ok(value: str) -> bool:
+    """Whether ``value`` may be a label value (63 characters, alphanumeric at both ends)."""
+    return len(value) <= 63 and _LABEL_VALUE.match(value) is not None
+
+
+# -- meta <-> labels/annotations -------------------------------------------------------------
+
+
+@attrs.frozen
+class MetaCodec:
+    """Where each meta key lives: a label (short, selectable) or an annotation (anything)."""
+
+    prefix: str
+    label_keys: frozenset[str]
+
+    @classmethod
+    def of(cls, settings: KubernetesSettings) -> MetaCodec:
+        return cls(settings.label_prefix, frozenset(settings.label_meta_keys))
+
+    def check(self, meta: Mapping[str, str]) -> None:
+        for key in meta:
+            if key in _RESERVED_META or not _META_KEY.match(key):
+                raise ProviderError(
+                    f"meta key {key!r} cannot be stored on Kubernetes objects; use 1-63 letters, digits, "
+                    f"'-', '_' or '.', not one of {sorted(_RESERVED_META)}."
+                )
+
+    def encode(self, meta: Mapping[str, str], old: Obj | None = None) -> tuple[Obj, Obj]:
+        """Labels and annotations for ``meta``; keys of ``old`` no longer present are set to None."""
+        self.check(meta)
+        labels: Obj = {}
+        annotations: Obj = {}
+        if old is not None:
+            for key in self.decode(old):
+                labels[self.prefix + key] = None
+                annotations[self.prefix + key] = None
+        for key, value in meta.items():
+            if key in self.label_keys and label_value_ok(value):
+                labels[self.prefix + key] = value
+                annotations[self.prefix + key] = None
+            else:
+                annotations[self.prefix + key] = value
+                labels[self.prefix + key] = None
+        if old is None:
+            labels = {k: v for k, v in labels.items() if v is not None}
+            annotations = {k: v for k, v in annotations.items() if v is not None}
+        return labels, annotations
+
+    def decode(self, obj: Obj) -> dict[str, str]:
+        metadata = obj.get("metadata") or {}
+        meta: dict[str, str] = {}
+        for source in (metadata.get("annotations") or {}, metadata.get("labels") or {}):
+            for key, value in source.items():
+                if key.startswith(self.prefix) and key[len(self.prefix) :] not in _RESERVED_META:
+                    meta.setdefault(key[len(self.prefix) :], str(value))
+        return meta
+
+
+def metadata(
+    settings: KubernetesSettings, kind: str, name: str, meta: Mapping[str, str], suffix: str = ""
+) -> Obj:
+    """Name, labels (system + selectable meta) and annotations (other meta, creator)."""
+    labels, annotations = MetaCodec.of(settings).encode(meta)
+    status = meta.get("status")
+    if kind == Kind.SNAPSHOT.value and status is not None and label_value_ok(status):
+        labels["status"] = status  # the original's `status=ready` label on snapshots
+    annotations[f"{settings.label_prefix}created-by"] = settings.identity
+    return {
+        "name": object_name(settings, name, suffix),
+        "labels": {**labels, **system_labels(settings, kind, name)},
+        "annotations": annotations,
+    }
+
+
+# -- object bodies -----------------------------------------------------------------------------
+
+
+def _resources(settings: ResourceSettings) -> Obj:
+    return {"requests": dict(settings.requests), "limits": dict(settings.limits)}
+
+
+def _env(values: Mapping[str, str]) -> list[Obj]:
+    return [{"name": k, "value": v} for k, v in sorted(values.items())]
+
+
+def pvc(
+    settings: KubernetesSettings,
+    kind: Kind,
+    name: str,
+    meta: Mapping[str, str],
+    snapshot: str | None = None,
+    restore_size: str | None = None,
+) -> Obj:
+    """The PVC of a volume (empty) or of a clone (``dataSource`` the VolumeSnapshot ``snapshot``).
+
+    ``restore_size`` is the snapshot's ``status.restoreSize``; the claim asks
+    for it when it is larger than ``storage_size``.
+    """
+    size = settings.storage_size
+    if restore_size is not None and _quantity(restore_size) > _quantity(size):
+        size = restore_size
+    spec: Obj = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
+    if settings.storage_class:
+        spec["storageClassName"] = settings.storage_class
+    if snapshot is not None:
+        spec["dataSource"] = {
+            "apiGroup": SNAPSHOT_GROUP,
+            "kind": "VolumeSnapshot",
+            "name": snapshot,
+        }
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata(settings, kind.value, name, meta),
+        "spec": spec,
+    }
+
+
+def database_pod(settings: KubernetesSettings, kind: Kind, name: str) -> Obj:
+    """The pod running the database on PVC ``name`` (a volume being restored, or a clone)."""
+    app = settings.application
+    if app.readiness_command:
+        probe: Obj = {"exec": {"command": list(app.readiness_command)}}
+    else:
+        probe = {"tcpSocket": {"port": app.port}}
+    probe.update(periodSeconds=2, failureThreshold=3, timeoutSeconds=2)
+    mount: Obj = {"name": "data", "mountPath": app.mount}
+    if app.sub_path:
+        mount["subPath"] = app.sub_path
+    container: Obj = {
+        "name": "database",
+        "image": app.image,
+        "ports": [{"name": "database", "containerPort": app.port}],
+        "env": _env(app.env),
+        "volumeMounts": [mount],
+        "resources": _resources(app.resources),
+        "readinessProbe": probe,
+    }
+    if app.pull_policy:
+        container["imagePullPolicy"] = app.pull_policy
+    if app.command:
+        container["command"] = list(app.command)
+    if app.args:
+        container["args"] = list(app.args)
+    if app.env_from_secret:
+        container["envFrom"] = [{"secretRef": {"name": app.env_from_secret}}]
+    spec: Obj = {
+        "restartPolicy": "Always",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": settings.stop_grace_seconds,
+        "containers": [container],
+        "volumes": [
+            {"name": "data", "persistentVolumeClaim": {"claimName": object_name(settings, name)}}
+        ],
+    }
+    if app.service_account:
+        spec["serviceAccountName"] = app.service_account
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata(settings, kind.value, name, {}),
+        "spec": spec,
+    }
+
+
+def _job(
+    settings: KubernetesSettings,
+    step: str,
+    name: str,
+    container: Obj,
+    pod_extra: Obj,
+    timeout: float,
+    annotations: Mapping[str, str],
+) -> Obj:
+    step_settings = settings.restore if step == "restore" else settings.check
+    container.update(
+        name=step,
+        image=step_settings.image or settings.application.image,
+        resources=_resources(step_settings.resources),
+    )
+    if step_settings.command or step_settings.args:  # the original's values: run exactly as given
+        container["command"] = [*step_settings.command, *step_settings.args]
+    if settings.application.pull_policy and not step_settings.image:
+        container["imagePullPolicy"] = settings.application.pull_policy
+    if step_settings.env_from_secret:
+        container["envFrom"] = [{"secretRef": {"name": step_settings.env_from_secret}}]
+    job_metadata = metadata(settings, step, name, {}, suffix=f"-{step}")
+    job_metadata["annotations"].update(annotations)
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "containers": [container],
+        **pod_extra,
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": job_metadata,
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": max(1, math.ceil(timeout)),
+            "ttlSecondsAfterFinished": 3600,
+            "template": {
+                "metadata": {"labels": system_labels(settings, step, name)},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def backup_file(settings: KubernetesSettings, backup: Backup) -> tuple[str, str, str]:
+    """The file name of ``backup``, where the download puts it and where the restore reads it."""
+    restore = settings.restore
+    if restore.backup_path:
+        basename = restore.backup_path.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        basename = re.sub(r"[^A-Za-z0-9._-]", "_", backup.key.rsplit("/", 1)[-1]) or "backup"
+    fetched = f"{restore.backup_dir.rstrip('/')}/{basename}"
+    return basename, fetched, restore.backup_path or fetched
+
+
+def restore_job(
+    settings: KubernetesSettings,
+    name: str,
+    backup: Backup,
+    command: Command,
+    address: Mapping[str, str],
+) -> Obj:
+    """The Job that downloads ``backup`` (init container) and restores it into volume ``name``.
+
+    ``address`` is the database's environment (:meth:`Endpoint.environ`).
+    """
+    restore = settings.restore
+    basename, fetched, path = backup_file(settings, backup)
+    argv = list(command.argv)
+    if restore.stdin_from_backup:
+        argv = ["sh", "-c", 'exec "$@" < "$ALDAAS_BACKUP_FILE"', "aldaas-restore", *argv]
+    env = {**address, **restore.env, **command.env, "ALDAAS_BACKUP_FILE": path}
+    mount: Obj = {"name": "backup", "mountPath": restore.backup_dir}
+    fetch: Obj = {
+        "name": "fetch",
+        "image": settings.helper_image,
+        "command": [*restore.fetch_command, "--key", backup.key, "--to", fetched],
+        "env": _env(restore.fetch_env),
+        "volumeMounts": [mount],
+        "resources": _resources(restore.resources),
+    }
+    secret = settings.s3_credentials_secret
+    if secret and settings.s3_credentials_env:  # key names differ from the AWS_* names
+        fetch["env"] += [
+            {"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for env_name, key in sorted(settings.s3_credentials_env.items())
+        ]
+    elif secret:
+        fetch["envFrom"] = [{"secretRef": {"name": secret}}]
+    if restore.backup_path:  # the one file, at the fixed path the original used
+        mount = {"name": "backup", "mountPath": restore.backup_path, "subPath": basename}
+    container: Obj = {
+        "command": argv,
+        "env": _env(env),
+        "volumeMounts": [{**mount, "readOnly": True}],
+    }
+    extra = {"initContainers": [fetch], "volumes": [{"name": "backup", "emptyDir": {}}]}
+    prefix = settings.label_prefix
+    annotations = {f"{prefix}backup-key": backup.key, f"{prefix}backup-etag": backup.etag}
+    return _job(settings, "restore", name, container, extra, command.timeout_seconds, annotations)
+
+
+def check_job(
+    settings: KubernetesSettings, name: str, command: Command, address: Mapping[str, str]
+) -> Obj:
+    """The Job that runs the check command against clone ``name`` (at ``address``)."""
+    env = {**address, **settings.check.env, **command.env}
+    container: Obj = {"command": list(command.argv), "env": _env(env)}
+    return _job(settings, "check", name, container, {}, command.timeout_seconds, {})
+
+
+def volume_snapshot(
+    settings: KubernetesSettings, volume: str, snapshot: str, meta: Mapping[str, str]
+) -> Obj:
+    """The VolumeSnapshot ``snapshot`` of volume ``volume``'s PVC."""
+    spec: Obj = {"source": {"persistentVolumeClaimName": object_name(settings, volume)}}
+    if settings.snapshot_class:
+        spec["volumeSnapshotClassName"] = settings.snapshot_class
+    return {
+        "apiVersion": f"{SNAPSHOT_GROUP}/v1",
+        "kind": "VolumeSnapshot",
+        "metadata": metadata(settings, Kind.SNAPSHOT.value, snapshot, meta),
+        "spec": spec,
+    }
+
+
+def failed_snapshot_record(settings: KubernetesSettings, name: str, meta: Mapping[str, str]) -> Obj:
+    """A ConfigMap that holds only a failed snapshot's meta (no data, nothing to clone)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(settings, Kind.SNAPSHOT.value, name, meta),
+        "data": {},
+    }
+
+
+def lease(
+    name: str,
+    *,
+    holder: str,
+    duration_seconds: float,
+    renew_time: str,
+    acquire_time: str | None,
+    transitions: int | None,
+    resource_version: str | None = None,
+) -> Obj:
+    """The leader-election Lease, built from known fields only (never echoing what was read).
+
+    ``acquire_time`` and ``transitions`` are set when the holder changes; a
+    ``resource_version`` makes the write a compare-and-set.
+    """
+    spec: Obj = {
+        "holderIdentity": holder,
+        "leaseDurationSeconds": max(1, math.ceil(duration_seconds)),
+        "renewTime": renew_time,
+    }
+    if acquire_time is not None:
+        spec["acquireTime"] = acquire_time
+    if transitions is not None:
+        spec["leaseTransitions"] = transitions
+    meta: Obj = {"name": name}
+    if resource_version is not None:
+        meta["resourceVersion"] = resource_version
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta, "spec": spec}
+
+
+def _quantity(value: str) -> int:
+    """A storage quantity in bytes (0 when it cannot be read: the other size wins)."""
+    try:
+        return int(parse_quantity(str(value)))  # type: ignore[no-untyped-call]
+    except ValueError:
+        return 0
