@@ -100,9 +100,14 @@ def _pod_env(rendered: Any) -> dict[str, str]:
     return {e["name"]: _placeholder(e) for e in rendered.container()["env"]}
 
 
-def _load(rendered: Any, tmp_path: pathlib.Path) -> Settings:
+def load_broker_settings(rendered: Any, tmp_path: pathlib.Path) -> Settings:
+    """The settings `aldaas serve` builds from the rendered ConfigMap and the pod's environment."""
     config = tmp_path / "config.yaml"
-    data = rendered.get("ConfigMap", f"{RELEASE}-aldaas")["data"]["config.yaml"]
+    (data,) = [
+        m["data"]["config.yaml"]
+        for m in rendered.manifests
+        if m["kind"] == "ConfigMap" and "config.yaml" in m.get("data", {})
+    ]
     config.write_text(data, encoding="utf-8")
     return load_settings(Settings, path=config, environ=_pod_env(rendered))
 
@@ -113,7 +118,7 @@ def test_if_the_chart_renders_then_the_broker_loads_what_it_was_given(
 ) -> None:
     """If a value set is installed, then the broker's loader accepts the config and keeps the values."""
     rendered = render(values)
-    settings = _load(rendered, tmp_path)
+    settings = load_broker_settings(rendered, tmp_path)
     given = _values(values)
     kube = settings.kubernetes
     assert settings.provider == "kubernetes"
@@ -153,7 +158,7 @@ def test_if_the_broker_pod_starts_then_its_tokens_come_from_the_secret(
 ) -> None:
     """If the pod's env is applied, then the instance and admin tokens are the Secret's keys."""
     rendered = render(values)
-    settings = _load(rendered, tmp_path)
+    settings = load_broker_settings(rendered, tmp_path)
     secret = (values or {}).get("existingSecret") or f"{RELEASE}-aldaas"
     assert settings.gateway.instance_token == f"secret:{secret}/token"
     assert settings.admin.token == f"secret:{secret}/admin-token"
@@ -189,7 +194,7 @@ def test_if_the_restore_job_downloads_then_fetch_backup_sees_the_brokers_bucket(
     render: Render, tmp_path: pathlib.Path, values: dict[str, Any] | None
 ) -> None:
     """If `aldaas fetch-backup` runs with only kubernetes.restore.fetch_env, then it finds the bucket."""
-    settings = _load(render(values), tmp_path)
+    settings = load_broker_settings(render(values), tmp_path)
     fetch_env = settings.kubernetes.restore.fetch_env
     assert set(fetch_env) <= BROKER_ENV_NAMES, sorted(set(fetch_env) - BROKER_ENV_NAMES)
     fetched = load_settings(Settings, environ=fetch_env).s3
@@ -246,7 +251,7 @@ def test_if_extra_env_names_a_setting_then_it_overrides_the_config(
     render: Render, tmp_path: pathlib.Path
 ) -> None:
     """If extraEnv sets ALDAAS_LOG_LEVEL, then the broker logs at that level."""
-    assert _load(render(FULL_FEATURED), tmp_path).log.level == "debug"
+    assert load_broker_settings(render(FULL_FEATURED), tmp_path).log.level == "debug"
 
 
 def test_if_the_deployment_named_an_unknown_variable_then_the_contract_catches_it(

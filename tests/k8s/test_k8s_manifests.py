@@ -1,24 +1,38 @@
-"""The objects the provider sends are valid Kubernetes objects (strict schema of the API)."""
+"""The objects the provider sends are valid Kubernetes objects (strict schemas of the API and CRD).
+
+The builders in pool/providers/kubernetes/_manifests.py are pure: most tests
+here validate their output directly, for several value sets; one runs the
+pipeline on the fake API and validates what actually reached it.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
-import kubernetes_validate
 import pytest
 from k8s_fake_api import FakeKubernetes
+from k8s_schemas import name_errors, validate_strict
 from kubernetes import client
 
-from aldaas.pool import Backup, Command, Kind, KubernetesProvider, LeaderElector
+from aldaas.pool import (
+    Backup,
+    Command,
+    Endpoint,
+    Kind,
+    KubernetesProvider,
+    LeaderElector,
+    ProviderError,
+)
+from aldaas.pool.providers.kubernetes import _manifests as manifests
 from aldaas.pool.providers.kubernetes._settings import (
     ApplicationSettings,
+    CheckSettings,
     KubernetesSettings,
     ResourceSettings,
     RestoreSettings,
 )
-
-KUBERNETES_VERSION = "1.31"  # a version the provider supports, older than the newest on purpose
 
 
 def validate(obj: dict[str, Any]) -> None:
@@ -29,7 +43,7 @@ def validate(obj: dict[str, Any]) -> None:
         for k, v in sent["metadata"].items()
         if k not in ("uid", "resourceVersion", "creationTimestamp", "generation", "namespace")
     }
-    kubernetes_validate.validate({**sent, "metadata": metadata}, KUBERNETES_VERSION, strict=True)
+    validate_strict({**sent, "metadata": metadata})
 
 
 @pytest.mark.slow
@@ -64,11 +78,9 @@ async def test_if_the_provider_runs_the_pipeline_then_every_object_it_creates_is
     elector = LeaderElector(settings, api_client, identity="broker-0")
     assert await elector._try_take() is True
 
-    kinds = {obj["kind"] for plural, obj in fake.created if plural != "volumesnapshots"}
-    assert kinds == {"PersistentVolumeClaim", "Pod", "Job", "ConfigMap", "Lease"}
+    kinds = {obj["kind"] for plural, obj in fake.created}
+    assert kinds == {"PersistentVolumeClaim", "Pod", "Job", "VolumeSnapshot", "ConfigMap", "Lease"}
     for plural, obj in fake.created:
-        if plural == "volumesnapshots":
-            continue  # a CRD: the chart's tests check it against the vendored CRD schema
         if plural == "pods" and "job-name" in obj["metadata"].get("labels", {}):
             continue  # made by the fake's Job controller, not by the provider
         validate(obj)
@@ -153,3 +165,159 @@ async def test_if_the_s3_secret_has_other_key_names_then_the_download_maps_them_
     (restore,) = spec["containers"]
     assert "envFrom" not in restore
     assert not any("valueFrom" in e for e in restore["env"])
+
+
+# -- the pure builders, validated without running anything ----------------------------------
+
+LONG_INSTANCE = "staging-eu-west-1-customer-analytics-warehouse-replica-aldaas"  # 61 characters
+SNAPSHOT = "snap-20261126030000-a1b2c3"  # the pool's names: pool/_meta.py
+VOLUME = SNAPSHOT
+CLONE = "clone-0123456789"
+VERIFY = "verify-0123456789"
+
+
+def _every_optional_setting(settings: KubernetesSettings) -> KubernetesSettings:
+    return attrs.evolve(
+        settings,
+        storage_class="fast",
+        snapshot_class="snap",
+        s3_credentials_secret="s3-keys",
+        s3_credentials_env={"AWS_ACCESS_KEY_ID": "accesskey", "AWS_SECRET_ACCESS_KEY": "secretkey"},
+        application=ApplicationSettings(
+            image="postgres:17",
+            pull_policy="IfNotPresent",
+            command=("docker-entrypoint.sh",),
+            args=("postgres", "-c", "fsync=off"),
+            env={"POSTGRES_USER": "aldaas"},
+            env_from_secret="db-password",
+            resources=ResourceSettings(requests={"cpu": "50m"}, limits={"memory": "512Mi"}),
+            readiness_command=("pg_isready", "-U", "aldaas"),
+            service_account="aldaas-db",
+            password="secret",
+        ),
+        restore=RestoreSettings(
+            image="postgres:16",
+            command=("sh", "-c"),
+            args=("gunzip -c /backup.sql.gz | psql",),
+            env={"PGOPTIONS": "-c statement_timeout=0"},
+            env_from_secret="db-password",
+            backup_path="/backup.sql.gz",
+            fetch_env={"ALDAAS_S3_BUCKET": "b"},
+        ),
+        check=CheckSettings(
+            image="postgres:16",
+            command=("psql",),
+            args=("-c", "select 1"),
+            env={"PGCONNECT_TIMEOUT": "5"},
+            env_from_secret="db-password",
+        ),
+    )
+
+
+VALUE_SETS: dict[str, KubernetesSettings] = {
+    "defaults": KubernetesSettings(),
+    "every-optional-setting": _every_optional_setting(KubernetesSettings(instance="demo-aldaas")),
+    "long-instance": KubernetesSettings(instance=LONG_INSTANCE),
+    "long-instance-every-optional-setting": _every_optional_setting(
+        KubernetesSettings(instance=LONG_INSTANCE, label_prefix="")
+    ),
+    "longest-instance": KubernetesSettings(instance="a" * 63),
+    "s3-secret-keys-as-they-are": KubernetesSettings(s3_credentials_secret="aws-keys"),
+}
+
+
+def built_objects(settings: KubernetesSettings) -> list[dict[str, Any]]:
+    """One of every object the provider sends, built by the same functions it calls."""
+    address = Endpoint(host="10.0.0.7", port=5432, user="aldaas", database="app").environ()
+    backup = Backup(key="logical/appdb/2026-11-26.sql.gz", etag="e", size=10, modified=0.0)
+    snapshot_name = manifests.object_name(settings, SNAPSHOT)
+    meta = {"status": "verifying", "deadline": "1764115200.0", "reason": "x" * 3000}
+    return [
+        manifests.pvc(settings, Kind.VOLUME, VOLUME, {"status": "restoring"}),
+        manifests.database_pod(settings, Kind.VOLUME, VOLUME),
+        manifests.restore_job(settings, VOLUME, backup, Command(argv=["psql"]), address),
+        manifests.volume_snapshot(settings, VOLUME, SNAPSHOT, meta),
+        manifests.pvc(
+            settings, Kind.CLONE, CLONE, {"state": "warm"}, snapshot_name, restore_size="20Gi"
+        ),
+        manifests.database_pod(settings, Kind.CLONE, CLONE),
+        manifests.check_job(settings, VERIFY, Command(argv=["psql", "-c", "select 1"]), address),
+        manifests.failed_snapshot_record(settings, SNAPSHOT, {"status": "failed", **meta}),
+        manifests.lease(
+            settings.leader_election.lease_name,
+            holder="broker-0",
+            duration_seconds=15.0,
+            renew_time="2026-11-26T03:00:00.000000Z",
+            acquire_time="2026-11-26T03:00:00.000000Z",
+            transitions=0,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("settings", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_if_a_manifest_is_built_then_kubernetes_accepts_it_strictly(
+    settings: KubernetesSettings,
+) -> None:
+    """If any object the provider sends is built, then the API schemas, the snapshot CRD and
+    the name and label rules accept it (built-in kinds in the oldest and newest version)."""
+    manifests.check_settings(settings)
+    objects = built_objects(settings)
+    assert sorted({o["kind"] for o in objects}) == [
+        "ConfigMap",
+        "Job",
+        "Lease",
+        "PersistentVolumeClaim",
+        "Pod",
+        "VolumeSnapshot",
+    ]
+    for obj in objects:
+        validate_strict(obj)
+        template = obj.get("spec", {}).get("template")
+        if template is not None:  # a Job's pods carry the template's labels
+            assert (
+                name_errors({"kind": "Pod", "metadata": {"name": "x", **template["metadata"]}})
+                == []
+            )
+    names = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(set(names)) == len(names)
+
+
+def test_if_the_instance_name_is_long_then_names_are_cut_with_a_hash_and_stay_distinct() -> None:
+    """If <instance>-<name>-<step> is over 63 characters, then it is cut to 63 and ends in a hash
+    of the whole, different for each name and step; short names are unchanged."""
+    settings = KubernetesSettings(instance=LONG_INSTANCE)
+    restore = manifests.object_name(settings, VOLUME, "-restore")
+    check = manifests.object_name(settings, VOLUME, "-check")
+    pvc = manifests.object_name(settings, VOLUME)
+    assert len(f"{LONG_INSTANCE}-{VOLUME}-restore") == 96
+    assert [len(restore), len(check), len(pvc)] == [63, 63, 63]
+    assert restore.startswith(f"{LONG_INSTANCE[:40]}")
+    assert len({restore, check, pvc}) == 3
+    assert restore == manifests.object_name(settings, VOLUME, "-restore")  # found again later
+    assert re.fullmatch(r"[a-z0-9-]+-[0-9a-f]{10}", restore)
+    short = KubernetesSettings(instance="demo-aldaas")
+    assert manifests.object_name(short, VOLUME, "-restore") == f"demo-aldaas-{VOLUME}-restore"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "expected"),
+    [
+        (
+            "instance",
+            "a" * 64,
+            "kubernetes setting instance is '" + "a" * 64 + "' (64 characters), which is not valid",
+        ),
+        ("namespace", "Team_A", "kubernetes setting namespace is 'Team_A' (6 characters)"),
+    ],
+)
+def test_if_a_name_cannot_fit_then_the_provider_refuses_to_start_in_one_sentence(
+    settings: KubernetesSettings, setting: str, value: str, expected: str
+) -> None:
+    """If the instance or namespace is no DNS label, then building the provider fails in one
+    sentence naming the setting, its value and length, and the rule, before any request."""
+    with pytest.raises(ProviderError) as caught:
+        KubernetesProvider(attrs.evolve(settings, **{setting: value}), api_client=None)
+    message = str(caught.value)
+    assert message.startswith(expected)
+    assert message.endswith("starting and ending with a letter or digit.")
+    assert message.count(". ") == 0

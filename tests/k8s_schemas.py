@@ -1,0 +1,147 @@
+"""What the Kubernetes API server checks in an object, offline: schemas, CRD rules, names and labels.
+
+Shared by the manifest tests (tests/k8s), the chart tests (tests/chart) and the
+fake API server (tests/k8s/k8s_fake_api.py), so all three apply one set of rules:
+
+- :func:`validate_strict` — the Kubernetes OpenAPI schema of every supported
+  version, unknown fields rejected (kubernetes-validate ``--strict``);
+- :func:`snapshot_validator` — snapshot.storage.k8s.io/v1 VolumeSnapshot from
+  the vendored CRD (tests/chart/crds/), made as strict as the API server;
+- :func:`name_errors` — apimachinery's rules for object names, label keys and
+  values and annotation sizes, which the OpenAPI schemas do not carry.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import re
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+CRD_PATH = (
+    pathlib.Path(__file__).parent
+    / "chart"
+    / "crds"
+    / "snapshot.storage.k8s.io_volumesnapshots.yaml"
+)
+
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the
+# newest the installed kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.26.0", kubernetes_validate.utils.latest_version())
+
+# CEL rules of the v1 schema that apply on create, as JSON schema.
+_CEL_AT_CREATE: dict[str, dict[str, Any]] = {
+    "(has(self.volumeSnapshotContentName) && !has(self.persistentVolumeClaimName))"
+    " || (!has(self.volumeSnapshotContentName) && has(self.persistentVolumeClaimName))": {
+        "oneOf": [
+            {"required": ["volumeSnapshotContentName"]},
+            {"required": ["persistentVolumeClaimName"]},
+        ]
+    },
+    "size(self) > 0": {"minLength": 1},
+}
+
+# apimachinery/pkg/util/validation: DNS-1123 label and subdomain, qualified names, label values.
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_ANNOTATIONS_MAX_BYTES = 256 * 1024
+
+# Kinds whose names must be DNS labels (63); every other kind takes a subdomain (253).
+# A pod's name is its hostname and a Job's name becomes a label value of its pods.
+_LABEL_NAMED = frozenset({"Pod", "Job", "Service", "Namespace"})
+
+
+def strict_schema(node: Any) -> Any:
+    """A copy of an openAPIV3Schema with unknown fields rejected and create-time CEL translated.
+
+    Rules that compare with ``oldSelf`` only apply on update and are skipped;
+    any other untranslated rule raises, so a new rule in a future CRD cannot
+    pass unnoticed.
+    """
+    if isinstance(node, list):
+        return [strict_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: strict_schema(value) for key, value in node.items()}
+    if (
+        "properties" in node
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    translated = []
+    for rule in node.get("x-kubernetes-validations", []):
+        if "oldSelf" in rule["rule"]:
+            continue
+        if rule["rule"] not in _CEL_AT_CREATE:
+            raise ValueError(f"untranslated CEL rule: {rule['rule']}")
+        translated.append(_CEL_AT_CREATE[rule["rule"]])
+    if translated:
+        out["allOf"] = [*out.get("allOf", []), *translated]
+    return out
+
+
+@functools.cache
+def snapshot_validator() -> jsonschema.Draft7Validator:
+    """A validator for snapshot.storage.k8s.io/v1 VolumeSnapshot from the vendored CRD."""
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    assert crd["spec"]["group"] == "snapshot.storage.k8s.io"
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    assert v1["served"] is True
+    assert v1["storage"] is True
+    return jsonschema.Draft7Validator(strict_schema(v1["schema"]["openAPIV3Schema"]))
+
+
+def _label_key_error(key: str) -> str | None:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not DNS_SUBDOMAIN.match(prefix)):
+        return f"key {key!r}: prefix must be a DNS subdomain of at most 253 characters"
+    if not name or len(name) > 63 or not _QUALIFIED_NAME.match(name):
+        return f"key {key!r}: name part must be 1-63 alphanumerics, '-', '_' or '.'"
+    return None
+
+
+def name_errors(obj: dict[str, Any]) -> list[str]:
+    """What the API server refuses in ``obj``'s name, labels and annotations (empty: accepted)."""
+    errors: list[str] = []
+    kind = obj.get("kind", "")
+    metadata = obj.get("metadata") or {}
+    name = metadata.get("name", "")
+    limit, pattern = (63, DNS_LABEL) if kind in _LABEL_NAMED else (253, DNS_SUBDOMAIN)
+    if len(name) > limit or not pattern.match(name):
+        errors.append(f"{kind} name {name!r} ({len(name)} characters) is not a valid name")
+    for key, value in (metadata.get("labels") or {}).items():
+        if (error := _label_key_error(key)) is not None:
+            errors.append(f"label {error}")
+        if not isinstance(value, str) or len(value) > 63 or not LABEL_VALUE.match(value):
+            errors.append(f"label {key!r}: value {value!r} is not a valid label value")
+    annotations = metadata.get("annotations") or {}
+    for key in annotations:
+        if (error := _label_key_error(key)) is not None:
+            errors.append(f"annotation {error}")
+    if sum(len(k) + len(str(v)) for k, v in annotations.items()) > _ANNOTATIONS_MAX_BYTES:
+        errors.append("annotations are larger than 256 KiB")
+    return errors
+
+
+def validate_strict(obj: dict[str, Any]) -> None:
+    """Validate ``obj`` as the API server would accept it from a client; raises on the first error.
+
+    Built-in kinds against every supported version's OpenAPI schema (unknown
+    fields rejected), a VolumeSnapshot against its CRD, and everything against
+    the name and label rules.
+    """
+    if obj.get("apiVersion") == "snapshot.storage.k8s.io/v1":
+        snapshot_validator().validate(obj)
+    else:
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+    errors = name_errors(obj)
+    if errors:
+        raise ValueError("; ".join(errors))
