@@ -6,6 +6,7 @@ import errno
 import random
 import socket
 import ssl
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -435,6 +436,14 @@ class ControlChannel:
         return response.result
 
 
+def _control_url(url: str) -> str:
+    """The gateway URL with ``mode=control`` in its query: a full gateway (max_sessions)
+    still admits control connections, and says so before the upgrade."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.urlencode([*urllib.parse.parse_qsl(parts.query), ("mode", "control")])
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
 @asynccontextmanager
 async def open_control(settings: ClientSettings, token: str) -> AsyncIterator[ControlChannel]:
     """Open a control-only connection with the instance token (for status, snapshots)."""
@@ -444,7 +453,7 @@ async def open_control(settings: ClientSettings, token: str) -> AsyncIterator[Co
     try:
         with trio.fail_after(settings.connect_timeout):
             ws = await connect(
-                settings.url,
+                _control_url(settings.url),
                 authorization=f"Bearer {token}",
                 receive_size=settings.receive_buffer_size,
                 ssl_context=_ssl_context(settings),

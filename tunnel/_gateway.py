@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import math
+import os
 import socket
 import ssl
 import sys
@@ -26,6 +27,13 @@ from aldaas.tunnel._errors import (
     SessionRefused,
 )
 from aldaas.tunnel._hooks import GatewayHooks, SessionGrant
+from aldaas.tunnel._limits import (
+    REPLAY_CHUNK,
+    LoginPenalties,
+    MemoryBudget,
+    Ticket,
+    Unauthenticated,
+)
 from aldaas.tunnel._mux import Mux, TunnelStream, error_frame
 from aldaas.tunnel._protocol import (
     SUBPROTOCOL,
@@ -44,7 +52,14 @@ from aldaas.tunnel._protocol import (
 from aldaas.tunnel._relay import current_relay
 from aldaas.tunnel._settings import GatewaySettings
 from aldaas.tunnel._splice import Pipe, connect_socket, connect_tcp, finish_connect, start_connect
-from aldaas.tunnel._ws import WebSocket, accept, new_server_connection, read_request, reject
+from aldaas.tunnel._ws import (
+    WebSocket,
+    accept,
+    new_server_connection,
+    read_request,
+    refuse_early,
+    reject,
+)
 
 log = structlog.get_logger("tunnel.gateway")
 
@@ -58,14 +73,8 @@ def _failure(event: str, **fields: object) -> None:
 
 
 _HANDSHAKE_READ = 16 * 1024
-_AUTH_DELAY_FIRST = 0.1
-"""Seconds the answer to a peer's first failed authentication waits; doubled per failure."""
-_AUTH_DELAY_MAX = 5.0
-"""Ceiling of that wait: guessing stays slow, a typo costs a tenth of a second."""
-_AUTH_FORGET_SECONDS = 600.0
-"""A peer without failures for this long starts afresh."""
-_AUTH_PEERS_MAX = 10_000
-"""Peers remembered at most (the least recently failing are forgotten first)."""
+_INSTANCE = ""
+"""The credential key of the instance token in :class:`LoginPenalties` (sessions use their id)."""
 
 
 def _peer_host(stream: trio.abc.Stream) -> str:
@@ -79,29 +88,6 @@ def _peer_host(stream: trio.abc.Stream) -> str:
         return str(inner.socket.getpeername()[0])
     except OSError:
         return "unknown"
-
-
-class _AuthPenalties:
-    """Failed authentications per peer: each failure's answer waits longer (0.1 s, doubling, ≤ 5 s).
-
-    Only failures wait; a peer that authenticates correctly is never slowed
-    down, so an attacker behind the same address (an ingress) cannot delay
-    legitimate clients, only their own guesses.
-    """
-
-    def __init__(self) -> None:
-        self._peers: dict[str, tuple[int, float]] = {}
-
-    def failed(self, peer: str, now: float) -> tuple[int, float]:
-        """Record a failure; return the peer's recent failures and how long to wait."""
-        count, last = self._peers.pop(peer, (0, now))
-        if now - last > _AUTH_FORGET_SECONDS:
-            count = 0
-        count += 1
-        self._peers[peer] = (count, now)
-        while len(self._peers) > _AUTH_PEERS_MAX:
-            del self._peers[next(iter(self._peers))]
-        return count, min(_AUTH_DELAY_MAX, _AUTH_DELAY_FIRST * 2.0 ** min(count - 1, 16))
 
 
 _FRESH_ATTACH = (
@@ -127,6 +113,12 @@ class GatewayStatistics:
     """Upgrades refused for a missing or wrong token or secret (401/403)."""
     protocol_errors_total: int
     """Websockets closed for a protocol violation."""
+    handshakes: int
+    """Connections accepted whose credentials are not verified yet."""
+    refused_total: int
+    """Connections refused before authentication: too many handshakes, or a locked-out login."""
+    memory_held_bytes: int
+    """Bytes of the memory budget that sessions hold (replay chunks and stream windows)."""
 
 
 class _Session:
@@ -143,6 +135,7 @@ class _Session:
             on_stream=self._on_stream,
             on_request=self._on_request,
             on_protocol_error=gateway._count_protocol_error,
+            budget=gateway.budget,
         )
         self.nursery: trio.Nursery | None = None
         self.scope: trio.CancelScope | None = None
@@ -271,7 +264,7 @@ class _Session:
         Pipe(stream, sock, read_now=False)
 
     def _connect_failed(self, stream: TunnelStream, exc: Exception) -> None:
-        stream.reset(ResetCode.CONNECT_FAILED, f"the gateway could not connect: {exc}")
+        stream.reset(ResetCode.CONNECT_FAILED, _connect_error(exc))
         log.warning("tunnel stream connect failed", session_id=self.id, error=str(exc))
 
     def _route_failed(self, stream: TunnelStream) -> None:
@@ -297,20 +290,59 @@ class Gateway:
         self._sessions_opened = 0
         self._streams_opened = 0
         self._auth_failures = 0
-        self._auth_penalties = _AuthPenalties()
+        self._penalties = LoginPenalties()
+        self._unauthenticated = Unauthenticated(
+            settings.max_unauthenticated, settings.max_unauthenticated_per_peer
+        )
+        self._refused = 0
+        self.budget = MemoryBudget(settings.memory_budget)
         self._protocol_errors = 0
         self._closed_bytes_up = 0
         self._closed_bytes_down = 0
 
-    async def _auth_failed(self, stream: trio.abc.Stream, reason: str, **fields: object) -> None:
-        """Count a failed authentication and make its answer wait (longer for repeat offenders)."""
+    def _auth_failed(self, peer: str, credential: str, reason: str, **fields: object) -> None:
+        """Count a failed authentication and lock (peer, credential) out for a while; the
+        answer itself goes out at once (no socket waits out a penalty)."""
         self._auth_failures += 1
-        peer = _peer_host(stream)
-        failures, delay = self._auth_penalties.failed(peer, trio.current_time())
+        failures, lockout = self._penalties.failed(peer, credential, trio.current_time())
         log.warning(
-            "tunnel auth failed", reason=reason, peer=peer, failures=failures, delay=delay, **fields
+            "tunnel auth failed",
+            reason=reason,
+            peer=peer,
+            failures=failures,
+            lockout=lockout,
+            **fields,
         )
-        await trio.sleep(delay)
+
+    async def _locked_out(
+        self, stream: trio.abc.Stream, ws_conn: WSConnection, peer: str, credential: str
+    ) -> bool:
+        """Refuse (HTTP 429) a login of a (peer, credential) pair that failed moments ago,
+        before its credentials are read; False if it may try."""
+        wait = self._penalties.locked_for(peer, credential, trio.current_time())
+        if wait <= 0:
+            return False
+        self._refused += 1
+        await reject(
+            stream,
+            ws_conn,
+            429,
+            f"a login with these credentials failed from this address {wait:.1f} s ago or less; "
+            "check them and retry in a few seconds",
+            retry_after=wait,
+        )
+        return True
+
+    def _sessions_full(self) -> str | None:
+        """Why a new session cannot be admitted now (one sentence), or None."""
+        if len(self._sessions) >= self.settings.max_sessions:
+            return (
+                f"the gateway already holds {len(self._sessions)} sessions, its limit "
+                "(max_sessions); try again later"
+            )
+        if not self.budget.fits(REPLAY_CHUNK + self.settings.stream_window):
+            return "the gateway's memory budget (memory_budget) is in use; try again later"
+        return None
 
     # -------------------------------------------------------------- public
 
@@ -338,6 +370,9 @@ class Gateway:
             bytes_down_total=self._closed_bytes_down + sum(s.mux.bytes_sent for s in sessions),
             auth_failures_total=self._auth_failures,
             protocol_errors_total=self._protocol_errors,
+            handshakes=self._unauthenticated.count,
+            refused_total=self._refused,
+            memory_held_bytes=self.budget.used,
         )
 
     # -------------------------------------------------------------- internals
@@ -373,14 +408,23 @@ class Gateway:
             )
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        peer = _peer_host(stream)
+        refusal = self._unauthenticated.enter(peer)
+        if refusal is not None:
+            self._refused += 1
+            log.warning("tunnel handshakes over the limit", peer=peer, status=refusal)
+            await refuse_early(stream, refusal, "too many connections are still in their handshake")
+            return
+        ticket = Ticket(self._unauthenticated, peer)
         try:
-            await self._handle(stream)
+            await self._handle(stream, ticket)
         except Exception:
             _failure(event="tunnel connection failed")
         finally:
+            ticket.release()
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, stream: trio.abc.Stream) -> None:
+    async def _handle(self, stream: trio.abc.Stream, ticket: Ticket) -> None:
         settings = self.settings
         ws_conn = new_server_connection()
         deadline = trio.current_time() + settings.handshake_timeout
@@ -391,11 +435,11 @@ class Gateway:
             return  # garbage, a slow peer or a hang-up before the upgrade: just drop it
         path = urllib.parse.urlsplit(request.target).path
         if path == settings.path:
-            await self._tunnel(stream, ws_conn, request, deadline)
+            await self._tunnel(stream, ws_conn, request, deadline, ticket)
             return
         parts = path.strip("/").split("/")
         if settings.legacy_endpoint and len(parts) == 3 and all(parts):
-            await self._legacy(stream, ws_conn, request, parts)
+            await self._legacy(stream, ws_conn, request, parts, deadline, ticket)
             return
         await reject(stream, ws_conn, 404, f"no tunnel endpoint here; use {settings.path}")
 
@@ -405,8 +449,10 @@ class Gateway:
         ws_conn: WSConnection,
         request: WsRequest,
         deadline: float,
+        ticket: Ticket,
     ) -> None:
         settings = self.settings
+        peer = ticket.peer
         if SUBPROTOCOL not in request.subprotocols:
             await reject(
                 stream,
@@ -422,24 +468,27 @@ class Gateway:
         scheme, _, credentials = auth.partition(" ")
         session_id: str | None = None
         if scheme.lower() == "bearer":
+            if await self._locked_out(stream, ws_conn, peer, _INSTANCE):
+                return
             token = credentials.strip().encode()
             expected = settings.instance_token.encode()
             if not expected or not hmac.compare_digest(token, expected):
-                await self._auth_failed(stream, "wrong instance token")
+                self._auth_failed(peer, _INSTANCE, "wrong instance token")
                 await reject(
                     stream, ws_conn, 401, "the instance token is wrong; check ALDAAS_TOKEN"
                 )
                 return
+            full = None if _wants_control(request) else self._sessions_full()
+            if full is not None:
+                self._refused += 1
+                await reject(stream, ws_conn, 503, full, retry_after=5.0)
+                return
         elif scheme.lower() == "aldaas-session":
             session_id, _, secret = credentials.strip().partition(":")
-            ok = False
-            with trio.move_on_at(deadline):
-                try:
-                    ok = bool(session_id) and await self.hooks.verify_session(session_id, secret)
-                except Exception:
-                    _failure(event="tunnel verify hook failed", session_id=session_id)
-            if not ok:
-                await self._auth_failed(stream, "wrong session secret", session_id=session_id)
+            if await self._locked_out(stream, ws_conn, peer, session_id):
+                return
+            if not await self._verify_session(session_id, secret, deadline):
+                self._auth_failed(peer, session_id, "wrong session secret", session_id=session_id)
                 await reject(
                     stream,
                     ws_conn,
@@ -448,7 +497,9 @@ class Gateway:
                 )
                 return
         else:
-            await self._auth_failed(stream, "no credentials")
+            if await self._locked_out(stream, ws_conn, peer, _INSTANCE):
+                return
+            self._auth_failed(peer, _INSTANCE, "no credentials")
             await reject(
                 stream,
                 ws_conn,
@@ -457,6 +508,7 @@ class Gateway:
                 "or 'Aldaas-Session <id>:<secret>'",
             )
             return
+        ticket.release()
         ws = await accept(stream, ws_conn, settings.receive_buffer_size, SUBPROTOCOL)
         live = self._sessions.get(session_id) if session_id is not None else None
         if live is not None and live.attached:
@@ -510,6 +562,16 @@ class Gateway:
                 first += conn.replay()
             await self._attach(live, ws, first)
 
+    async def _verify_session(self, session_id: str, secret: str, deadline: float) -> bool:
+        """Ask the owner whether ``secret`` opens ``session_id`` (False if it fails or stalls)."""
+        ok = False
+        with trio.move_on_at(deadline):
+            try:
+                ok = bool(session_id) and await self.hooks.verify_session(session_id, secret)
+            except Exception:
+                _failure(event="tunnel verify hook failed", session_id=session_id)
+        return ok
+
     async def _read_hello(self, ws: WebSocket, conn: Connection) -> Hello | None:
         while True:
             event = conn.next_event()
@@ -547,12 +609,10 @@ class Gateway:
         return session
 
     async def _open_new(self, ws: WebSocket, conn: Connection, hello: Hello) -> None:
-        settings = self.settings
-        if len(self._sessions) >= settings.max_sessions:
-            message = (
-                f"the gateway already holds {len(self._sessions)} sessions, its limit "
-                "(max_sessions); try again later"
-            )
+        message = self._sessions_full()
+        if message is not None:
+            # Reached here only by a client that asked for a control connection in its URL
+            # and then sent a "new" HELLO, or when sessions filled up since its upgrade.
             await ws.aclose(
                 CloseCode.POLICY_VIOLATION,
                 message,
@@ -688,14 +748,32 @@ class Gateway:
         await ws.aclose()
 
     async def _legacy(
-        self, stream: trio.abc.Stream, ws_conn: WSConnection, request: WsRequest, parts: list[str]
+        self,
+        stream: trio.abc.Stream,
+        ws_conn: WSConnection,
+        request: WsRequest,
+        parts: list[str],
+        deadline: float,
+        ticket: Ticket,
     ) -> None:
-        name, token, session = (urllib.parse.unquote(p) for p in parts)
-        expected = self.settings.instance_token.encode()
-        if not expected or not hmac.compare_digest(token.encode(), expected):
-            await self._auth_failed(stream, "wrong instance token", endpoint="legacy")
-            await reject(stream, ws_conn, 401, "the instance token is wrong; check ALDAAS_TOKEN")
+        # /{name}/{secret}/{lease}: the middle part, where the original client put the
+        # instance token, carries the lease's own secret; a lease id alone opens nothing.
+        name, secret, session = (urllib.parse.unquote(p) for p in parts)
+        if await self._locked_out(stream, ws_conn, ticket.peer, session):
             return
+        if not await self._verify_session(session, secret, deadline):
+            self._auth_failed(
+                ticket.peer, session, "wrong lease secret", session_id=session, endpoint="legacy"
+            )
+            await reject(
+                stream,
+                ws_conn,
+                403,
+                f"lease {session!r} is unknown or the secret in the path is not its own; "
+                "print the URL again with aldaas connect --legacy-url",
+            )
+            return
+        ticket.release()
         try:
             route = await self.hooks.resolve_legacy(name, session)
             with trio.fail_after(self.settings.connect_timeout):
@@ -704,7 +782,8 @@ class Gateway:
             await reject(stream, ws_conn, 503, str(exc))
             return
         except (OSError, trio.TooSlowError) as exc:
-            await reject(stream, ws_conn, 502, f"the gateway could not connect: {exc}")
+            log.warning("tunnel legacy connect failed", session_id=session, error=str(exc))
+            await reject(stream, ws_conn, 502, _connect_error(exc))
             return
         subprotocol = request.subprotocols[0] if request.subprotocols else None
         ws = await accept(stream, ws_conn, self.settings.receive_buffer_size, subprotocol)
@@ -750,6 +829,27 @@ class Gateway:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(tcp)
                 await ws.aclose()
+
+
+def _connect_error(exc: Exception) -> str:
+    """What a client hears when the gateway cannot reach a session's database: the cause
+    without the address (clone host and port, pod IPs are the gateway's business)."""
+    if isinstance(exc, trio.TooSlowError):
+        cause = "the connection timed out"
+    elif isinstance(exc, OSError) and exc.errno:
+        # From the errno alone: the connect helpers put the address into strerror.
+        text = os.strerror(exc.errno)
+        cause = text[0].lower() + text[1:]
+    else:
+        cause = "the database is not reachable"
+    return f"the gateway could not connect to the session's database ({cause}); try again"
+
+
+def _wants_control(request: WsRequest) -> bool:
+    """Whether the upgrade asks for a control-only connection (``?mode=control``), which
+    the session limits do not refuse: ``aldaas status`` works on a full gateway."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.target).query)
+    return query.get("mode") == ["control"]
 
 
 async def serve_gateway(

@@ -19,6 +19,7 @@ import trio
 from trio.lowlevel import ParkingLot, cancel_shielded_checkpoint, checkpoint_if_cancelled
 
 from aldaas.tunnel._errors import CloseCode, ProtocolError, SessionClosed
+from aldaas.tunnel._limits import REPLAY_CHUNK, MemoryBudget
 from aldaas.tunnel._protocol import (
     HEADER,
     Acknowledged,
@@ -375,8 +376,16 @@ class Mux:
         on_stream: StreamHandler | None = None,
         on_request: RequestHandler | None = None,
         on_protocol_error: Callable[[ProtocolError], None] | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.conn = conn
+        self.budget = budget
+        """The gateway's memory budget: replay beyond the first chunk and each stream's
+        receive window are taken from it (None: no ceiling but ``replay_limit``)."""
+        self._replay_allowed = replay_limit
+        if budget is not None:
+            self._replay_allowed = min(replay_limit, REPLAY_CHUNK)
+            budget.hold(self._replay_allowed)
         self.on_protocol_error = on_protocol_error
         self.replay_limit = replay_limit
         self.keepalive_interval = keepalive_interval
@@ -448,7 +457,38 @@ class Mux:
             self.write(b"".join(batch))
 
     def has_room(self) -> bool:
-        return self.conn.replay_size < self.replay_limit
+        return self.conn.replay_size < self._replay_allowed or self._grow_replay()
+
+    def _grow_replay(self) -> bool:
+        """Take one more replay chunk from the budget, if the session may have it."""
+        budget = self.budget
+        if budget is None or self.finished or self._replay_allowed >= self.replay_limit:
+            return False
+        chunk = min(REPLAY_CHUNK, self.replay_limit - self._replay_allowed)
+        if not budget.take(chunk):
+            return False
+        self._replay_allowed += chunk
+        return self.conn.replay_size < self._replay_allowed
+
+    def _shrink_replay(self) -> None:
+        """Give back the replay chunks that acknowledged bytes no longer need."""
+        budget = self.budget
+        if budget is None or self.finished:
+            return
+        floor = min(self.replay_limit, REPLAY_CHUNK)
+        needed = -(-self.conn.replay_size // REPLAY_CHUNK) * REPLAY_CHUNK
+        keep = max(floor, min(self._replay_allowed, needed))
+        if keep < self._replay_allowed:
+            budget.give(self._replay_allowed - keep)
+            self._replay_allowed = keep
+
+    def _take_window(self) -> bool:
+        budget = self.budget
+        return budget is None or budget.take(self.conn.window)
+
+    def _give_windows(self, streams: int) -> None:
+        if self.budget is not None and streams:
+            self.budget.give(streams * self.conn.window)
 
     async def wait_room(self) -> None:
         self._request_ack()
@@ -490,11 +530,14 @@ class Mux:
         self.write(self.conn.send(OpenStream(stream_id=stream_id)))
         stream = TunnelStream(self, stream_id)
         self.streams[stream_id] = stream
+        if self.budget is not None:
+            self.budget.hold(self.conn.window)
         self.streams_opened += 1
         return stream
 
     def forget(self, stream: TunnelStream) -> None:
-        self.streams.pop(stream.stream_id, None)
+        if self.streams.pop(stream.stream_id, None) is not None:
+            self._give_windows(1)
 
     async def request(self, name: str, args: JSONObject) -> Response:
         """Send a control request and wait for its response (survives a resumption)."""
@@ -525,15 +568,20 @@ class Mux:
         self.finish_reason = reason
         for stream in list(self.streams.values()):
             stream._break(f"the tunnel session ended: {reason}")
+        self._give_windows(len(self.streams))
         self.streams.clear()
         for done in self._responses.values():
             done.set()
         self.wake_room()
+        if self.budget is not None:  # the replay goes with the session
+            self.budget.give(self._replay_allowed)
+            self._replay_allowed = 0
 
     def reset_streams(self, reason: str) -> None:
         """The peer started the session afresh: our old streams are gone."""
         for stream in list(self.streams.values()):
             stream._break(reason)
+        self._give_windows(len(self.streams))
         self.streams.clear()
         for done in self._responses.values():
             done.set()
@@ -702,12 +750,19 @@ class Mux:
                     stream._wake_sender()
             elif kind is Acknowledged:
                 self._ack_requested = False
+                self._shrink_replay()
                 self.wake_room()
             elif kind is OpenStream:
                 assert isinstance(event, OpenStream)
                 stream = TunnelStream(self, event.stream_id)
-                streams[event.stream_id] = stream
                 self.streams_opened += 1
+                if not self._take_window():
+                    stream.reset(
+                        ResetCode.REFUSED,
+                        "the gateway's memory budget is in use by other streams; try again shortly",
+                    )
+                    continue
+                streams[event.stream_id] = stream
                 if self.on_stream is None:
                     stream.reset(ResetCode.REFUSED, "this side accepts no streams")
                 else:
@@ -716,6 +771,7 @@ class Mux:
                 assert isinstance(event, ResetStream)
                 stream = streams.pop(event.stream_id, None)
                 if stream is not None:
+                    self._give_windows(1)
                     why = f": {event.reason}" if event.reason else ""
                     stream._break(f"the peer reset the stream (code {event.code}){why}")
             elif kind is Ping:

@@ -25,6 +25,21 @@ class GatewaySettings:
     """PEM private key matching ``tls_certificate``."""
     max_sessions: int = 1000
     """Live sessions (attached or in their grace period) beyond which new ones get HTTP 503."""
+    max_unauthenticated: int = 512
+    """Connections still in their handshake (TLS, upgrade, credentials not yet verified) beyond
+    which new ones get HTTP 503 at once; each lasts at most ``handshake_timeout``."""
+    max_unauthenticated_per_peer: int = 64
+    """The same, per peer address (HTTP 429): one address cannot fill the gateway with idle
+    handshakes. Behind an ingress every client has the ingress's address; 64 handshakes in
+    flight at once is still far above what a healthy ingress holds."""
+    memory_budget: int = 2 * 1024 * 1024 * 1024
+    """Bytes all sessions may hold in replay buffers and stream receive windows together.
+
+    Each session holds 256 KiB of replay from the start and more, up to
+    ``replay_buffer_size``, while the budget has room; each open stream holds
+    ``stream_window``. A session or stream that does not fit is refused (HTTP 503, reset
+    code 3). 2 GiB admits ``max_sessions`` (1,000) sessions with 1,800 open streams between
+    them at the default window; docs/benchmarks.md shows what 1,000 sessions really use."""
     max_streams_per_session: int = 256
     """Open streams per session beyond which a new stream is reset (the others go on)."""
     max_frame_size: int = 1024 * 1024
@@ -46,7 +61,9 @@ class GatewaySettings:
     connect_timeout: float = 10.0
     """Seconds to connect a new stream to the address the session resolves to."""
     legacy_endpoint: bool = False
-    """Serve ``/{name}/{token}/{session}`` (one websocket per TCP connection, raw bytes)."""
+    """Serve ``/{name}/{secret}/{lease}`` for the original aldaas client (one websocket per TCP
+    connection, raw bytes); off because the URL carries the lease's secret (see
+    docs/protocol.md)."""
     traffic_report_interval: float = 1.0
     """Seconds between traffic reports per session; idle TTLs need no finer grain."""
 

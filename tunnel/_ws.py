@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import socket
 import ssl
@@ -599,25 +600,46 @@ async def read_request(
             return None
 
 
-async def reject(stream: trio.abc.Stream, ws: WSConnection, status: int, message: str) -> None:
+async def reject(
+    stream: trio.abc.Stream,
+    ws: WSConnection,
+    status: int,
+    message: str,
+    *,
+    retry_after: float | None = None,
+) -> None:
     """Refuse an upgrade with ``status`` and a one-line plain-text reason, then hang up."""
     body = (message + "\n").encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(retry_after))).encode()))
     try:
-        frames = ws.send(
-            RejectConnection(
-                status_code=status,
-                headers=[
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-                has_body=True,
-            )
-        )
+        frames = ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
         frames += ws.send(RejectData(data=body, body_finished=True))
         with trio.move_on_after(2):
             await stream.send_all(frames)
     except (*WS_ERRORS, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
+    await trio.aclose_forcefully(stream)
+
+
+_REASONS = {429: "Too Many Requests", 503: "Service Unavailable"}
+
+
+async def refuse_early(stream: trio.abc.Stream, status: int, message: str) -> None:
+    """Answer ``status`` without reading the request (the gateway is over a connection
+    limit and spends nothing on this peer), then hang up."""
+    body = (message + "; try again in a few seconds\n").encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+    )
+    with trio.move_on_after(1):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.send_all(head.encode() + body)
     await trio.aclose_forcefully(stream)
 
 

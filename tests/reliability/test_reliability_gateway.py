@@ -199,34 +199,37 @@ async def upgrade_from(rig: Rig, source: str, authorization: str) -> trio.Socket
     return tcp
 
 
-async def test_if_a_peer_keeps_guessing_then_its_answers_slow_down_and_others_are_not_slowed(
+async def test_if_a_peer_keeps_guessing_then_it_is_locked_out_longer_and_no_socket_waits(
     nursery: trio.Nursery, mock_clock: trio.testing.MockClock
 ) -> None:
-    """If one address fails auth 4 times, then its 4th 401 waits 0.8 s; another address waits 0.1 s."""
+    """If one address fails auth again and again, then each failure is answered at once and
+    locks that address and credential out for longer (0.1, 0.2, 0.4, 0.8 s: HTTP 429 before
+    the credentials are read); another address, or another lease, is not locked out."""
     rig = await start_rig(nursery)
 
-    async def answered_after(tcp: trio.SocketStream, seconds: float) -> bytes:
+    async def answer(source: str, authorization: str) -> bytes:
+        tcp = await upgrade_from(rig, source, authorization)
         await trio.testing.wait_all_tasks_blocked(0.02)
-        assert not readable(tcp), "answered before its delay"
-        mock_clock.jump(seconds)
-        await trio.testing.wait_all_tasks_blocked(0.02)
+        assert readable(tcp), "the answer waited"  # no clock jump: nothing sleeps
         with trio.fail_after(1):
-            return await tcp.receive_some(4096)
-
-    for delay in (0.1, 0.2, 0.4, 0.8):
-        tcp = await upgrade_from(rig, "127.0.0.2", "Bearer guess")
-        assert (await answered_after(tcp, delay)).startswith(b"HTTP/1.1 401")
+            data = await tcp.receive_some(4096)
         await tcp.aclose()
-    other = await upgrade_from(rig, "127.0.0.1", "Aldaas-Session s9:guess")
-    assert (await answered_after(other, 0.1)).startswith(b"HTTP/1.1 403")
-    await other.aclose()
-    # The right token from the guessing address is served at once.
-    right = await upgrade_from(rig, "127.0.0.2", f"Bearer {TOKEN}")
+        return data
+
+    for lockout in (0.1, 0.2, 0.4, 0.8):
+        assert (await answer("127.0.0.2", "Bearer guess")).startswith(b"HTTP/1.1 401")
+        locked = await answer("127.0.0.2", f"Bearer {TOKEN}")
+        assert locked.startswith(b"HTTP/1.1 429")
+        assert b"\r\nretry-after: 1\r\n" in locked.lower()
+        mock_clock.jump(lockout)
+    assert (await answer("127.0.0.1", "Aldaas-Session s9:guess")).startswith(b"HTTP/1.1 403")
+    assert (await answer("127.0.0.1", "Bearer guess")).startswith(b"HTTP/1.1 401")
+    assert (await answer("127.0.0.2", "Aldaas-Session s9:guess")).startswith(b"HTTP/1.1 403")
+    # Once the lockout is over, the right token from the guessing address is served at once.
+    assert (await answer("127.0.0.2", f"Bearer {TOKEN}")).startswith(b"HTTP/1.1 101")
     await trio.testing.wait_all_tasks_blocked(0.02)
-    with trio.fail_after(1):
-        assert (await right.receive_some(4096)).startswith(b"HTTP/1.1 101")
-    await right.aclose()
-    assert rig.gateway.statistics().auth_failures_total == 5
+    stats = rig.gateway.statistics()
+    assert (stats.auth_failures_total, stats.refused_total, stats.handshakes) == (7, 4, 0)
 
 
 @pytest.mark.slow

@@ -485,9 +485,10 @@ async def test_if_a_handshake_never_completes_then_the_gateway_drops_it(
 async def test_if_the_legacy_endpoint_is_enabled_then_raw_bytes_relay(
     nursery: trio.Nursery,
 ) -> None:
-    """If legacy mode is on, then /{name}/{token}/{session} relays raw binary messages."""
+    """If legacy mode is on, then /{name}/{secret}/{session} relays raw binary messages."""
     rig = await start_rig(nursery, legacy_endpoint=True)
-    url = f"ws://127.0.0.1:{rig.gateway.port}/app/{TOKEN}/abc"
+    rig.hooks.secrets["abc"] = "secret-abc"
+    url = f"ws://127.0.0.1:{rig.gateway.port}/app/secret-abc/abc"
     ws = await connect(url, authorization="", receive_size=65536)
     await ws.send(b"legacy bytes")
     got = b""
@@ -495,7 +496,7 @@ async def test_if_the_legacy_endpoint_is_enabled_then_raw_bytes_relay(
         got += await ws.receive()
     assert got == b"legacy bytes"
     await ws.aclose()
-    with pytest.raises(HandshakeRejected, match="HTTP 401"):
+    with pytest.raises(HandshakeRejected, match="HTTP 403"):
         await connect(
             f"ws://127.0.0.1:{rig.gateway.port}/app/nope/abc", authorization="", receive_size=65536
         )

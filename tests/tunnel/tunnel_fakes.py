@@ -80,9 +80,8 @@ class FakeHooks:
 
     async def resolve_legacy(self, name: str, session: str) -> LegacyRoute:
         await trio.lowlevel.checkpoint()
-        return LegacyRoute(
-            session_id=f"legacy-{name}-{session}", host=self.address[0], port=self.address[1]
-        )
+        self.log.append(("legacy", name, session))
+        return LegacyRoute(session_id=session, host=self.address[0], port=self.address[1])
 
     def attached(self, session_id: str) -> None:
         self.log.append(("attached", session_id))
