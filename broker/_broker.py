@@ -28,6 +28,7 @@ running, and the process exits 0.
 
 from __future__ import annotations
 
+import hmac
 import math
 import signal
 from collections.abc import Awaitable, Callable, Mapping
@@ -126,6 +127,8 @@ class Broker:
         """Leases released over their own session: the session ends when its client hangs up
         (ending it at once would cut the answer to the release; left alone, it would wait out
         the gateway's grace period)."""
+        self._admin_failures = 0
+        self._admin_locked_until = -math.inf
         self._unsubscribe = the_pool.add_observer(self.on_pool_event)
 
     # -- metrics ---------------------------------------------------------------------------
@@ -189,7 +192,9 @@ class Broker:
             return False, "No snapshot is ready yet; the broker is waiting for a backup."
         return True, ""
 
-    def status(self, you: str | None = None) -> dict[str, Any]:
+    def status(self, you: str | None = None, *, every_lease: bool = True) -> dict[str, Any]:
+        """The pool's state; ``every_lease=False`` lists only the lease ``you`` (a lease
+        holder sees the totals and its own lease, never another's id)."""
         stats = self.pool.statistics()
         ready, reason = self.is_ready()
         restore = stats.restore
@@ -205,7 +210,11 @@ class Broker:
                 "leases_active": stats.leases_active,
             },
             "snapshots": [_snapshot_json(s) for s in stats.snapshots],
-            "leases": [_lease_json(lease) for lease in stats.leases],
+            "leases": [
+                _lease_json(lease)
+                for lease in stats.leases
+                if every_lease or (you is not None and lease.id == you)
+            ],
             "restore": None
             if restore is None
             else {
@@ -317,7 +326,7 @@ class Broker:
     ) -> tunnel.JSONValue:
         if name == "status":
             you = session_id or self._verified_or_none(args)
-            return _json(self.status(you))
+            return _json(self.status(you, every_lease=self._admin(args)))
         if name == "snapshots":
             return [_snapshot_json(s) for s in self.pool.statistics().snapshots]
         if name not in ("reset", "release", "extend", "takeover"):
@@ -358,6 +367,34 @@ class Broker:
             ) from None
         except pool.PoolError as exc:
             raise tunnel.ControlError(_refusal(exc)) from None
+
+    def _admin(self, args: tunnel.JSONObject) -> bool:
+        """Whether a control request carries the admin token (``admin_token``): it sees every
+        lease, as the admin API does. A wrong one is refused, and after a failure further
+        tries wait (0.1 s doubling, at most 5 s) so that the token cannot be guessed over an
+        instance-token connection."""
+        given = args.get("admin_token")
+        if given is None:
+            return False
+        now = trio.current_time()
+        expected = self.settings.admin.token
+        if now < self._admin_locked_until or not isinstance(given, str) or not expected:
+            ok = False
+        else:
+            ok = hmac.compare_digest(given.encode(), expected.encode())
+        if not ok:
+            self._admin_failures = (
+                0 if now - self._admin_locked_until > 600 else self._admin_failures
+            )
+            self._admin_failures += 1
+            lockout = min(5.0, 0.1 * 2 ** min(self._admin_failures - 1, 16))
+            self._admin_locked_until = max(self._admin_locked_until, now + lockout)
+            log.warning("broker.admin_token_refused", via="control", failures=self._admin_failures)
+            raise tunnel.ControlError(
+                "The admin token is wrong, or one was wrong moments ago; check ALDAAS_ADMIN_TOKEN "
+                "and retry in a few seconds (without it, status shows your own lease only)."
+            )
+        return True
 
     def _verified_or_none(self, args: tunnel.JSONObject) -> str | None:
         lease_id, secret = args.get("lease"), args.get("secret")

@@ -28,7 +28,15 @@ from aldaas import tunnel
 from . import _state
 from ._console import Console
 from ._options import ClientError, Options, resolve
-from ._render import database_environ, dsn, progress_text, size, snapshots_text, status_text
+from ._render import (
+    database_environ,
+    dsn,
+    legacy_url,
+    progress_text,
+    size,
+    snapshots_text,
+    status_text,
+)
 
 Command = Callable[[argparse.Namespace, Mapping[str, str], Console], Awaitable[int]]
 
@@ -57,6 +65,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--release-on-exit",
         action="store_true",
         help="release the lease on exit instead of leaving it to its idle TTL",
+    )
+    p.add_argument(
+        "--legacy-url",
+        action="store_true",
+        help="also print the lease's URL for the original aldaas client (tcp-over-websocket); "
+        "it carries the lease's secret",
     )
 
     p = add("run", _run, "run a command against a fresh database, then release it")
@@ -290,6 +304,8 @@ async def _connect_once(
                 + (" (released on exit)" if args.release_on_exit else "")
             )
             print(dsn(info, host, port), flush=True)
+            if args.legacy_url:
+                print(legacy_url(opts.url, opts.name, saved.secret, saved.lease_id), flush=True)
             nursery.start_soon(_status_line, client, live, console)
             await stop.wait()
             console.clear()
@@ -467,7 +483,11 @@ async def _release(args: argparse.Namespace, environ: Mapping[str, str], console
 async def _status(args: argparse.Namespace, environ: Mapping[str, str], console: Console) -> int:
     opts = _options(args, environ)
     cached = _state.load(_state.state_path(opts.state_dir, opts.server, opts.name))
-    answer = await _control(opts, "status", _lease_args(cached) if cached else {})
+    status_args = _lease_args(cached) if cached else {}
+    admin_token = environ.get("ALDAAS_ADMIN_TOKEN", "").strip()
+    if admin_token:
+        status_args["admin_token"] = admin_token  # every lease, as the admin API shows them
+    answer = await _control(opts, "status", status_args)
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
     else:

@@ -28,6 +28,15 @@ def dsn(info: Mapping[str, Any], host: str, port: int) -> str:
     return f"postgresql://{auth}@{host}:{port}/{database}?sslmode=disable"
 
 
+def legacy_url(url: str, name: str, secret: str, lease_id: str) -> str:
+    """The lease's URL for the original aldaas client (``/{name}/{secret}/{lease}``, at the
+    root of the gateway's host): the lease secret stands where the original put the
+    instance token, so the URL opens this lease only, and only while it lasts."""
+    parts = urllib.parse.urlsplit(url)
+    path = "/".join(urllib.parse.quote(p, safe="") for p in (name, secret, lease_id))
+    return f"{parts.scheme}://{parts.netloc}/{path}"
+
+
 def database_environ(info: Mapping[str, Any], host: str, port: int) -> dict[str, str]:
     """``DATABASE_URL`` and libpq's ``PG*`` variables, for ``aldaas run``'s command."""
     env = {

@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import pathlib
 import signal
+import struct
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-from aldaas_e2e import ROWS, BrokerProcess, Clients, one_sentence, psql, psql_path, write_backup
+import websockets.exceptions
+import websockets.sync.client
+from aldaas_e2e import (
+    INSTANCE_TOKEN,
+    ROWS,
+    BrokerProcess,
+    Clients,
+    one_sentence,
+    psql,
+    psql_path,
+    write_backup,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +39,7 @@ def broker(
         data_dir=module_data_dir,
         backups=work / "backups",
         log_path=work / "broker.log",
-        overrides=["pool.size=2", "lease.ttl=300"],
+        overrides=["pool.size=2", "lease.ttl=300", "gateway.legacy_endpoint=true"],
     )
     b.start()
     try:
@@ -55,6 +67,28 @@ def test_if_connect_runs_then_psql_and_psycopg_reach_the_database(clients: Clien
         assert psql(dsn, "SELECT count(*) FROM mine").stdout.strip() == "0"
         assert c.stop() == 0
     assert "Ctrl-C leaves it to its idle TTL" in c.stderr
+
+
+def test_if_connect_prints_the_legacy_url_then_it_reaches_the_leased_database(
+    clients: Clients,
+) -> None:
+    """If aldaas connect --legacy-url runs, then it prints /<name>/<lease secret>/<lease id>
+    after the DSN, and a raw websocket to it (the original client's tcp-over-websocket)
+    reaches PostgreSQL: an SSLRequest is answered 'N'."""
+    with clients.connect("--port", "0", "--legacy-url", "--name", "legacy") as c:
+        c.dsn()
+        assert c.proc.stdout is not None
+        url = c.proc.stdout.readline().decode().strip()
+        assert url.startswith(f"{clients.broker.url}/legacy/")
+        assert url.rsplit("/", 1)[1] in clients.broker.lease_ids()
+        with websockets.sync.client.connect(url, open_timeout=30) as ws:
+            ws.send(struct.pack("!II", 8, 80877103))  # SSLRequest
+            assert ws.recv(timeout=30) == b"N"
+        bare = url.replace(url.split("/")[-2], INSTANCE_TOKEN)
+        with pytest.raises(websockets.exceptions.InvalidStatus, match="403"):
+            websockets.sync.client.connect(bare, open_timeout=30)
+        assert c.stop() == 0
+    clients.run("release", "--name", "legacy")
 
 
 def test_if_run_wraps_a_command_then_it_exits_with_its_status_and_releases(
