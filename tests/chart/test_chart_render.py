@@ -268,7 +268,7 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
         "pool": {"size": 3, "max_provisioning": 2},
         "lease": {"ttl": 300, "max_ttl": 86400, "max_lifetime": 604800},
         "snapshots": {"keep": 1},
-        "gateway": {"host": "0.0.0.0", "port": 8080, "legacy_endpoint": True},
+        "gateway": {"host": "0.0.0.0", "port": 8080, "legacy_endpoint": False},
         "admin": {"listen": "0.0.0.0", "port": 9090},
         "log": {"format": "json"},
     }
@@ -586,3 +586,12 @@ def test_if_a_manifest_has_an_unknown_field_then_validation_rejects_it(
     """If a manifest carries a misspelled field, then the strict validation used above fails."""
     with pytest.raises(jsonschema.ValidationError, match="was unexpected"):
         validate_manifest(manifest)
+
+
+def test_if_tunnel_legacy_endpoint_is_set_then_only_then_the_gateway_serves_it(
+    render: Render,
+) -> None:
+    """If tunnel.legacyEndpoint is true, then the gateway serves the legacy path; by default not."""
+    assert render(None).broker_config()["gateway"]["legacy_endpoint"] is False
+    on = render({"tunnel": {"legacyEndpoint": True}}).broker_config()
+    assert on["gateway"]["legacy_endpoint"] is True
