@@ -377,22 +377,25 @@ class Broker:
         if given is None:
             return False
         now = trio.current_time()
-        expected = self.settings.admin.token
-        if now < self._admin_locked_until or not isinstance(given, str) or not expected:
-            ok = False
-        else:
-            ok = hmac.compare_digest(given.encode(), expected.encode())
-        if not ok:
-            self._admin_failures = (
-                0 if now - self._admin_locked_until > 600 else self._admin_failures
+        if now < self._admin_locked_until:
+            raise tunnel.ControlError(
+                "An admin token was wrong moments ago; retry in a few seconds "
+                "(without one, status shows your own lease only)."
             )
+        expected = self.settings.admin.token
+        if not (
+            isinstance(given, str)
+            and expected
+            and hmac.compare_digest(given.encode(), expected.encode())
+        ):
+            if now - self._admin_locked_until > 600:
+                self._admin_failures = 0
             self._admin_failures += 1
-            lockout = min(5.0, 0.1 * 2 ** min(self._admin_failures - 1, 16))
-            self._admin_locked_until = max(self._admin_locked_until, now + lockout)
+            self._admin_locked_until = now + min(5.0, 0.1 * 2 ** min(self._admin_failures - 1, 16))
             log.warning("broker.admin_token_refused", via="control", failures=self._admin_failures)
             raise tunnel.ControlError(
-                "The admin token is wrong, or one was wrong moments ago; check ALDAAS_ADMIN_TOKEN "
-                "and retry in a few seconds (without it, status shows your own lease only)."
+                "The admin token is wrong; check ALDAAS_ADMIN_TOKEN "
+                "(without one, status shows your own lease only)."
             )
         return True
 

@@ -141,6 +141,9 @@ def status_text(status: Mapping[str, Any], *, server: str, now: float | None = N
         lines.append("")
         headers = ["lease", "state", "clients", "snapshot", "ttl", "idle left", "ends in", "resets"]
         lines.append(table(headers, rows))
+    elif pool.get("leases_active"):
+        # The broker lists only the caller's own lease (others' ids are theirs).
+        lines.append(f"{pool['leases_active']} active leases, none of them yours")
     else:
         lines.append("no active leases")
     return "\n".join(lines)

@@ -117,6 +117,15 @@ def test_if_nothing_is_ready_then_status_says_why_and_shows_the_restore() -> Non
     ]
 
 
+def test_if_others_hold_leases_then_status_counts_them_without_ids() -> None:
+    """If the broker counts active leases but lists none (none is the caller's), then status
+    says how many there are and that none is yours."""
+    status = {"ready": True, "pool": {"size": 2, "leases_active": 3}, "leases": []}
+    assert status_text(status, server="s", now=0).splitlines()[-1] == (
+        "3 active leases, none of them yours"
+    )
+
+
 def test_if_snapshots_are_listed_then_failed_ones_show_their_reason() -> None:
     """If snapshots are listed, then each is a row and a failed one shows its reason."""
     text = snapshots_text(
