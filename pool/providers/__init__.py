@@ -1,0 +1,1 @@
+"""Implementations of :class:`aldaas.pool.Provider`, one sub-package each (local, kubernetes)."""

@@ -1,0 +1,1 @@
+"""The Kubernetes provider: PVCs, VolumeSnapshots, pods and Jobs; the only user of ``kubernetes``."""

@@ -1,0 +1,1 @@
+"""The local provider: PostgreSQL processes over data folders on this machine."""
