@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 
@@ -36,6 +37,10 @@ from aldaas.pool import (
     RestoreProgress,
     Source,
 )
+
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,54}[a-z0-9])?")
+"""Names every real provider takes: a DNS label that still fits after the Kubernetes provider's
+``<instance>-`` prefix (the local provider also takes upper case, '.' and '_')."""
 
 EPOCH = 1_800_000_000.0
 """Wall clock at trio time 0 in these tests (wall time follows the mock clock)."""
@@ -110,6 +115,14 @@ class FakeProvider:
     def name(self) -> str:
         return "fake"
 
+    @staticmethod
+    def _check_name(kind: Kind, name: str) -> None:
+        if not _NAME.fullmatch(name):
+            raise ProviderError(
+                f"{kind.value} name {name!r} is not allowed; use lower-case letters, digits "
+                "and '-', at most 56 characters"
+            )
+
     def _endpoint(self, database: str = "app") -> Endpoint:
         return Endpoint(
             host="127.0.0.1",
@@ -131,6 +144,7 @@ class FakeProvider:
 
     async def create_volume(self, name: str, meta: Mapping[str, str]) -> Endpoint:
         await trio.lowlevel.checkpoint()
+        self._check_name(Kind.VOLUME, name)
         key = (Kind.VOLUME, name)
         if key not in self.world.resources:
             self.world.resources[key] = FakeResource(
@@ -181,8 +195,12 @@ class FakeProvider:
 
     async def seal(self, volume: str, snapshot: str, meta: Mapping[str, str]) -> Resource:
         await trio.lowlevel.checkpoint()
+        self._check_name(Kind.SNAPSHOT, snapshot)
         vol = self.world.resources.pop((Kind.VOLUME, volume), None)
         if vol is None:
+            sealed = self.world.get(Kind.SNAPSHOT, snapshot)
+            if sealed is not None and not sealed.record_only:
+                return self._resource(sealed)  # sealed before (a retried step): the same snapshot
             raise NotFoundError(f"volume {volume!r} does not exist")
         snap = FakeResource(kind=Kind.SNAPSHOT, name=snapshot, meta=dict(meta), content=vol.content)
         self.world.resources[(Kind.SNAPSHOT, snapshot)] = snap
@@ -190,6 +208,7 @@ class FakeProvider:
 
     async def record_failed_snapshot(self, name: str, meta: Mapping[str, str]) -> Resource:
         await trio.lowlevel.checkpoint()
+        self._check_name(Kind.SNAPSHOT, name)
         key = (Kind.SNAPSHOT, name)
         existing = self.world.resources.get(key)
         if existing is not None and not existing.record_only:
@@ -200,6 +219,11 @@ class FakeProvider:
 
     async def clone(self, snapshot: str, name: str, meta: Mapping[str, str]) -> Endpoint:
         self.world.clone_calls += 1
+        self._check_name(Kind.CLONE, name)
+        made = self.world.get(Kind.CLONE, name)
+        if made is not None and made.running:
+            assert made.endpoint is not None
+            return made.endpoint  # made before (a retried step): the same clone, not a second one
         snap = self.world.get(Kind.SNAPSHOT, snapshot)
         if snap is None or snap.record_only:
             raise NotFoundError(f"snapshot {snapshot!r} has no data to clone")
