@@ -15,7 +15,7 @@ _TUNNEL_TESTS = str(pathlib.Path(__file__).resolve().parent.parent / "tunnel")
 if _TUNNEL_TESTS not in sys.path:
     sys.path.insert(0, _TUNNEL_TESTS)
 
-# ... and tests/broker's (aldaas_e2e: a real `aldaas serve` and clients), once the broker exists.
+# ... and tests/broker's (aldaas_e2e: a real `aldaas serve` and clients).
 _BROKER_TESTS = str(pathlib.Path(__file__).resolve().parent.parent / "broker")
 if _BROKER_TESTS not in sys.path:
     sys.path.append(_BROKER_TESTS)
