@@ -18,6 +18,7 @@ from aldaas.broker._admin import StartupError
 from aldaas.broker._broker import Broker, make_pool
 from aldaas.broker._settings import Settings
 from aldaas.pool import (
+    CloneProvisioned,
     KubernetesSettings,
     LeaseSettings,
     S3Settings,
@@ -26,27 +27,54 @@ from aldaas.pool import (
 )
 
 
-@attrs.define
+@attrs.frozen(kw_only=True)
 class FakeGatewayStatistics:
-    sessions: int = 2
-    streams: int = 3
-    bytes_up_total: int = 100
-    bytes_down_total: int = 5000
-    auth_failures_total: int = 1
+    sessions: int
+    streams: int
+    bytes_up_total: int
+    bytes_down_total: int
+    auth_failures_total: int
 
 
 @attrs.define
 class FakeGateway:
-    """Records what the broker asks of the gateway."""
+    """Plays the gateway's part: opens sessions at the broker, relays traffic, closes on request.
+
+    Its statistics count what went through it, as the real gateway's do: a
+    closed session leaves the open count but its bytes stay in the totals.
+    """
 
     closed: list[tuple[str, str]] = attrs.Factory(list)
+    open_sessions: dict[str, tuple[int, int]] = attrs.Factory(dict)
+    """Session id → (bytes up, bytes down) so far."""
+    closed_bytes: tuple[int, int] = (0, 0)
+
+    async def open(self, broker: Broker) -> tunnel.SessionGrant:
+        grant = await broker.open_session({}, _no_progress)
+        self.open_sessions[grant.session_id] = (0, 0)
+        return grant
+
+    def relay(self, broker: Broker, session_id: str, up: int, down: int) -> None:
+        before_up, before_down = self.open_sessions[session_id]
+        self.open_sessions[session_id] = (before_up + up, before_down + down)
+        broker.traffic(session_id, up, down)
 
     def close_session(self, session_id: str, reason: str) -> bool:
+        """Every session the broker granted counts as open here (tests open most directly)."""
         self.closed.append((session_id, reason))
+        up, down = self.open_sessions.pop(session_id, (0, 0))
+        self.closed_bytes = (self.closed_bytes[0] + up, self.closed_bytes[1] + down)
         return True
 
     def statistics(self) -> FakeGatewayStatistics:
-        return FakeGatewayStatistics()
+        counted = [*self.open_sessions.values(), self.closed_bytes]
+        return FakeGatewayStatistics(
+            sessions=len(self.open_sessions),
+            streams=0,
+            bytes_up_total=sum(up for up, _ in counted),
+            bytes_down_total=sum(down for _, down in counted),
+            auth_failures_total=0,
+        )
 
 
 @attrs.frozen
@@ -301,16 +329,24 @@ async def test_if_the_broker_drains_then_readyz_fails_and_sessions_are_refused(
 async def test_if_metrics_are_scraped_then_pool_and_gateway_levels_show(
     autojump_clock: MockClock,
 ) -> None:
-    """If /metrics is scraped, then clone states and gateway counters come from statistics()."""
+    """If a lease ends while another runs, then /metrics shows one lease, one session, all bytes."""
     async with wired() as w:
         await _warm(w, 2)
-        await w.broker.open_session({}, _no_progress)
+        ended = await w.gateway.open(w.broker)
+        kept = await w.gateway.open(w.broker)
+        w.gateway.relay(w.broker, ended.session_id, 10, 300)
+        w.gateway.relay(w.broker, kept.session_id, 20, 400)
+        await w.h.pool.kill(ended.session_id)  # the broker must close its gateway session
+        await _warm(w, 2)
         assert _sample(w, "aldaas_clones", {"state": "leased"}) == 1
         assert _sample(w, "aldaas_leases_active") == 1
         assert _sample(w, "aldaas_snapshots", {"status": "ready"}) == 1
-        assert _sample(w, "aldaas_gateway_bytes_total", {"direction": "down"}) == 5000
-        assert _sample(w, "aldaas_gateway_sessions") == 2
-        assert _sample(w, "aldaas_provision_seconds_count") >= 2
+        assert _sample(w, "aldaas_gateway_sessions") == 1
+        assert _sample(w, "aldaas_gateway_bytes_total", {"direction": "up"}) == 30
+        assert _sample(w, "aldaas_gateway_bytes_total", {"direction": "down"}) == 700
+        provisioned = [e for e in w.h.events if isinstance(e, CloneProvisioned)]
+        assert len(provisioned) == 4  # two warm, one each to replace the two handed out
+        assert _sample(w, "aldaas_provision_seconds_count") == len(provisioned)
 
 
 async def test_if_a_legacy_websocket_names_a_lease_then_it_routes_to_its_clone(
