@@ -213,6 +213,8 @@ class FakeKubernetes:
         self.act_when_watched = False
         """Controllers act on a new pod, Job or snapshot only once a watch on its kind has begun
         after it was created: every wait then deterministically goes through a watch."""
+        self.crashes: list[Exception] = []
+        """Exceptions the controllers and the kubelet raised; :meth:`stop` raises them."""
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._threads: list[threading.Thread] = []
@@ -235,6 +237,8 @@ class FakeKubernetes:
         self._server.serve_forever(poll_interval=0.02)
 
     def stop(self) -> None:
+        """Stop serving; raise what crashed in the simulated cluster meanwhile (a bug in a fake
+        must fail the test that was running, not turn into a timeout or another, passing path)."""
         with self.lock:
             self.stopping = True
             self.lock.notify_all()
@@ -242,6 +246,16 @@ class FakeKubernetes:
         self._server.server_close()
         for thread in self._threads:
             thread.join(timeout=5)
+        if self.crashes:
+            raise ExceptionGroup("the fake Kubernetes API's controllers crashed", self.crashes)
+
+    def _crashed(self, where: str, exc: Exception) -> None:
+        """Keep ``exc`` for :meth:`stop`, unless the test had already switched the cluster off
+        (a kubelet call then finds its trio run gone: teardown, not a bug)."""
+        if self.controllers_enabled and not self.stopping:
+            exc.add_note(f"raised in the fake Kubernetes API's {where}")
+            with self.lock:
+                self.crashes.append(exc)
 
     # -- store (callers hold no lock; every method takes it) ---------------------------------
     def _emit(self, plural: str, type_: str, obj: Obj) -> None:
@@ -531,8 +545,8 @@ class FakeKubernetes:
                             self.lock.wait(timeout=0.05)
                 try:
                     self._reconcile(plural, obj)
-                except Exception as exc:  # pragma: no cover - a bug in the fake, make it visible
-                    print(f"fake kubernetes controller failed on {plural}: {exc!r}")
+                except Exception as exc:  # a bug in the fake: fail the test (see stop())
+                    self._crashed(f"controller, on {plural}", exc)
 
     @staticmethod
     def _watched_kind(plural: str, obj: Obj) -> bool:
@@ -611,8 +625,8 @@ class FakeKubernetes:
                 self.kubelet.deleted_pvc(obj)
             elif plural == "volumesnapshots":
                 self.kubelet.deleted_snapshot(obj)
-        except Exception as exc:  # pragma: no cover - visible in the test's output
-            print(f"fake kubelet failed on deleted {plural}: {exc!r}")
+        except Exception as exc:  # a bug in the fake: fail the test (see stop())
+            self._crashed(f"kubelet, on deleted {plural}", exc)
 
     def _first_time(self, plural: str, obj: Obj) -> bool:
         key = (plural, obj["metadata"]["namespace"], obj["metadata"]["name"])
@@ -677,6 +691,14 @@ class FakeKubernetes:
             self._finish_job(job, pod, outcome, None)
 
     def _finish_job(
+        self, job: Obj, pod: Obj, outcome: JobOutcome, hold: threading.Event | None
+    ) -> None:
+        try:
+            self._finish_job_now(job, pod, outcome, hold)
+        except Exception as exc:  # in its own thread when held: fail the test (see stop())
+            self._crashed("job runner", exc)
+
+    def _finish_job_now(
         self, job: Obj, pod: Obj, outcome: JobOutcome, hold: threading.Event | None
     ) -> None:
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from k8s_fake_api import FakeKubernetes, field_selector_matches, label_selector_matches, merge_patch
+from k8s_fake_api import (
+    FakeKubernetes,
+    PodOutcome,
+    field_selector_matches,
+    label_selector_matches,
+    merge_patch,
+    wait_until,
+)
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -79,3 +86,25 @@ def test_if_services_and_secrets_are_written_then_the_real_client_reads_them_bac
     with pytest.raises(ApiException) as gone:
         core.read_namespaced_secret("s", "n")
     assert gone.value.status == 404
+
+
+@pytest.mark.slow
+async def test_if_a_simulated_controller_crashes_then_stopping_the_fake_raises_it() -> None:
+    """If the fake's controller thread raises (a bug in the fake), then stop() raises it, not a print."""
+    fake = FakeKubernetes()
+    fake.start()
+
+    def broken_kubelet(pod: dict[str, object]) -> PodOutcome:
+        raise KeyError("containerPort")
+
+    fake.pod_rule = broken_kubelet
+    fake.put("", "persistentvolumeclaims", "ns", {"metadata": {"name": "data"}, "spec": {}})
+    pod_spec = {"volumes": [{"persistentVolumeClaim": {"claimName": "data"}}], "containers": []}
+    fake.put("", "pods", "ns", {"metadata": {"name": "db"}, "spec": pod_spec})
+    await wait_until(lambda: bool(fake.crashes))
+    with pytest.raises(ExceptionGroup) as caught:
+        fake.stop()
+    (crash,) = caught.value.exceptions
+    assert isinstance(crash, KeyError)
+    (note,) = crash.__notes__
+    assert note.startswith("raised in the fake Kubernetes API's controller, on ")
