@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import statistics
@@ -23,9 +24,18 @@ import subprocess
 import sys
 from functools import partial
 
+import structlog
 import trio
 
 TOKEN = "bench-token"
+
+
+def _quiet() -> None:
+    """Warnings and errors only, on stderr: stdout carries the port and the results."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
 
 
 def _raise_fd_limit() -> None:
@@ -164,6 +174,7 @@ def main() -> None:
     parser.add_argument("--gateway", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     _raise_fd_limit()
+    _quiet()
     if args.gateway:
         trio.run(_gateway_main)
         return
