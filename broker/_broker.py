@@ -150,6 +150,9 @@ class Broker:
             gateway_bytes_up=gw.bytes_up_total if gw else 0,
             gateway_bytes_down=gw.bytes_down_total if gw else 0,
             gateway_auth_failures=gw.auth_failures_total if gw else 0,
+            gateway_refused=gw.refused_total if gw else 0,
+            gateway_handshakes=gw.handshakes if gw else 0,
+            gateway_memory_held_bytes=gw.memory_held_bytes if gw else 0,
             trio_tasks=trio_tasks(),
         )
 

@@ -77,6 +77,12 @@ class Readings:
     """Cumulative bytes database → client since the gateway started (a counter)."""
     gateway_auth_failures: int = 0
     """Cumulative rejected tokens and secrets since the gateway started (a counter)."""
+    gateway_refused: int = 0
+    """Cumulative connections refused before authentication (caps, lockouts, a full gateway)."""
+    gateway_handshakes: int = 0
+    """Connections accepted whose credentials are not verified yet."""
+    gateway_memory_held_bytes: int = 0
+    """Bytes of the gateway's memory budget that sessions hold."""
     trio_tasks: int = 0
     """Trio tasks alive in the broker process; a count that climbs and never comes back is a leak."""
 
@@ -152,6 +158,21 @@ def _families(r: Readings) -> list[Metric]:
             "aldaas_gateway_auth_failures",
             "Gateway requests refused for a wrong instance token or lease secret.",
             value=r.gateway_auth_failures,
+        ),
+        CounterMetricFamily(
+            "aldaas_gateway_refused",
+            "Gateway connections refused before authentication (caps, lockouts, full gateway).",
+            value=r.gateway_refused,
+        ),
+        GaugeMetricFamily(
+            "aldaas_gateway_handshakes",
+            "Gateway connections whose credentials are not verified yet.",
+            value=r.gateway_handshakes,
+        ),
+        GaugeMetricFamily(
+            "aldaas_gateway_memory_held_bytes",
+            "Bytes of the gateway's memory budget held by sessions (replay and stream windows).",
+            value=r.gateway_memory_held_bytes,
         ),
     ]
 
@@ -277,6 +298,9 @@ _NAMES = frozenset(
         "aldaas_gateway_streams",
         "aldaas_gateway_bytes_total",
         "aldaas_gateway_auth_failures_total",
+        "aldaas_gateway_refused_total",
+        "aldaas_gateway_handshakes",
+        "aldaas_gateway_memory_held_bytes",
         "aldaas_trio_tasks",
         "aldaas_task_restarts_total",
         "aldaas_errors_total",

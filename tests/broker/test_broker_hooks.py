@@ -34,6 +34,9 @@ class FakeGatewayStatistics:
     bytes_up_total: int
     bytes_down_total: int
     auth_failures_total: int
+    refused_total: int
+    handshakes: int
+    memory_held_bytes: int
 
 
 @attrs.define
@@ -74,6 +77,9 @@ class FakeGateway:
             bytes_up_total=sum(up for up, _ in counted),
             bytes_down_total=sum(down for _, down in counted),
             auth_failures_total=0,
+            refused_total=0,
+            handshakes=0,
+            memory_held_bytes=0,
         )
 
 

@@ -32,7 +32,7 @@ def test_if_scraped_then_exactly_the_agreed_names_are_exported() -> None:
             continue  # the creation timestamps of counters and histograms, not metrics of their own
         names.add(family.name + "_total" if family.type == "counter" else family.name)
     assert names == set(exported_metric_names())
-    assert len(names) == 21
+    assert len(names) == 24
 
 
 def test_if_levels_change_then_the_next_scrape_reads_them() -> None:
@@ -57,6 +57,9 @@ def test_if_levels_change_then_the_next_scrape_reads_them() -> None:
         gateway_bytes_up=100,
         gateway_bytes_down=2000,
         gateway_auth_failures=5,
+        gateway_refused=6,
+        gateway_handshakes=3,
+        gateway_memory_held_bytes=1_310_720,
         restore_done_bytes=10,
         restore_total_bytes=30,
         trio_tasks=12,
@@ -72,6 +75,9 @@ def test_if_levels_change_then_the_next_scrape_reads_them() -> None:
     assert after[("aldaas_gateway_bytes_total", (("direction", "down"),))] == 2000
     assert after[("aldaas_gateway_bytes_total", (("direction", "up"),))] == 100
     assert after[("aldaas_gateway_auth_failures_total", ())] == 5
+    assert after[("aldaas_gateway_refused_total", ())] == 6
+    assert after[("aldaas_gateway_handshakes", ())] == 3
+    assert after[("aldaas_gateway_memory_held_bytes", ())] == 1_310_720
     assert after[("aldaas_restore_total_bytes", ())] == 30
     assert after[("aldaas_trio_tasks", ())] == 12
 
