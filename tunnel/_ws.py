@@ -632,6 +632,10 @@ _REASONS = {429: "Too Many Requests", 503: "Service Unavailable"}
 async def refuse_early(stream: trio.abc.Stream, status: int, message: str) -> None:
     """Answer ``status`` without reading the request (the gateway is over a connection
     limit and spends nothing on this peer), then hang up."""
+    if not isinstance(stream, trio.SocketStream):
+        # TLS: an answer would need a handshake the peer may stall; hang up at once.
+        await trio.aclose_forcefully(stream)
+        return
     body = (message + "; try again in a few seconds\n").encode()
     head = (
         f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: text/plain; charset=utf-8\r\n"

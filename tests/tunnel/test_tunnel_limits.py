@@ -4,10 +4,13 @@ sessions (HTTP 503), the memory budget, and what a refusal may tell a client."""
 from __future__ import annotations
 
 import functools
+import select
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+import trustme
 from tunnel_fakes import TOKEN, Rig, start_rig
 
 from aldaas.tunnel import NewSession, TunnelClient, open_control, serve_client
@@ -61,6 +64,35 @@ async def test_if_a_peer_holds_its_handshake_limit_then_its_next_connection_gets
     for tcp in [*idle[1:], again]:
         await tcp.aclose()
     other.close()
+
+
+async def test_if_a_tls_peer_is_over_its_handshake_limit_then_it_is_hung_up_on_at_once(
+    nursery: trio.Nursery, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """If the gateway serves TLS and one address holds its handshake limit, then its next
+    connection is closed without the clock moving (no TLS handshake is waited for), counted
+    by the address under TLS; another address still gets through."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    rig = await start_rig(
+        nursery,
+        tls_certificate=cert_file,
+        tls_private_key=key_file,
+        max_unauthenticated_per_peer=1,
+    )
+    idle = await idle_from(rig, "127.0.0.2")
+    assert rig.gateway.statistics().handshakes == 1
+    over = await idle_from(rig, "127.0.0.2")
+    assert select.select([over.socket.fileno()], [], [], 0)[0], "the refusal waited"
+    assert await over.receive_some(4096) == b""
+    assert rig.gateway.statistics().refused_total == 1
+    other = await idle_from(rig, "127.0.0.3")
+    assert rig.gateway.statistics().handshakes == 2
+    for tcp in (idle, over, other):
+        await tcp.aclose()
 
 
 async def test_if_the_gateway_holds_its_handshake_limit_then_every_new_connection_gets_503(
