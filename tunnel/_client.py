@@ -36,7 +36,6 @@ from aldaas.tunnel._protocol import (
     Role,
     Welcome,
 )
-from aldaas.tunnel._relay import current_relay
 from aldaas.tunnel._settings import ClientSettings
 from aldaas.tunnel._splice import Pipe
 from aldaas.tunnel._ws import HandshakeRejected, WebSocket, client_ssl_context, connect
@@ -243,6 +242,7 @@ async def serve_client(
         replay_limit=settings.replay_buffer_size,
         keepalive_interval=settings.keepalive_interval,
         keepalive_timeout=settings.keepalive_timeout,
+        relay=settings.relay,
     )
     context = _ssl_context(settings)
     failure: Exception | None = None
@@ -375,7 +375,7 @@ _ACCEPT_PAUSE = 0.1
 async def _accept_loop(mux: Mux, listeners: list[trio.SocketListener]) -> None:
     """Accept local connections in the relay task, each joined to a new stream by a
     :class:`Pipe`: no task and no scheduler pass per connection."""
-    relay = current_relay()
+    relay = mux.relay()
     socks = [socket.socket(fileno=listener.socket.detach()) for listener in listeners]
     out_of_resources = trio.Event()
 
@@ -399,7 +399,7 @@ async def _accept_loop(mux: Mux, listeners: list[trio.SocketListener]) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 mux.hold()  # the OPEN frame and the first bytes go in one message
                 try:
-                    Pipe(mux.open_stream(), sock, read_now=True)
+                    Pipe(mux.open_stream(), sock, relay, read_now=True)
                 finally:
                     mux.release()
             except (OSError, trio.BrokenResourceError):
@@ -465,6 +465,7 @@ async def open_control(settings: ClientSettings, token: str) -> AsyncIterator[Co
         replay_limit=settings.replay_buffer_size,
         keepalive_interval=settings.keepalive_interval,
         keepalive_timeout=settings.keepalive_timeout,
+        relay=settings.relay,
     )
     try:
         with trio.fail_after(settings.connect_timeout):

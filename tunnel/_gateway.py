@@ -132,6 +132,7 @@ class _Session:
             replay_limit=settings.replay_buffer_size,
             keepalive_interval=settings.keepalive_interval,
             keepalive_timeout=settings.keepalive_timeout,
+            relay=settings.relay,
             on_stream=self._on_stream,
             on_request=self._on_request,
             on_protocol_error=gateway._count_protocol_error,
@@ -241,7 +242,7 @@ class _Session:
             self._route_failed(stream)
             return
         if started is not None and started[1]:
-            Pipe(stream, started[0], read_now=False)
+            Pipe(stream, started[0], self.mux.relay(), read_now=False)
         else:
             self.nursery.start_soon(self._connect, stream, host, port, started)
 
@@ -261,7 +262,7 @@ class _Session:
         except (OSError, trio.TooSlowError) as exc:
             self._connect_failed(stream, exc)
             return
-        Pipe(stream, sock, read_now=False)
+        Pipe(stream, sock, self.mux.relay(), read_now=False)
 
     def _connect_failed(self, stream: TunnelStream, exc: Exception) -> None:
         stream.reset(ResetCode.CONNECT_FAILED, _connect_error(exc))
@@ -738,6 +739,7 @@ class Gateway:
                 replay_limit=settings.replay_buffer_size,
                 keepalive_interval=settings.keepalive_interval,
                 keepalive_timeout=settings.keepalive_timeout,
+                relay=settings.relay,
                 on_request=on_request,
                 on_protocol_error=self._count_protocol_error,
             )
@@ -859,6 +861,9 @@ async def serve_gateway(
     task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the gateway until cancelled; ``nursery.start`` returns its :class:`Gateway`."""
+    # Started with the gateway (its task and epoll are there from the start); an epoll relay
+    # asked for where there is none fails here, before anything listens.
+    current_relay(settings.relay)
     listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
     tcp_listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
     port = tcp_listeners[0].socket.getsockname()[1]
@@ -870,7 +875,6 @@ async def serve_gateway(
         listeners = [trio.SSLListener(lst, context, https_compatible=True) for lst in tcp_listeners]
     else:
         listeners = list(tcp_listeners)
-    current_relay()  # started with the gateway: its task and epoll are there from the start
     async with trio.open_nursery() as nursery:
         gateway = Gateway(settings, hooks, nursery, port)
         await nursery.start(trio.serve_listeners, gateway._serve_connection, listeners)

@@ -41,7 +41,7 @@ from aldaas.tunnel._protocol import (
     State,
     WindowUpdate,
 )
-from aldaas.tunnel._relay import current_relay
+from aldaas.tunnel._relay import Relay, RelayMode, current_relay, resolve_mode
 from aldaas.tunnel._ws import WebSocket
 
 ACK_EVERY = 64 * 1024
@@ -377,8 +377,11 @@ class Mux:
         on_request: RequestHandler | None = None,
         on_protocol_error: Callable[[ProtocolError], None] | None = None,
         budget: MemoryBudget | None = None,
+        relay: RelayMode = "auto",
     ) -> None:
         self.conn = conn
+        self.relay_mode: RelayMode = "epoll" if resolve_mode(relay) == "epoll" else "portable"
+        """The relay this session's sockets use (see tunnel/_relay.py), resolved once."""
         self.budget = budget
         """The gateway's memory budget: replay beyond the first chunk and each stream's
         receive window are taken from it (None: no ceiling but ``replay_limit``)."""
@@ -414,6 +417,10 @@ class Mux:
         self._ping_sent_at: dict[bytes, float] = {}
         self._responses: dict[int, trio.Event] = {}
         self._results: dict[int, Response] = {}
+
+    def relay(self) -> Relay:
+        """The run's relay of this session's kind."""
+        return current_relay(self.relay_mode)
 
     @property
     def usable(self) -> bool:
@@ -679,7 +686,7 @@ class Mux:
         time the socket is readable, its callback handles what arrived, in the relay's
         task step (see tunnel/_relay.py)."""
         self._dispatch()  # bytes that arrived with the handshake
-        relay = current_relay()
+        relay = self.relay()
         ended = trio.Event()
         failure: list[Exception] = []
         conn = self.conn

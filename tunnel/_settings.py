@@ -6,6 +6,8 @@ import pathlib
 
 import attrs
 
+from aldaas.tunnel._relay import RelayMode
+
 
 @attrs.frozen(kw_only=True)
 class GatewaySettings:
@@ -66,6 +68,11 @@ class GatewaySettings:
     docs/protocol.md)."""
     traffic_report_interval: float = 1.0
     """Seconds between traffic reports per session; idle TTLs need no finer grain."""
+    relay: RelayMode = "auto"
+    """How ready sockets are served: ``epoll`` (the Linux accelerator: one epoll of the
+    tunnel's own, fewest scheduler passes), ``portable`` (trio's own waits: macOS, Windows),
+    or ``auto``: the ``ALDAAS_TUNNEL_RELAY`` variable if set, else ``epoll`` where it exists.
+    Both carry the same protocol; ``portable`` is the way around a suspected relay bug."""
 
 
 @attrs.frozen(kw_only=True)
@@ -100,3 +107,6 @@ class ClientSettings:
     """First backoff delay after a drop; doubled per failed attempt, with full jitter."""
     reconnect_max_delay: float = 8.0
     """Backoff ceiling; stays well inside the gateway's 30 s grace period."""
+    relay: RelayMode = "auto"
+    """How ready sockets are served: ``epoll`` (Linux only), ``portable`` (any platform) or
+    ``auto``: the ``ALDAAS_TUNNEL_RELAY`` variable if set, else ``epoll`` where it exists."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 from collections.abc import Sequence
 
@@ -20,15 +19,36 @@ import trio
 
 from aldaas.tunnel._mux import TunnelStream
 from aldaas.tunnel._protocol import ResetCode
-from aldaas.tunnel._relay import current_relay
+from aldaas.tunnel._relay import READABLE as _IN
+from aldaas.tunnel._relay import TROUBLE as _TROUBLE
+from aldaas.tunnel._relay import WRITABLE as _OUT
+from aldaas.tunnel._relay import Relay
 
 TCP_READ_SIZE = 256 * 1024
 """Bytes asked of the TCP socket per read: large enough that bulk moves in few frames."""
 _IOV_MAX = 1024
-_IN = select.EPOLLIN
-_OUT = select.EPOLLOUT
-_TROUBLE = select.EPOLLERR | select.EPOLLHUP
 _LOST = "the TCP connection at the other end broke"
+_IN_PROGRESS = {errno.EINPROGRESS, errno.EWOULDBLOCK, getattr(errno, "WSAEWOULDBLOCK", 10035)}
+"""``connect_ex`` results of a non-blocking connect under way (Windows says WSAEWOULDBLOCK)."""
+SOCKET_IS_FD = os.name != "nt"
+"""Whether a socket is a file descriptor (``os.read``/``os.writev`` work on it): everywhere
+but Windows, where the socket's own ``recv``/``send`` are used."""
+
+
+def read_socket(sock: socket.socket, fd: int, size: int) -> bytes:
+    """Up to ``size`` bytes from the non-blocking socket ``sock`` (``fd`` is its number);
+    raises BlockingIOError if none are there yet."""
+    return os.read(fd, size) if SOCKET_IS_FD else sock.recv(size)
+
+
+def write_socket(sock: socket.socket, fd: int, parts: Sequence[bytes | memoryview]) -> int:
+    """Write as much of ``parts`` as the non-blocking socket takes now, in one system call
+    (``writev`` where sockets are file descriptors); the number of bytes written."""
+    if len(parts) == 1:
+        return os.write(fd, parts[0]) if SOCKET_IS_FD else sock.send(parts[0])
+    if SOCKET_IS_FD:
+        return os.writev(fd, parts[:_IOV_MAX])
+    return sock.send(b"".join(parts))
 
 
 def _ip_family(host: str) -> socket.AddressFamily | None:
@@ -50,11 +70,12 @@ def start_connect(host: str, port: int) -> tuple[socket.socket, bool] | None:
     family = _ip_family(host)
     if family is None:
         return None
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        sock.setblocking(False)  # not SOCK_NONBLOCK: Linux only
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         error = sock.connect_ex((host, port))
-        if error == errno.EINPROGRESS:
+        if error in _IN_PROGRESS:
             try:
                 sock.getpeername()  # succeeds once the handshake is over
             except OSError:
@@ -117,11 +138,13 @@ class Pipe:
     stream close. A broken socket resets the stream; a broken stream closes the socket.
     """
 
-    def __init__(self, stream: TunnelStream, sock: socket.socket, *, read_now: bool) -> None:
+    def __init__(
+        self, stream: TunnelStream, sock: socket.socket, relay: Relay, *, read_now: bool
+    ) -> None:
         self._stream = stream
         self._sock = sock
         self._fd = sock.fileno()
-        self._relay = current_relay()
+        self._relay = relay
         self._handler = self._on_events  # one bound method: the relay removes by identity
         self._events = 0
         self._reading = True
@@ -156,7 +179,7 @@ class Pipe:
 
     def _read(self) -> None:
         try:
-            data = os.read(self._fd, TCP_READ_SIZE)
+            data = read_socket(self._sock, self._fd, TCP_READ_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -213,10 +236,7 @@ class Pipe:
         """Write ``parts`` now; keep what the socket did not take for when it is writable.
         False if the connection broke (the pipe is closed then)."""
         try:
-            if len(parts) == 1:
-                written = os.write(self._fd, parts[0])
-            else:
-                written = os.writev(self._fd, parts[:_IOV_MAX])
+            written = write_socket(self._sock, self._fd, parts)
         except BlockingIOError:
             written = 0
         except OSError as exc:

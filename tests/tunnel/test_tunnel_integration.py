@@ -92,6 +92,7 @@ async def echo_roundtrip(address: tuple[str, int], payload: bytes) -> bytes:
     return bytes(received)
 
 
+@pytest.mark.usefixtures("relay_mode")
 async def test_if_a_local_connection_is_made_then_bytes_echo_through_the_tunnel(rig: Rig) -> None:
     """If an application connects to the local port, then the echo server's reply comes back."""
     events: list[ClientEvent] = []
@@ -105,6 +106,7 @@ async def test_if_a_local_connection_is_made_then_bytes_echo_through_the_tunnel(
     client.close()
 
 
+@pytest.mark.usefixtures("relay_mode")
 async def test_if_50_streams_move_data_at_once_then_every_checksum_matches(rig: Rig) -> None:
     """If 50 concurrent connections echo 96 KiB each, then each gets exactly its bytes back."""
     client = await start_client(rig)
@@ -128,6 +130,7 @@ async def test_if_50_streams_move_data_at_once_then_every_checksum_matches(rig: 
     client.close()
 
 
+@pytest.mark.usefixtures("relay_mode")
 @pytest.mark.parametrize("attached_from_cache", [False, True])
 async def test_if_the_websocket_is_cut_mid_transfer_then_the_session_resumes_intact(
     nursery: trio.Nursery, attached_from_cache: bool
@@ -294,6 +297,7 @@ async def test_if_more_streams_than_allowed_open_then_only_the_extra_one_is_rese
     client.close()
 
 
+@pytest.mark.usefixtures("relay_mode")
 async def test_if_the_address_cannot_be_reached_then_the_stream_is_reset(rig: Rig) -> None:
     """If the session's address refuses connections, then the stream is reset (code 2)."""
     client = await start_client(rig)
@@ -304,6 +308,7 @@ async def test_if_the_address_cannot_be_reached_then_the_stream_is_reset(rig: Ri
     client.close()
 
 
+@pytest.mark.usefixtures("relay_mode")
 async def test_if_the_session_resolves_to_a_host_name_then_streams_connect_through_a_task(
     rig: Rig,
 ) -> None:
@@ -332,6 +337,7 @@ async def test_if_the_resolver_fails_then_the_stream_is_reset_as_an_internal_err
     client.close()
 
 
+@pytest.mark.usefixtures("relay_mode")
 async def test_if_the_client_stops_then_its_local_connections_close(rig: Rig) -> None:
     """If the client is closed while an application is connected, then that connection
     ends (EOF) instead of hanging."""
@@ -346,6 +352,7 @@ async def test_if_the_client_stops_then_its_local_connections_close(rig: Rig) ->
             assert await tcp.receive_some(1) == b""
 
 
+@pytest.mark.usefixtures("relay_mode")
 async def test_if_the_process_runs_out_of_file_descriptors_then_accepting_pauses_and_resumes(
     rig: Rig,
 ) -> None:
@@ -555,6 +562,7 @@ class DetachWatchingHooks(FakeHooks):
         self.detached_once.set()
 
 
+@pytest.mark.usefixtures("relay_mode")
 async def test_if_a_new_client_process_attaches_a_detached_session_then_old_streams_reset(
     nursery: trio.Nursery,
 ) -> None:
@@ -653,6 +661,7 @@ async def test_if_streams_carry_bytes_then_the_owner_hears_the_traffic(
     client.close()
 
 
+@pytest.mark.usefixtures("relay_mode")
 async def test_if_the_gateway_serves_tls_then_a_client_trusting_its_ca_gets_through(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

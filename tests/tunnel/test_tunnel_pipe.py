@@ -14,8 +14,10 @@ import trio
 import trio.testing
 from tunnel_fakes import mux_pair, receive_exactly, send_in_background
 
-from aldaas.tunnel import TunnelStream
+from aldaas.tunnel import TunnelStream, _splice
 from aldaas.tunnel._splice import TCP_READ_SIZE, Pipe, connect_socket, start_connect
+
+pytestmark = pytest.mark.usefixtures("relay_mode")  # each test on both relays
 
 WINDOW = 64 * 1024
 
@@ -71,7 +73,7 @@ async def piped(nursery: trio.Nursery) -> AsyncIterator[Callable[..., Awaitable[
         left = client.open_stream()
         right = await accepted.receive()
         near, far = tcp_pair(small=small)
-        made.append((left, Pipe(right, near, read_now=False), as_stream(far)))
+        made.append((left, Pipe(right, near, client.relay(), read_now=False), as_stream(far)))
         return made[-1]
 
     yield make
@@ -211,6 +213,27 @@ async def test_if_the_session_ends_then_every_piped_socket_closes(
     pipe._stream._mux.finish("the test ended the session")
     assert pipe.closed
     assert await far.receive_some() == b""
+
+
+@bounded
+async def test_if_sockets_are_not_file_descriptors_then_the_pipe_uses_recv_and_send(
+    piped: Callable[..., Awaitable[Piped]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If sockets are no file descriptors (Windows), then the pipe moves bursts of frames
+    both ways with the socket's own recv and send, and passes the half-close on."""
+    monkeypatch.setattr(_splice, "SOCKET_IS_FD", False)
+    left, _pipe, far = await piped()
+    down = os.urandom(4 * 9000)
+    for i in range(4):  # several payloads in one delivery: one joined send
+        assert left.send_available(down[i * 9000 : (i + 1) * 9000]) == 9000
+    assert await receive_exactly(far, len(down)) == down
+    up = os.urandom(3 * WINDOW)
+    async with trio.open_nursery() as nursery:
+        sent = send_in_background(nursery, far, up)
+        assert await receive_exactly(left, len(up)) == up
+    assert sent.is_set()
+    await far.send_eof()
+    assert await left.receive_some() == b""
 
 
 async def test_if_a_target_refuses_or_answers_then_connecting_says_so_or_connects() -> None:

@@ -5,11 +5,24 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection
+from wsproto.events import Request as WsRequest
 from wsproto.frame_protocol import FrameProtocol
 
-from aldaas.tunnel._ws import FrameError, FrameReader, _mask, _mask_python, _MaskKeys
+from aldaas.tunnel._ws import (
+    FrameError,
+    FrameReader,
+    WebSocket,
+    _mask,
+    _mask_python,
+    _MaskKeys,
+    wsproto_buffered,
+)
 
 
 def client_frames() -> tuple[bytes, bytes]:
@@ -96,3 +109,36 @@ def test_if_many_masking_keys_are_drawn_then_each_is_four_bytes_and_they_vary() 
     drawn = [keys.next() for _ in range(3000)]
     assert all(len(key) == 4 for key in drawn)
     assert len(set(drawn)) > 2900
+
+
+def opened_pair() -> tuple[WSConnection, WSConnection]:
+    """A client and a server wsproto connection past the upgrade, nothing else sent."""
+    client = WSConnection(ConnectionType.CLIENT)
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(WsRequest(host="test", target="/tunnel")))
+    list(server.events())
+    client.receive_data(server.send(AcceptConnection()))
+    list(client.events())
+    return client, server
+
+
+def test_if_wsproto_moves_its_private_frame_buffer_then_this_test_fails_loudly() -> None:
+    """If the upgrade is over, then the tunnel reads how many bytes wsproto holds unparsed
+    (0, then the start of a frame that arrived): a wsproto release that moves that private
+    buffer fails here, instead of quietly costing every websocket the fast parser."""
+    client, server = opened_pair()
+    assert (wsproto_buffered(client), wsproto_buffered(server)) == (0, 0)
+    server.receive_data(b"\x82\x85")  # the first two bytes of a masked 5-byte frame
+    assert list(server.events()) == []
+    assert wsproto_buffered(server) == 2
+
+
+def test_if_wsproto_cannot_say_what_it_holds_then_the_websocket_keeps_its_parser() -> None:
+    """If the upgrade is not over (or wsproto keeps its bytes elsewhere), then nothing is
+    known and the websocket stays with wsproto's parser, which owns those bytes."""
+    client = WSConnection(ConnectionType.CLIENT)
+    assert wsproto_buffered(client) is None
+    a, _b = trio.testing.memory_stream_pair()
+    ws = WebSocket(a, client, 65536)
+    ws._choose_parser()
+    assert (ws._parse_ourselves, ws._frames) == (False, None)
