@@ -133,6 +133,18 @@ class Relay(Protocol):
 _RELAYS: trio.lowlevel.RunVar[dict[str, Relay]] = trio.lowlevel.RunVar("aldaas_relays")
 
 
+def _call(relay: Relay, fd: int, handler: Handler, events: int) -> bool:
+    """Run one handler; False if it raised (logged, and the handler removed: a bug in one
+    owner's handler must not end every relay)."""
+    try:
+        handler(events)
+    except Exception:
+        log.exception("tunnel relay handler failed", fd=fd)
+        relay.remove(fd, handler)
+        return False
+    return True
+
+
 class _TrioView:
     """What the relay reads of trio's run loop (private attributes, checked once)."""
 
@@ -258,12 +270,7 @@ class EpollRelay:
                     handler = handlers.get(fd)
                     if handler is not None:
                         self.callbacks += 1
-                        try:
-                            handler(mask)
-                        except Exception:
-                            # A bug in one owner's handler must not end every relay.
-                            log.exception("tunnel relay handler failed", fd=fd)
-                            self.remove(fd, handler)
+                        _call(self, fd, handler, mask)
                 if view is None or view.busy() or time.perf_counter() - last_yield > YIELD_EVERY:
                     # Tasks the handlers woke (and trio's own I/O) run now.
                     alone = False
@@ -371,12 +378,7 @@ class PortableRelay:
                 if handler is None or not wanted.get(fd, 0) & direction:
                     break
                 self.callbacks += 1
-                try:
-                    handler(direction)
-                except Exception:
-                    # A bug in one owner's handler must not end every relay.
-                    log.exception("tunnel relay handler failed", fd=fd)
-                    self.remove(fd, handler)
+                if not _call(self, fd, handler, direction):
                     return
         if waiters.get(key) is scope:
             del waiters[key]

@@ -164,6 +164,27 @@ class BrokerProcess:
         return list(body["leases"])
 
 
+@contextlib.contextmanager
+def running_broker(
+    data_dir: pathlib.Path, work: pathlib.Path, overrides: Sequence[str], warm: int = 1
+) -> Iterator[BrokerProcess]:
+    """A broker over a new backup folder in ``work``, ready with ``warm`` clones; stopped
+    when the block ends."""
+    write_backup(work / "backups")
+    broker = BrokerProcess(
+        data_dir=data_dir,
+        backups=work / "backups",
+        log_path=work / "broker.log",
+        overrides=overrides,
+    )
+    broker.start()
+    try:
+        broker.wait_ready(warm=warm)
+        yield broker
+    finally:
+        broker.stop()
+
+
 @attrs.define
 class Clients:
     """Runs ``aldaas`` client commands against one broker, with their own state folder."""

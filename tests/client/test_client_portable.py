@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from aldaas_e2e import ROOT, ROWS, BrokerProcess, Clients, psql_path, write_backup
+from aldaas_e2e import ROOT, ROWS, BrokerProcess, Clients, psql_path, running_broker
 
 pytestmark = pytest.mark.slow
 
@@ -28,20 +28,9 @@ NO_EPOLL = pathlib.Path(__file__).resolve().parent / "no_epoll"
 def broker(
     module_data_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BrokerProcess]:
-    work = tmp_path_factory.mktemp("client-portable")
-    write_backup(work / "backups")
-    b = BrokerProcess(
-        data_dir=module_data_dir,
-        backups=work / "backups",
-        log_path=work / "broker.log",
-        overrides=["pool.size=1", "lease.ttl=300", "gateway.relay=portable"],
-    )
-    b.start()
-    try:
-        b.wait_ready(warm=1)
+    overrides = ["pool.size=1", "lease.ttl=300", "gateway.relay=portable"]
+    with running_broker(module_data_dir, tmp_path_factory.mktemp("portable"), overrides) as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture

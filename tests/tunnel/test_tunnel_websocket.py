@@ -9,9 +9,8 @@ import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tunnel_fakes import ws_pair
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection
-from wsproto.events import Request as WsRequest
 from wsproto.frame_protocol import FrameProtocol
 
 from aldaas.tunnel._ws import (
@@ -111,22 +110,11 @@ def test_if_many_masking_keys_are_drawn_then_each_is_four_bytes_and_they_vary() 
     assert len(set(drawn)) > 2900
 
 
-def opened_pair() -> tuple[WSConnection, WSConnection]:
-    """A client and a server wsproto connection past the upgrade, nothing else sent."""
-    client = WSConnection(ConnectionType.CLIENT)
-    server = WSConnection(ConnectionType.SERVER)
-    server.receive_data(client.send(WsRequest(host="test", target="/tunnel")))
-    list(server.events())
-    client.receive_data(server.send(AcceptConnection()))
-    list(client.events())
-    return client, server
-
-
 def test_if_wsproto_moves_its_private_frame_buffer_then_this_test_fails_loudly() -> None:
     """If the upgrade is over, then the tunnel reads how many bytes wsproto holds unparsed
     (0, then the start of a frame that arrived): a wsproto release that moves that private
     buffer fails here, instead of quietly costing every websocket the fast parser."""
-    client, server = opened_pair()
+    client, server = ws_pair()
     assert (wsproto_buffered(client), wsproto_buffered(server)) == (0, 0)
     server.receive_data(b"\x82\x85")  # the first two bytes of a masked 5-byte frame
     assert list(server.events()) == []

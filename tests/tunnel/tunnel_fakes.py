@@ -226,18 +226,24 @@ async def start_cut_proxy(nursery: trio.Nursery, target: tuple[str, int]) -> Cut
     return proxy
 
 
+def ws_pair() -> tuple[WSConnection, WSConnection]:
+    """A client and a server wsproto connection past the upgrade, nothing else sent."""
+    client = WSConnection(ConnectionType.CLIENT)
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(WsRequest(host="test", target="/tunnel")))
+    list(server.events())
+    client.receive_data(server.send(AcceptConnection()))
+    list(client.events())
+    return client, server
+
+
 async def mux_pair(
     nursery: trio.Nursery, *, window: int = 64 * 1024, replay_limit: int = 8 * 1024 * 1024
 ) -> tuple[Mux, trio.MemoryReceiveChannel[TunnelStream]]:
     """Two muxes joined by an in-memory websocket; the server side's streams come out of the
     returned channel (no gateway, no TCP: the streams themselves are under test)."""
     client_end, server_end = trio.testing.memory_stream_pair()
-    cws = WSConnection(ConnectionType.CLIENT)
-    sws = WSConnection(ConnectionType.SERVER)
-    sws.receive_data(cws.send(WsRequest(host="test", target="/tunnel")))
-    list(sws.events())
-    cws.receive_data(sws.send(AcceptConnection()))
-    list(cws.events())
+    cws, sws = ws_pair()
     cconn = Connection(Role.CLIENT, window=window)
     sconn = Connection(Role.SERVER, window=window)
     sconn.receive_data(cconn.send(Hello(mode="new")))
