@@ -15,6 +15,8 @@ Three small ledgers the gateway consults before it commits anything to a peer:
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 LOCKOUT_FIRST = 0.1
 """Seconds a peer is locked out after its first failed login; doubled per failure."""
 LOCKOUT_MAX = 5.0
@@ -78,28 +80,51 @@ class LoginPenalties:
     its other leases. Attempts refused during a lockout are not failures: they neither count
     nor extend it, so a client that retries (behind the same ingress address as a guesser)
     gets in once the lockout ends.
+
+    Instance-token and session entries are kept apart, each at most :data:`PEERS_MAX`: a
+    peer failing with made-up session ids (which cost it nothing) cannot push its own
+    instance-token lockout out of memory. A session id is remembered by its first
+    :data:`CREDENTIAL_CHARS` characters, so made-up ids cost little memory.
     """
 
     def __init__(self) -> None:
-        self._pairs: dict[tuple[str, str], tuple[int, float, float]] = {}
+        self._instance: dict[str, tuple[int, float, float]] = {}
+        self._sessions: dict[tuple[str, str], tuple[int, float, float]] = {}
 
     def failed(self, peer: str, credential: str, now: float) -> tuple[int, float]:
         """Record a failure; return the pair's recent failures and its lockout in seconds."""
-        key = (peer, credential)
-        count, last, _ = self._pairs.pop(key, (0, now, now))
-        if now - last > FORGET_SECONDS:
-            count = 0
-        count += 1
-        lockout = min(LOCKOUT_MAX, LOCKOUT_FIRST * 2.0 ** min(count - 1, 16))
-        self._pairs[key] = (count, now, now + lockout)
-        while len(self._pairs) > PEERS_MAX:
-            del self._pairs[next(iter(self._pairs))]
-        return count, lockout
+        if credential:
+            return _fail(self._sessions, (peer, credential[:CREDENTIAL_CHARS]), now)
+        return _fail(self._instance, peer, now)
 
     def locked_for(self, peer: str, credential: str, now: float) -> float:
         """Seconds the pair is still locked out (0 if it may try now)."""
-        entry = self._pairs.get((peer, credential))
+        if credential:
+            entry = self._sessions.get((peer, credential[:CREDENTIAL_CHARS]))
+        else:
+            entry = self._instance.get(peer)
         return 0.0 if entry is None else max(0.0, entry[2] - now)
+
+
+CREDENTIAL_CHARS = 64
+"""Characters of a session id a lockout is keyed by (ours are far shorter)."""
+
+
+_Key = TypeVar("_Key", str, tuple[str, str])
+
+
+def _fail(
+    entries: dict[_Key, tuple[int, float, float]], key: _Key, now: float
+) -> tuple[int, float]:
+    count, last, _ = entries.pop(key, (0, now, now))
+    if now - last > FORGET_SECONDS:
+        count = 0
+    count += 1
+    lockout = min(LOCKOUT_MAX, LOCKOUT_FIRST * 2.0 ** min(count - 1, 16))
+    entries[key] = (count, now, now + lockout)
+    while len(entries) > PEERS_MAX:
+        del entries[next(iter(entries))]
+    return count, lockout
 
 
 REPLAY_CHUNK = 256 * 1024

@@ -14,7 +14,7 @@ import trustme
 from tunnel_fakes import TOKEN, Rig, start_rig
 
 from aldaas.tunnel import NewSession, TunnelClient, open_control, serve_client
-from aldaas.tunnel._limits import REPLAY_CHUNK
+from aldaas.tunnel._limits import PEERS_MAX, REPLAY_CHUNK, LoginPenalties
 from aldaas.tunnel._ws import HandshakeRejected, connect
 
 pytestmark = pytest.mark.slow
@@ -221,3 +221,16 @@ async def test_if_the_budget_leaves_no_room_to_grow_the_replay_then_bulk_data_st
     assert received == payload
     assert max(held) <= budget
     client.close()
+
+
+def test_if_a_peer_fails_with_many_made_up_session_ids_then_its_token_lockout_stays() -> None:
+    """If a peer locked out for the instance token then fails with more made-up session ids
+    than the penalties remember, then its instance-token lockout is still there."""
+    penalties = LoginPenalties()
+    penalties.failed("10.0.0.1", "", now=0.0)
+    for n in range(PEERS_MAX + 10):
+        penalties.failed("10.0.0.1", f"made-up-{n}" + "x" * 1000, now=0.01)
+    assert penalties.locked_for("10.0.0.1", "", now=0.02) > 0
+    assert penalties.locked_for("10.0.0.1", "made-up-0" + "x" * 1000, now=0.02) == 0
+    assert penalties.locked_for("10.0.0.1", f"made-up-{PEERS_MAX + 9}", now=0.02) == 0
+    assert penalties.locked_for("10.0.0.1", f"made-up-{PEERS_MAX + 9}" + "x" * 1000, now=0.02) > 0
