@@ -35,6 +35,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from aldaas.pool import Command, Kind, LocalProvider, LocalSettings
 from aldaas.pool.providers.local._postgres import read_postmaster_pid
+from aldaas.pool.providers.local._servers import Servers
 
 ROW_BYTES = 1000  # ~990 bytes of payload + header per row, below the TOAST threshold
 
@@ -99,8 +100,8 @@ def _timed(phase: str, method: Any) -> Any:
     return wrapper
 
 
-LocalProvider._copy = _timed("copy", LocalProvider._copy)  # type: ignore[method-assign]
-LocalProvider._start = _timed("start", LocalProvider._start)  # type: ignore[method-assign]
+Servers.copy = _timed("copy", Servers.copy)  # type: ignore[method-assign]
+Servers.start = _timed("start", Servers.start)  # type: ignore[method-assign]
 
 
 async def time_clones(

@@ -58,7 +58,8 @@ from ._settings import (
     WarmPoolSettings,
 )
 from ._states import CloneState, IllegalTransition, LeaseState, SnapshotState
-from .providers.local._provider import DataFolderLock, LocalProvider
+from .providers.local._files import DataFolderLock
+from .providers.local._provider import LocalProvider
 from .providers.local._settings import LocalSettings
 from .sources._directory import DirectorySource
 from .sources._formats import (
