@@ -118,8 +118,17 @@ def _need_token(opts: Options) -> str:
 
 
 def _settings(opts: Options, *, port: int, listen: bool = True) -> tunnel.ClientSettings:
+    try:
+        relay = tunnel.resolve_relay("auto", {tunnel.RELAY_ENV: opts.relay})
+    except ValueError as exc:
+        raise ClientError(f"{exc}.", exit_code=2) from None
     return tunnel.ClientSettings(
-        url=opts.url, listen_host=opts.listen, listen_port=port, listen=listen, ca_file=opts.ca_file
+        url=opts.url,
+        listen_host=opts.listen,
+        listen_port=port,
+        listen=listen,
+        ca_file=opts.ca_file,
+        relay=relay,
     )
 
 

@@ -49,6 +49,9 @@ class Options:
     name: str
     ca_file: pathlib.Path | None
     state_dir: pathlib.Path
+    relay: str = ""
+    """``ALDAAS_TUNNEL_RELAY`` as set (``portable`` turns the tunnel's Linux accelerator off);
+    checked where the tunnel starts, which knows what this platform has."""
 
     @property
     def server(self) -> str:
@@ -163,4 +166,5 @@ def resolve(
         name=_pick(name, environ, "ALDAAS_NAME") or DEFAULT_NAME,
         ca_file=ca_path,
         state_dir=state_dir,
+        relay=environ.get("ALDAAS_TUNNEL_RELAY", ""),
     )

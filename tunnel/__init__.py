@@ -50,9 +50,12 @@ from aldaas.tunnel._protocol import (
     Welcome,
     WindowUpdate,
 )
+from aldaas.tunnel._relay import RELAY_ENV, RelayKind, RelayMode
+from aldaas.tunnel._relay import resolve_mode as resolve_relay
 from aldaas.tunnel._settings import ClientSettings, GatewaySettings
 
 __all__ = [
+    "RELAY_ENV",
     "SUBPROTOCOL",
     "Acknowledged",
     "AttachSession",
@@ -85,6 +88,8 @@ __all__ = [
     "Progress",
     "ProgressCallback",
     "ProtocolError",
+    "RelayKind",
+    "RelayMode",
     "RemoteProtocolError",
     "Request",
     "ResetCode",
@@ -102,6 +107,7 @@ __all__ = [
     "Welcome",
     "WindowUpdate",
     "open_control",
+    "resolve_relay",
     "serve_client",
     "serve_gateway",
 ]

@@ -41,7 +41,7 @@ from aldaas.tunnel._protocol import (
     State,
     WindowUpdate,
 )
-from aldaas.tunnel._relay import Relay, RelayMode, current_relay, resolve_mode
+from aldaas.tunnel._relay import Relay, RelayKind, RelayMode, current_relay, resolve_mode
 from aldaas.tunnel._ws import WebSocket
 
 ACK_EVERY = 64 * 1024
@@ -380,7 +380,7 @@ class Mux:
         relay: RelayMode = "auto",
     ) -> None:
         self.conn = conn
-        self.relay_mode: RelayMode = "epoll" if resolve_mode(relay) == "epoll" else "portable"
+        self.relay_kind: RelayKind = resolve_mode(relay)
         """The relay this session's sockets use (see tunnel/_relay.py), resolved once."""
         self.budget = budget
         """The gateway's memory budget: replay beyond the first chunk and each stream's
@@ -420,7 +420,7 @@ class Mux:
 
     def relay(self) -> Relay:
         """The run's relay of this session's kind."""
-        return current_relay(self.relay_mode)
+        return current_relay(self.relay_kind)
 
     @property
     def usable(self) -> bool:

@@ -77,9 +77,10 @@ Handler = Callable[[int], None]
 RelayMode = Literal["auto", "epoll", "portable"]
 """Which relay to use: ``epoll`` (Linux only), ``portable`` (trio's own waits, any
 platform), or ``auto``: :data:`RELAY_ENV` if set, else ``epoll`` where it exists."""
+RelayKind = Literal["epoll", "portable"]
+"""What a :data:`RelayMode` stands for on this platform (:func:`resolve_mode`)."""
 RELAY_ENV = "ALDAAS_TUNNEL_RELAY"
 """Environment variable that ``auto`` follows: ``epoll`` or ``portable``."""
-_KINDS = ("epoll", "portable")
 
 
 def epoll_available() -> bool:
@@ -87,26 +88,31 @@ def epoll_available() -> bool:
     return hasattr(select, "epoll")
 
 
-def resolve_mode(mode: RelayMode, environ: Mapping[str, str] | None = None) -> str:
-    """The relay ``mode`` stands for here: ``epoll`` or ``portable``. Raises ValueError
-    (one sentence) for an unknown mode, or ``epoll`` where it does not exist."""
+def resolve_mode(mode: str, environ: Mapping[str, str] | None = None) -> RelayKind:
+    """The relay ``mode`` (a :data:`RelayMode`) stands for here; ``auto`` reads
+    :data:`RELAY_ENV` in ``environ`` (default ``os.environ``). Raises ValueError (one
+    sentence naming the setting or the variable) for an unknown mode, or for ``epoll``
+    where it does not exist."""
     env = os.environ if environ is None else environ
     source = "the tunnel relay setting"
+    chosen = mode
     if mode == "auto":
         chosen = env.get(RELAY_ENV, "").strip().lower()
         if not chosen or chosen == "auto":
             return "epoll" if epoll_available() else "portable"
-        mode, source = chosen, RELAY_ENV  # type: ignore[assignment]
-    if mode not in _KINDS:
+        source = RELAY_ENV
+    if chosen == "portable":
+        return "portable"
+    if chosen != "epoll":
         raise ValueError(
-            f"{source} must be auto, epoll or portable, got {mode!r}; pick one of them"
+            f"{source} must be auto, epoll or portable, got {chosen!r}; pick one of them"
         )
-    if mode == "epoll" and not epoll_available():
+    if not epoll_available():
         raise ValueError(
             f"{source} asks for the epoll relay, which needs Linux's select.epoll and this "
             "platform has none; use auto or portable"
         )
-    return mode
+    return "epoll"
 
 
 class Relay(Protocol):
@@ -130,7 +136,7 @@ class Relay(Protocol):
         """:meth:`remove` for a socket about to be closed (and never duplicated)."""
 
 
-_RELAYS: trio.lowlevel.RunVar[dict[str, Relay]] = trio.lowlevel.RunVar("aldaas_relays")
+_RELAYS: trio.lowlevel.RunVar[dict[RelayKind, Relay]] = trio.lowlevel.RunVar("aldaas_relays")
 
 
 def _call(relay: Relay, fd: int, handler: Handler, events: int) -> bool:

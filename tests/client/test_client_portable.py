@@ -17,7 +17,15 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from aldaas_e2e import ROOT, ROWS, BrokerProcess, Clients, psql_path, running_broker
+from aldaas_e2e import (
+    ROOT,
+    ROWS,
+    BrokerProcess,
+    Clients,
+    one_sentence,
+    psql_path,
+    running_broker,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +100,26 @@ def test_if_both_ends_are_portable_then_connect_carries_bulk_data_and_resumes(
     assert "resumed lease" in second.stderr
     released = clients.run("release")
     assert released.returncode == 0, released.stderr
+
+
+def test_if_the_relay_variable_is_wrong_then_the_client_says_so_in_one_sentence(
+    clients: Clients,
+) -> None:
+    """If ALDAAS_TUNNEL_RELAY names no relay, or asks for epoll in a process without it,
+    then aldaas run exits 2 with one sentence naming the variable and the value."""
+    unknown = clients.run("run", "--", "true", ALDAAS_TUNNEL_RELAY="kqueue")
+    assert unknown.returncode == 2, unknown.stderr
+    assert one_sentence(unknown.stderr) == (
+        "ALDAAS_TUNNEL_RELAY must be auto, epoll or portable, got 'kqueue'; pick one of them."
+    )
+    absent = clients.run(
+        "run",
+        "--",
+        "true",
+        ALDAAS_TUNNEL_RELAY="epoll",
+        PYTHONPATH=os.pathsep.join((str(NO_EPOLL), str(ROOT))),
+    )
+    assert absent.returncode == 2, absent.stderr
+    assert "ALDAAS_TUNNEL_RELAY asks for the epoll relay, which needs Linux's select.epoll" in (
+        one_sentence(absent.stderr)
+    )
