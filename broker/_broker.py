@@ -508,7 +508,7 @@ def make_pool(settings: Settings) -> tuple[pool.Pool, pool.Provider]:
             )
         provider = pool.KubernetesProvider(settings.kubernetes)
     else:
-        provider = pool.LocalProvider(settings.local)
+        provider = pool.LocalProvider(settings.local, lease_superuser=settings.lease.superuser)
     source: pool.Source
     if settings.source.kind == "s3":
         source = pool.S3Source(settings.s3)

@@ -294,6 +294,10 @@ async def _connect_once(
             info: dict[str, Any] = dict(client.session.info)
             if not info and cached is not None:
                 info = dict(cached.info)
+            assert client.local_address is not None
+            host, port = _reachable(client.local_address)
+            # Where this listener is, so that `aldaas reset` can print the DSN with the new password.
+            info.update(listen_host=host, listen_port=port)
             saved = _state.CachedLease(
                 server=opts.server,
                 name=opts.name,
@@ -303,8 +307,6 @@ async def _connect_once(
                 saved_at=time.time(),
             )
             _state.save(path, saved)
-            assert client.local_address is not None
-            host, port = _reachable(client.local_address)
             verb = "resumed" if cached is not None else "got"
             console.note(
                 f"{verb} lease {client.session.session_id} in "
@@ -474,9 +476,25 @@ def _cached_or_fail(opts: Options) -> tuple[pathlib.Path, _state.CachedLease]:
 
 async def _reset(args: argparse.Namespace, environ: Mapping[str, str], console: Console) -> int:
     opts = _options(args, environ)
-    _, cached = _cached_or_fail(opts)
-    await _control(opts, "reset", _lease_args(cached))
-    console.note(f"lease {cached.lease_id} reset: a pristine database now answers at the same port")
+    path, cached = _cached_or_fail(opts)
+    answer = await _control(opts, "reset", _lease_args(cached))
+    # Every clone has its own password: the pristine one has a new one.
+    fresh = {k: str(answer[k]) for k in ("user", "database", "password") if answer.get(k)}
+    info = {**cached.info, **fresh}
+    _state.save(path, _state.CachedLease(
+        server=cached.server,
+        name=cached.name,
+        lease_id=cached.lease_id,
+        secret=cached.secret,
+        info=info,
+        saved_at=time.time(),
+    ))
+    console.note(
+        f"lease {cached.lease_id} reset: a pristine database now answers at the same port, "
+        "with a new password"
+    )
+    if "listen_host" in info and "listen_port" in info:
+        print(dsn(info, info["listen_host"], int(info["listen_port"])), flush=True)
     return 0
 
 

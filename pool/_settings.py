@@ -51,6 +51,12 @@ class LeaseSettings:
     """Seconds an acquire waits in the queue for a clone when none is warm; 2 minutes covers a
     refill.
     """
+    superuser: bool = False
+    """Whether the lease login is a PostgreSQL superuser (local provider); off, because a superuser
+    can run programs and read or write files as the PostgreSQL OS user (COPY ... TO PROGRAM,
+    pg_read_file), change server settings (ALTER SYSTEM), and from there reach every other lease's
+    database on the host. Turn it on only when every lease holder may see every other's data.
+    """
 
 
 @attrs.frozen(kw_only=True)

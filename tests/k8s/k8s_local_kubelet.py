@@ -8,6 +8,10 @@ only ever talks to the (fake) Kubernetes API:
   on a PVC whose dataSource is a VolumeSnapshot → ``LocalProvider.clone``;
   the pod's IP (127.0.0.x) and the application port are forwarded to the
   local server's 127.0.0.1 port by a small TCP proxy, as a pod network would;
+  like the application image (POSTGRES_USER/POSTGRES_PASSWORD), the database
+  then has the application's superuser with the application's password (the
+  local provider's own role model is undone here: per-clone credentials on
+  Kubernetes are a later change);
 - a VolumeSnapshot → ``LocalProvider.seal(pvc, snapshot)`` (stops the server
   cleanly, as deleting the pod did on a cluster, and keeps the data);
 - a deleted PVC or VolumeSnapshot → ``LocalProvider.destroy``;
@@ -32,10 +36,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import trio
+from psycopg import sql
 from k8s_fake_api import JobOutcome, Obj
 
-from aldaas.pool import Backup, Kind, LocalProvider, S3Source
+from aldaas.pool import Backup, Endpoint, Kind, LocalProvider, S3Source
 from aldaas.pool.providers.local._postgres import embedded_bin_dir
 
 
@@ -91,8 +97,11 @@ class LocalKubelet:
         source: S3Source,
         token: trio.lowlevel.TrioToken,
         workdir: pathlib.Path,
+        application: tuple[str, str],
     ) -> None:
+        """``local`` must make its lease login a superuser; ``application`` is (user, password)."""
         self._local = local
+        self._application = application
         self._source = source
         self._token = token
         self._workdir = workdir
@@ -115,10 +124,30 @@ class LocalKubelet:
             endpoint = self._run(self._local.clone, source["name"], name, {})
         else:
             endpoint = self._run(self._local.create_volume, name, {})
+        self._as_image(endpoint)
         port = pod["spec"]["containers"][0]["ports"][0]["containerPort"]
         self._forwarders[pod["metadata"]["name"]] = _Forwarder(
             ip, port, (endpoint.host, endpoint.port)
         )
+
+    def _as_image(self, endpoint: Endpoint) -> None:
+        """Give the database the image's superuser and password (as admin, or as the login)."""
+        user, password = self._application
+        with psycopg.connect(
+            host=endpoint.host,
+            port=endpoint.port,
+            user=endpoint.user,
+            dbname=endpoint.database,
+            password=endpoint.password,
+            autocommit=True,
+        ) as conn:
+            exists = conn.execute("SELECT FROM pg_roles WHERE rolname = %s", [user]).fetchall()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(
+                sql.SQL("{} ROLE {} WITH LOGIN SUPERUSER PASSWORD {}").format(
+                    sql.SQL(verb), sql.Identifier(user), password
+                )
+            )
 
     def stop_pod(self, pod: Obj) -> None:
         forwarder = self._forwarders.pop(pod["metadata"]["name"], None)

@@ -90,9 +90,11 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernete
     tmp_path: pathlib.Path,
 ) -> None:
     """If a .sql.gz arrives in S3, then the pool restores, snapshots and hands out a pod with its rows."""
-    local = LocalProvider(LocalSettings(data_dir=data_dir, password=PASSWORD))
+    local = LocalProvider(LocalSettings(data_dir=data_dir), lease_superuser=True)
     source = S3Source(s3)
-    fake.kubelet = LocalKubelet(local, source, trio.lowlevel.current_trio_token(), tmp_path)
+    fake.kubelet = LocalKubelet(
+        local, source, trio.lowlevel.current_trio_token(), tmp_path, ("aldaas", PASSWORD)
+    )
     # Pod IPs are 127.0.0.x, all on the application port: take one that is free on every
     # address, so that another process on the host (or a second test run) cannot hold it.
     with socket.socket() as probe:

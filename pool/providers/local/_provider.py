@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import structlog
 import trio
 
+from ... import _roles as roles
 from ..._provider import (
     Backup,
     Command,
@@ -64,10 +65,11 @@ _HEADER_BYTES = 16
 class LocalProvider:
     """Volumes, snapshots and clones as folders under ``settings.data_dir`` (see the module doc)."""
 
-    def __init__(self, settings: LocalSettings) -> None:
+    def __init__(self, settings: LocalSettings, *, lease_superuser: bool = False) -> None:
+        """``lease_superuser`` (setting ``lease.superuser``) makes every clone's login a superuser."""
         self._settings = settings
         self._root = settings.data_dir.absolute()
-        self._servers = Servers(settings, self._root)
+        self._servers = Servers(settings, self._root, lease_superuser=lease_superuser)
         self._setup_lock = trio.Lock()
         self._setup: Setup | None = None
         self._reflink: bool | None = None
@@ -116,18 +118,23 @@ class LocalProvider:
     # ------------------------------------------------------------ Provider
 
     async def create_volume(self, name: str, meta: Mapping[str, str]) -> Endpoint:
-        """initdb a fresh data directory (password auth, TCP only) and start it for a restore."""
+        """initdb a fresh data directory (the admin, TCP only) and start it for a restore.
+
+        The cluster's bootstrap superuser is the admin (:data:`pool._roles.ADMIN`)
+        with a random password (or ``local.password``); the lease login is made by
+        the seal step after the restore. The returned endpoint is the admin's.
+        """
         setup = await self._ready()
         folder = self._dir(Kind.VOLUME, name)
         async with self._lock(folder):
             if folder.is_dir():
-                endpoint = self._servers.endpoint(folder)
+                endpoint = self._servers.endpoint(folder, admin=True)
                 if endpoint is None:
                     await self._servers.start(setup, folder, f"volume {name!r}", durable=False)
-                    endpoint = self._servers.require_endpoint(Kind.VOLUME, name, folder)
+                    endpoint = self._servers.require_endpoint(Kind.VOLUME, name, folder, admin=True)
                 return endpoint
             partial = folder.with_name(".partial-" + name)
-            password = self._settings.password or secrets.token_urlsafe(24)
+            password = self._settings.password or roles.new_password()
             try:
                 self._servers.make_folder(partial, setup)
                 pwfile = partial / "pwfile"
@@ -139,7 +146,7 @@ class LocalProvider:
                         "--pgdata",
                         str(partial / "pgdata"),
                         "--username",
-                        self._settings.user,
+                        roles.ADMIN,
                         "--pwfile",
                         str(pwfile),
                         "--auth",
@@ -158,18 +165,18 @@ class LocalProvider:
                     partial,
                 )
                 pwfile.unlink()
-                # No Unix socket is opened, so TCP with a password is the only way in.
+                # No Unix socket is opened, so TCP with a password is the only way in,
+                # and the admin's only from loopback.
                 _files.write_private(
-                    partial / "pgdata" / "pg_hba.conf",
-                    b"host all all all scram-sha-256\n",
-                    setup.run_user,
+                    partial / "pgdata" / "pg_hba.conf", roles.hba_conf(), setup.run_user
                 )
                 _files.write_json(
                     partial / "state.json",
                     {
+                        "admin_user": roles.ADMIN,
+                        "admin_password": password,
                         "user": self._settings.user,
                         "database": self._settings.database,
-                        "password": password,
                         "major": setup.major,
                     },
                 )
@@ -184,7 +191,7 @@ class LocalProvider:
                 raise
             try:
                 await self._servers.start(setup, folder, f"volume {name!r}", durable=False)
-                endpoint = self._servers.require_endpoint(Kind.VOLUME, name, folder)
+                endpoint = self._servers.require_endpoint(Kind.VOLUME, name, folder, admin=True)
                 if endpoint.database != "postgres":
                     await self._servers.create_database(setup, endpoint, folder)
             except BaseException:
@@ -206,7 +213,7 @@ class LocalProvider:
         """Stream ``backup`` into ``command``'s stdin once its first bytes match its suffix."""
         setup = await self._ready()
         folder = self._dir(Kind.VOLUME, name)
-        endpoint = self._servers.require_endpoint(Kind.VOLUME, name, folder)
+        endpoint = self._servers.require_endpoint(Kind.VOLUME, name, folder, admin=True)
         gzipped = format_of(backup.key) is BackupFormat.SQL_GZ
         validator = GzipValidator(backup.key) if gzipped else None
         started = time.monotonic()
@@ -255,6 +262,7 @@ class LocalProvider:
             )
         if result.returncode != 0:
             raise ProviderError(failure(what, result, self._root))
+        await self._servers.seal_roles(setup, folder, endpoint, what=f"volume {name!r}")
         logger.info(
             "restore finished",
             volume=name,
@@ -350,7 +358,10 @@ class LocalProvider:
             if folder.is_dir():
                 endpoint = self._servers.endpoint(folder)
                 if endpoint is None:
-                    await self._start_clone(setup, folder, name)
+                    if pg.running_postmaster(folder / "pgdata") is None:
+                        await self._start_clone(setup, folder, name)
+                    if self._servers.endpoint(folder) is None:  # started, but no login yet
+                        await self._servers.set_login(setup, folder, name)
                     endpoint = self._servers.require_endpoint(Kind.CLONE, name, folder)
                 return endpoint
             if not source.is_dir():
@@ -387,6 +398,7 @@ class LocalProvider:
                 raise
             try:
                 await self._start_clone(setup, folder, name)
+                await self._servers.set_login(setup, folder, name)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self._servers.stop(folder)
@@ -442,13 +454,13 @@ class LocalProvider:
             _files.rmtree(probe)
 
     async def check(self, name: str, command: Command) -> None:
-        """Run ``command`` with the clone's (or volume's) PG* variables; fail on a non-zero exit."""
+        """Run ``command`` with the clone's (or volume's) admin PG* variables; fail on non-zero exit."""
         setup = await self._ready()
         kind = Kind.CLONE
         folder = self._dir(Kind.CLONE, name)
         if not folder.is_dir() and self._dir(Kind.VOLUME, name).is_dir():
             kind, folder = Kind.VOLUME, self._dir(Kind.VOLUME, name)
-        endpoint = self._servers.require_endpoint(kind, name, folder)
+        endpoint = self._servers.require_endpoint(kind, name, folder, admin=True)
         what = f"check of {kind.value} {name!r}"
         result = await pg.run_command(
             command.argv,
@@ -563,7 +575,9 @@ class LocalProvider:
             name=name,
             meta=meta,
             version=version,
-            endpoint=None if kind is Kind.SNAPSHOT else self._servers.endpoint(folder),
+            endpoint=None
+            if kind is Kind.SNAPSHOT
+            else self._servers.endpoint(folder, admin=kind is Kind.VOLUME),
             size_bytes=size if isinstance(size, int) else None,
         )
 

@@ -5,6 +5,7 @@ starting and stopping them on free ports, their endpoints, and the commands run 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import re
@@ -16,6 +17,7 @@ import attrs
 import structlog
 import trio
 
+from ... import _roles as roles
 from ..._provider import Endpoint, Kind, NotFoundError, ProviderError
 from . import _files
 from . import _postgres as pg
@@ -41,9 +43,12 @@ class Setup:
 class Servers:
     """The local provider's PostgreSQL servers under one data folder."""
 
-    def __init__(self, settings: LocalSettings, root: pathlib.Path) -> None:
+    def __init__(
+        self, settings: LocalSettings, root: pathlib.Path, *, lease_superuser: bool = False
+    ) -> None:
         self._settings = settings
         self._root = root
+        self._lease_superuser = lease_superuser
         self._reserved_ports: set[int] = set()
 
     async def prepare(self) -> Setup:
@@ -141,6 +146,29 @@ class Servers:
             for entry in (self._root / sub).iterdir():
                 if entry.name.startswith("."):
                     _files.rmtree(entry)
+        self.retire_legacy_snapshots()
+
+    def retire_legacy_snapshots(self) -> None:
+        """Delete snapshots made before the role model, so their backups are restored again.
+
+        Their only login is a superuser whose password every clone shares; they
+        cannot be handed out under the role model (docs/security.md, upgrade
+        note in CHANGELOG.md). Their warm clones go with them (the pool destroys
+        clones of unknown snapshots); leased clones keep serving until their lease ends.
+        """
+        for folder in sorted((self._root / KIND_DIRS[Kind.SNAPSHOT]).iterdir()):
+            if not (folder / "pgdata").is_dir():
+                continue  # a failed restore's record: nothing to hand out
+            if "admin_user" in _files.read_json(folder / "state.json"):
+                continue
+            logger.warning(
+                "snapshot made before per-clone credentials; deleting it so that its backup "
+                "is restored again under the role model",
+                snapshot=folder.name,
+            )
+            trash = folder.with_name(f".trash-{folder.name}-{secrets.token_hex(4)}")
+            os.rename(folder, trash)
+            _files.rmtree(trash)
 
     def settings_for(self, setup: Setup, port: int, *, durable: bool) -> dict[str, str]:
         settings = pg.lean_settings(setup.major, self._settings.host, port)
@@ -150,24 +178,39 @@ class Servers:
         settings["port"] = str(port)
         return settings
 
-    def endpoint(self, folder: pathlib.Path) -> Endpoint | None:
+    def endpoint(self, folder: pathlib.Path, *, admin: bool = False) -> Endpoint | None:
+        """Where ``folder``'s server answers, logged in as the lease login (or the admin).
+
+        A clone made before the role model (no ``admin_user`` in its state) has
+        only its old superuser login, which is then both. A clone whose login
+        has no password yet is not usable: ``None``.
+        """
         info = pg.running_postmaster(folder / "pgdata")
         if info is None:
             return None
         state = _files.read_json(folder / "state.json")
-        password = state.get("password")
+        if "admin_user" not in state:  # made before the role model: one superuser login
+            user, password = state.get("user", self._settings.user), state.get("password")
+        elif admin:
+            user, password = state.get("admin_user"), state.get("admin_password")
+        elif "password" in state:
+            user, password = state.get("user", self._settings.user), state.get("password")
+        else:
+            return None
         return Endpoint(
             host=self._settings.host,
             port=info.port,
-            user=str(state.get("user", self._settings.user)),
+            user=str(user),
             database=str(state.get("database", self._settings.database)),
             password=password if isinstance(password, str) else None,
         )
 
-    def require_endpoint(self, kind: Kind, name: str, folder: pathlib.Path) -> Endpoint:
+    def require_endpoint(
+        self, kind: Kind, name: str, folder: pathlib.Path, *, admin: bool = False
+    ) -> Endpoint:
         if not folder.is_dir():
             raise NotFoundError(f"{kind.value} {name!r} does not exist in {self._root}")
-        endpoint = self.endpoint(folder)
+        endpoint = self.endpoint(folder, admin=admin)
         if endpoint is None:
             raise ProviderError(
                 f"the database of {kind.value} {name!r} is not running "
@@ -243,6 +286,109 @@ class Servers:
         )
         if result.returncode != 0 and "already exists" not in result.tail:
             raise ProviderError(failure(f"createdb {endpoint.database!r}", result, self._root))
+
+    async def seal_roles(
+        self, setup: Setup, folder: pathlib.Path, endpoint: Endpoint, *, what: str
+    ) -> None:
+        """The role model's seal step (:mod:`pool._roles`) on a restored database, as the admin.
+
+        Runs once for the cluster's roles, then in every connectable database:
+        the login owns the restored databases and what the admin made in them.
+        """
+        login = str(_files.read_json(folder / "state.json").get("user", self._settings.user))
+        await self.admin_sql(
+            setup,
+            folder,
+            endpoint,
+            roles.seal_roles_sql(login=login),
+            what=f"seal of the roles of {what}",
+        )
+        listing = await self.admin_sql(
+            setup,
+            folder,
+            endpoint,
+            roles.DATABASES_SQL,
+            what=f"listing the databases of {what}",
+            output=True,
+        )
+        try:
+            databases = json.loads(listing)
+        except ValueError:
+            databases = None
+        if not isinstance(databases, list):
+            raise ProviderError(
+                f"listing the databases of {what} gave {listing[:200]!r}, not a JSON list; "
+                "look at its postgres.log"
+            )
+        for database in databases:
+            sql = roles.seal_database_sql(
+                login=login, own_database=database not in roles.SYSTEM_DATABASES
+            )
+            await self.admin_sql(
+                setup,
+                folder,
+                attrs.evolve(endpoint, database=str(database)),
+                sql,
+                what=f"seal of database {database!r} of {what}",
+            )
+
+    async def set_login(self, setup: Setup, folder: pathlib.Path, name: str) -> None:
+        """Give clone ``name``'s lease login a password of its own (and the ``lease.superuser`` bit).
+
+        The password is stored in the clone's ``state.json`` (0600, the broker's)
+        only once the server has it, so a clone whose state holds no password
+        is not handed out (:meth:`endpoint` answers ``None``).
+        """
+        state = _files.read_json(folder / "state.json")
+        login = str(state.get("user", self._settings.user))
+        password = roles.new_password()
+        await self.admin_sql(
+            setup,
+            folder,
+            self.require_endpoint(Kind.CLONE, name, folder, admin=True),
+            roles.login_sql(login=login, password=password, superuser=self._lease_superuser),
+            what=f"setting the login of clone {name!r}",
+        )
+        state["password"] = password
+        try:
+            _files.write_json(folder / "state.json", state, durable=False)
+        except OSError as exc:
+            raise _files.os_error(f"writing the state of clone {name!r}", exc, self._root) from None
+
+    async def admin_sql(
+        self,
+        setup: Setup,
+        folder: pathlib.Path,
+        endpoint: Endpoint,
+        sql: str,
+        *,
+        what: str,
+        output: bool = False,
+    ) -> str:
+        """Run ``sql`` with ``psql`` as ``endpoint``'s role (SQL on stdin, never in argv or logs).
+
+        Returns what it printed (unaligned, tuples only) when ``output`` is set.
+        """
+        data = sql.encode()
+
+        async def feed(stdin: trio.abc.SendStream) -> None:
+            await stdin.send_all(data)
+
+        argv = [str(setup.bin_dir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"]
+        if not output:
+            argv += ["-o", "/dev/null"]
+        result = await pg.run_command(
+            argv,
+            env=pg.command_env(setup.bin_dir, endpoint.environ()),
+            run_user=setup.run_user,
+            timeout_seconds=600.0,
+            what=what,
+            cwd=folder,
+            feed=feed,
+        )
+        if result.returncode != 0:
+            raise ProviderError(failure(what, result, self._root))
+        return result.tail
 
     async def cluster_state(self, setup: Setup, folder: pathlib.Path) -> str:
         """``pg_controldata``'s "Database cluster state" (``shut down`` after a clean stop)."""

@@ -49,13 +49,17 @@ class LocalSettings:
     """Highest port handed to a database (inclusive)."""
 
     user: str = "aldaas"
-    """Superuser the restore/check commands and clients log in as (the original's POSTGRES_USER)."""
+    """The lease login clients get (the original's POSTGRES_USER): not a superuser (see
+    ``lease.superuser``), owner of the database, with a random password per clone.
+    """
 
     database: str = "aldaas"
     """Database backups are restored into and clients connect to (the original's POSTGRES_DB)."""
 
     password: str | None = attrs.field(default=None, repr=False)
-    """Password of ``user``; ``None`` generates one per volume (kept 0600 with the snapshot)."""
+    """Password of the admin (``aldaas_admin``, which restores, checks and sets each clone's
+    login; loopback only); ``None`` generates one per volume, kept 0600 in the broker's state.
+    """
 
     conf: dict[str, str] = attrs.field(factory=dict)
     """Extra ``postgresql.conf`` settings, applied last (they win over the lean defaults)."""
