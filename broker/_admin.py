@@ -212,7 +212,11 @@ async def serve_admin(
     log.info("admin listening", host=host, port=bound)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _serve_connection(stream, app, idle_timeout)
+        # One connection's failure must never end the listener (and /healthz with it).
+        try:
+            await _serve_connection(stream, app, idle_timeout)
+        except Exception:
+            log.exception("admin connection failed")
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)
@@ -229,7 +233,7 @@ async def _serve_connection(stream: trio.SocketStream, app: AdminApp, idle_timeo
                     request = await _read_request(conn, stream)
                 if request is None:
                     return  # closed by the peer, or idle for too long
-                await _send_response(conn, stream, await app.handle(request))
+                await _send_response(conn, stream, await _answer(app, request))
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
@@ -241,6 +245,20 @@ async def _serve_connection(stream: trio.SocketStream, app: AdminApp, idle_timeo
                     await _send_response(conn, stream, response)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+
+
+async def _answer(app: AdminApp, request: Request) -> Response:
+    """``app``'s response, or a 500 naming the failure when a handler (the backend) raises."""
+    try:
+        return await app.handle(request)
+    except Exception as exc:
+        path = request.target.split("?", 1)[0]
+        log.exception("admin request failed", method=request.method, path=path)
+        return Response.error(
+            500,
+            f"The broker failed while answering {request.method} {path!r} "
+            f"({type(exc).__name__}); see the broker's log for the cause.",
+        )
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> Request | None:

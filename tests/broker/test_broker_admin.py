@@ -182,3 +182,37 @@ async def test_if_the_request_is_garbage_then_400_and_close(served: Served) -> N
     out = await trio.to_thread.run_sync(_raw, served.port, b"\x00\x01 not http\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 400 ")
     assert b"send valid HTTP/1.1" in out
+
+
+class RaisingBackend(FakeBackend):
+    """A backend whose status and kill fail, as a bug in the pool would make them."""
+
+    def status(self) -> Mapping[str, Any]:
+        raise RuntimeError("status broke")
+
+    async def kill_lease(self, lease_id: str) -> bool:
+        raise KeyError(lease_id)
+
+
+async def test_if_an_admin_handler_raises_then_it_answers_500_and_healthz_stays_up(
+    nursery: trio.Nursery,
+) -> None:
+    """If the backend raises in a handler, then that request gets a 500 and /healthz still answers."""
+    app = AdminApp(RaisingBackend(), Metrics().exposition, token=TOKEN)
+    port = await nursery.start(
+        lambda task_status: serve_admin(app, host="127.0.0.1", port=0, task_status=task_status)
+    )
+    for _ in range(3):
+        status, _, body = await request(port, "GET", "/api/status", TOKEN)
+        assert status == 500
+        assert json.loads(body) == {
+            "error": "The broker failed while answering GET '/api/status' (RuntimeError); "
+            "see the broker's log for the cause."
+        }
+        status, _, body = await request(port, "POST", "/api/leases/L1/kill", TOKEN)
+        assert (status, json.loads(body)["error"][:40]) == (
+            500,
+            "The broker failed while answering POST '",
+        )
+        status, _, body = await request(port, "GET", "/healthz")
+        assert (status, json.loads(body)) == (200, {"status": "alive"})
