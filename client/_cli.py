@@ -481,14 +481,17 @@ async def _reset(args: argparse.Namespace, environ: Mapping[str, str], console: 
     # Every clone has its own password: the pristine one has a new one.
     fresh = {k: str(answer[k]) for k in ("user", "database", "password") if answer.get(k)}
     info = {**cached.info, **fresh}
-    _state.save(path, _state.CachedLease(
-        server=cached.server,
-        name=cached.name,
-        lease_id=cached.lease_id,
-        secret=cached.secret,
-        info=info,
-        saved_at=time.time(),
-    ))
+    _state.save(
+        path,
+        _state.CachedLease(
+            server=cached.server,
+            name=cached.name,
+            lease_id=cached.lease_id,
+            secret=cached.secret,
+            info=info,
+            saved_at=time.time(),
+        ),
+    )
     console.note(
         f"lease {cached.lease_id} reset: a pristine database now answers at the same port, "
         "with a new password"

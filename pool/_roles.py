@@ -112,6 +112,7 @@ def seal_roles_sql(*, login: str, admin: str = ADMIN) -> str:
     """
     lit_login, lit_admin = quote_literal(login), quote_literal(admin)
     dangerous = ", ".join(quote_literal(r) for r in DANGEROUS_ROLES)
+    # Every value below went through quote_literal/quote_ident.
     return f"""\
 DO $aldaas$
 DECLARE
@@ -154,7 +155,7 @@ BEGIN
     END LOOP;
 END
 $aldaas$;
-"""
+"""  # noqa: S608
 
 
 _REOWN = {
@@ -274,7 +275,7 @@ def seal_database_sql(*, login: str, admin: str = ADMIN, own_database: bool) -> 
         # have OIDs from 16384 on (FirstNormalObjectId), below are the system's.
         user_made = "" if catalog == "pg_largeobject_metadata" else "o.oid >= 16384 AND "
         owned = (
-            f"o.{owner_column} = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = "
+            f"o.{owner_column} = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = "  # noqa: S608
             f"{quote_literal(admin)}) AND {user_made}NOT EXISTS (SELECT FROM "
             f"pg_catalog.pg_depend e WHERE e.classid = 'pg_catalog.{catalog}'::regclass "
             "AND e.objid = o.oid AND e.deptype = 'e')"

@@ -38,8 +38,8 @@ from typing import Any
 
 import psycopg
 import trio
-from psycopg import sql
 from k8s_fake_api import JobOutcome, Obj
+from psycopg import sql
 
 from aldaas.pool import Backup, Endpoint, Kind, LocalProvider, S3Source
 from aldaas.pool.providers.local._postgres import embedded_bin_dir

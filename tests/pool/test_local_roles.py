@@ -200,7 +200,8 @@ async def test_if_two_clones_are_made_then_each_login_has_its_own_password(
     first = await provider.clone("sealed", "pw-1", {})
     second = await provider.clone("sealed", "pw-2", {})
     try:
-        assert first.password and second.password
+        assert first.password
+        assert second.password
         assert first.password != second.password
         assert first.password not in repr(first)
         crossed = type(first)(
