@@ -14,8 +14,15 @@ size, waits until the warm pool is full, then measures rounds of
 
 Each round releases its lease and waits (untimed) until the pool is warm
 again, so every round measures a hand-out from a warm pool — the case the
-pool exists for. Prints p50/p90/p99/max per mode and size, and a Markdown
-table for docs/benchmarks.md.
+pool exists for. The refill of each round (the clone that replaces the
+handed-out one: copy, start, and its login's own password) is read from the
+broker's ``aldaas_provision_seconds`` histogram. Prints p50/p90/p99/max per
+mode and size, and a Markdown table for docs/benchmarks.md.
+
+``--baseline DIR`` runs every size first against the aldaas installed in
+``DIR`` (``pip install --no-deps --target DIR <older wheel>``, put first on the
+broker's PYTHONPATH), then against this one, in the same run: the before/after
+of a change, side by side.
 
     python bench/handout_bench.py --rounds 50 --sizes 100M 1G
 """
@@ -208,8 +215,25 @@ def summarize(values: list[float]) -> dict[str, float]:
     }
 
 
+def provisioned(admin_port: int) -> tuple[float, float]:
+    """``aldaas_provision_seconds``' sum and count (clones made so far, and their total time)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for key in found:
+            if line.startswith(f"aldaas_provision_seconds_{key}"):
+                found[key] += float(line.rsplit(" ", 1)[1])
+    return found["sum"], found["count"]
+
+
 def bench_size(  # type: ignore[type-arg]
-    size_text: str, rounds: int, pool_size: int, modes: list[str], quiesce: bool
+    size_text: str,
+    rounds: int,
+    pool_size: int,
+    modes: list[str],
+    quiesce: bool,
+    pythonpath: str | None = None,
 ) -> dict:
     parent = pathlib.Path(tempfile.mkdtemp(prefix="aldaas-bench-", dir="/tmp"))
     parent.chmod(0o711)
@@ -225,6 +249,8 @@ def bench_size(  # type: ignore[type-arg]
     ):  # fmt: skip
         argv += ["--set", item]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALDAAS_")}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     broker = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=log)
     results: dict[str, dict[str, float]] = {}
     try:
@@ -239,10 +265,16 @@ def bench_size(  # type: ignore[type-arg]
             flush=True,
         )
         url = f"ws://127.0.0.1:{gw}/tunnel"
+        refills: list[float] = []
         for mode in modes:
             samples = []
+            before: tuple[float, float] | None = None
             for i in range(rounds + 1):  # round 0 warms up imports and libpq, not counted
                 wait_warm(admin, pool_size, quiesce=quiesce)
+                now = provisioned(admin)
+                if before is not None and now[1] > before[1]:
+                    refills.append((now[0] - before[0]) / (now[1] - before[1]))
+                before = now
                 if mode == "library":
                     seconds = trio.run(library_round, url)
                 elif mode == "direct":
@@ -253,6 +285,9 @@ def bench_size(  # type: ignore[type-arg]
                     samples.append(seconds)
             results[mode] = summarize(samples)
             print(f"[{size_text}] {mode}: {json.dumps(results[mode])}", flush=True)
+        if refills:
+            results["refill"] = summarize(refills)
+            print(f"[{size_text}] refill: {json.dumps(results['refill'])}", flush=True)
         return {"size": size_text, "ready_after_s": ready_after, "status": status, **results}
     finally:
         broker.send_signal(signal.SIGTERM)
@@ -273,6 +308,11 @@ def main() -> int:
         action="store_true",
         help="before each round also wait until no clone is being made or destroyed, then sync",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run against the aldaas installed in DIR (first on the broker's PYTHONPATH)",
+    )
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     print(
@@ -281,16 +321,24 @@ def main() -> int:
         flush=True,
     )
     rows = []
+    variants: list[tuple[str, str | None]] = [("this", None)]
+    if args.baseline:
+        variants.insert(0, ("baseline", os.path.abspath(args.baseline)))
     for size in args.sizes:
-        out = bench_size(size, args.rounds, args.pool_size, args.modes, args.quiesce)
-        for mode in args.modes:
-            r = out[mode]
-            rows.append(
-                f"| {size} | {mode} | {r['n']:.0f} | {r['p50']:.1f} | {r['p90']:.1f} | "
-                f"{r['p99']:.1f} | {r['max']:.1f} |"
+        for label, pythonpath in variants:
+            out = bench_size(
+                size, args.rounds, args.pool_size, args.modes, args.quiesce, pythonpath
             )
-    print("\n| snapshot | path | rounds | p50 ms | p90 ms | p99 ms | max ms |")
-    print("|---|---|---|---|---|---|---|")
+            for mode in [*args.modes, "refill"]:
+                if mode not in out:
+                    continue
+                r = out[mode]
+                rows.append(
+                    f"| {size} | {label} | {mode} | {r['n']:.0f} | {r['p50']:.1f} | "
+                    f"{r['p90']:.1f} | {r['p99']:.1f} | {r['max']:.1f} |"
+                )
+    print("\n| snapshot | aldaas | path | rounds | p50 ms | p90 ms | p99 ms | max ms |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     return 0
 

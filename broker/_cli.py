@@ -125,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aldaas`` console script."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        return _serve(args)
+        from ._init import serve_as_init
+
+        return serve_as_init(partial(_serve, args))
     if args.command == "fetch-backup":
         return _fetch_backup(args)
     if args.command == "settings":

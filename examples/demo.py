@@ -4,7 +4,8 @@
 1. starts ``aldaas serve --config examples/local.yaml`` (local provider, sample backup),
 2. waits for ``/readyz`` (the first run restores the sample backup into a snapshot),
 3. runs ``aldaas connect`` and queries the database through the tunnel with psql,
-4. breaks the data, shows ``aldaas status``, runs ``aldaas reset``, shows pristine data again
+4. breaks the data, shows ``aldaas status``, runs ``aldaas reset`` (which prints the new DSN:
+   every copy has its own password), shows pristine data again
    at the same port,
 5. runs ``aldaas run -- psql ...`` the way a CI job would,
 6. shows a few metrics from ``/metrics``, stops the client, SIGTERMs the broker, exits 0.
@@ -201,8 +202,12 @@ def main() -> int:
             say("aldaas status")
             subprocess.run([*aldaas(), "status"], cwd=ROOT, env=env, check=True)
 
-            say("aldaas reset: a pristine copy behind the same port")
-            subprocess.run([*aldaas(), "reset"], cwd=ROOT, env=env, check=True)
+            say("aldaas reset: a pristine copy behind the same port, with its own new password")
+            reset = subprocess.run(
+                [*aldaas(), "reset"], cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE
+            )
+            dsn = reset.stdout.decode().strip()
+            print(f"   DSN: {dsn}", flush=True)
             print("   order lines:", query(dsn, "SELECT count(*) FROM order_lines"), flush=True)
 
             say("stop the client (--release-on-exit releases the lease)")

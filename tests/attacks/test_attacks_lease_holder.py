@@ -1,4 +1,4 @@
-"""A lease holder's attempts on the server, on other leases and on the broker, each refused.
+"""A lease holder's attempts on the server and on other leases, each refused; and migrations pass.
 
 One broker serves the module (pool of 2, a 500-row backup); every attempt is
 made through ``aldaas connect``'s DSN or ``aldaas run``, as a lease holder
@@ -8,6 +8,7 @@ would. docs/security.md lists these tests and their results.
 from __future__ import annotations
 
 import pathlib
+import subprocess
 import urllib.parse
 from collections.abc import Iterator
 
@@ -169,3 +170,51 @@ def test_if_a_lease_holder_tries_the_admin_then_it_is_refused(clients: Clients) 
                 dbname="aldaas",
                 sslmode="disable",
             ).close()
+
+
+MIGRATION = """\
+CREATE SCHEMA app;
+CREATE TABLE app.orders (
+    id bigserial PRIMARY KEY,
+    item_id integer REFERENCES items (id),
+    placed timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE items ADD COLUMN price numeric NOT NULL DEFAULT 0;
+CREATE INDEX CONCURRENTLY items_label_idx ON items (label);
+CREATE SEQUENCE app.invoice_numbers START 1000;
+CREATE FUNCTION app.next_invoice() RETURNS bigint LANGUAGE sql
+    AS $$ SELECT nextval('app.invoice_numbers') $$;
+CREATE VIEW app.cheap AS SELECT id, label FROM items WHERE price < 10;
+CREATE EXTENSION citext;
+ALTER TABLE app.orders ADD COLUMN email citext;
+INSERT INTO app.orders (item_id, email) VALUES (1, 'Someone@Example.com');
+ALTER TABLE items RENAME COLUMN label TO name;
+DROP INDEX CONCURRENTLY items_label_idx;
+SELECT app.next_invoice(), (SELECT count(*) FROM app.cheap),
+       (SELECT count(*) FROM app.orders WHERE email = 'someone@example.COM');
+"""
+
+
+def test_if_a_migration_suite_runs_as_the_login_then_every_step_succeeds(
+    clients: Clients, tmp_path: pathlib.Path
+) -> None:
+    """If DDL, index concurrently, an extension, sequence, function, view run, then all succeed."""
+    script = tmp_path / "migration.sql"
+    script.write_text(MIGRATION)
+    with clients.connect("--port", "0", "--release-on-exit") as c:
+        dsn = c.dsn()
+        result = subprocess.run(
+            [psql_path(), dsn, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", str(script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["1000|500|1"]
+        # What the pytest plugin does: a database per test, copied from the handed-out one.
+        url = urllib.parse.urlsplit(dsn)
+        other = urllib.parse.urlunsplit(url._replace(path="/postgres"))
+        psql(other, "CREATE DATABASE per_test TEMPLATE aldaas")
+        copied = urllib.parse.urlunsplit(url._replace(path="/per_test"))
+        assert psql(copied, "SELECT count(*) FROM app.orders").stdout.strip() == "1"

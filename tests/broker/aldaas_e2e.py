@@ -72,6 +72,8 @@ class BrokerProcess:
     backups: pathlib.Path
     log_path: pathlib.Path
     overrides: Sequence[str] = ()
+    prefix: Sequence[str] = ()
+    """A command the broker runs under, e.g. ``unshare --pid --fork`` to make it PID 1."""
     gateway_port: int = attrs.field(factory=free_port)
     admin_port: int = attrs.field(factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -81,7 +83,7 @@ class BrokerProcess:
         return f"ws://127.0.0.1:{self.gateway_port}"
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "aldaas.broker", "serve"]
+        argv = [*self.prefix, sys.executable, "-m", "aldaas.broker", "serve"]
         for item in (
             f"local.data_dir={self.data_dir}",
             f"directory.path={self.backups}",

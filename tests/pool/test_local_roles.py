@@ -270,3 +270,34 @@ async def test_if_a_snapshot_predates_the_role_model_then_it_is_retired_at_start
     names = [r.name for r in await LocalProvider(settings).list(Kind.SNAPSHOT)]
     assert names == ["sealed"]
     assert not legacy.exists()
+
+
+PG15_BIN = pathlib.Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.mark.skipif(
+    not (PG15_BIN / "postgres").exists()
+    or not pathlib.Path("/usr/share/postgresql/15/extension/pgcrypto.control").exists(),
+    reason="Debian's postgresql-15 (with pgcrypto) is not installed; .ci/run installs it",
+)
+async def test_if_postgresql_15_serves_then_the_seal_works_and_the_login_adds_pgcrypto(
+    data_dir: pathlib.Path,
+) -> None:
+    """If the dump is restored by PostgreSQL 15, then it is sealed alike and pgcrypto can be added."""
+    provider = LocalProvider(LocalSettings(data_dir=data_dir, bin_dir=PG15_BIN))
+    source = BytesSource("roles.sql.gz", gzip.compress(DUMP))
+    await provider.create_volume("v15", {})
+    command = default_restore_command(BackupFormat.SQL_GZ)
+    await provider.restore("v15", source.backup, source, command, ignore)
+    await provider.seal("v15", "v15", {})
+    endpoint = await provider.clone("v15", "c15", {})
+    try:
+        sql = "SELECT rolname, rolsuper FROM pg_roles WHERE rolname IN ('aldaas', 'app') ORDER BY 1"
+        assert await aquery(endpoint, sql) == [("aldaas", False), ("app", False)]
+        await aquery(endpoint, "CREATE EXTENSION pgcrypto")
+        (row,) = await aquery(endpoint, "SELECT length(gen_random_bytes(16))")
+        assert row == (16,)
+        await aquery(endpoint, "DROP TABLE billing.invoices")
+    finally:
+        await provider.destroy(Kind.CLONE, "c15")
+        await provider.destroy(Kind.SNAPSHOT, "v15")
