@@ -204,7 +204,7 @@ def test_if_a_migration_suite_runs_as_the_login_then_every_step_succeeds(
     with clients.connect("--port", "0", "--release-on-exit") as c:
         dsn = c.dsn()
         result = subprocess.run(
-            [psql_path(), dsn, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", str(script)],
+            [psql_path(), dsn, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", str(script)],
             capture_output=True,
             text=True,
             timeout=120,
