@@ -17,8 +17,8 @@ import pytest
 import trio
 from pg_query import aquery
 
-from aldaas.pool import Endpoint, Kind, LocalProvider, LocalSettings
-from aldaas.pool.providers.local._provider import LOCK_FILE, DataFolderLock
+from aldaas.pool import DataFolderLock, Endpoint, Kind, LocalProvider, LocalSettings
+from aldaas.pool.providers.local._files import LOCK_FILE
 
 pytestmark = [
     pytest.mark.slow,
