@@ -479,6 +479,8 @@ def _snapshot_json(s: pool.SnapshotInfo) -> dict[str, Any]:
         "ready_at": s.ready_at,
         "age_seconds": s.age_seconds,
         "reason": s.reason,
+        "database": s.database,
+        "tolerated": s.tolerated,
     }
 
 

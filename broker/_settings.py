@@ -81,7 +81,10 @@ class Settings:
     """Snapshot retention."""
 
     restore: _pool.CommandSettings = attrs.field(factory=_pool.CommandSettings)
-    """The restore command (empty argv: chosen by the backup's suffix)."""
+    """The restore command (empty argv: the built-in restore, any pg_dump/pg_dumpall format)."""
+
+    transform: _pool.TransformSettings = attrs.field(factory=_pool.TransformSettings)
+    """The masking step run on each restored backup before it is verified (none by default)."""
 
     check: _pool.CommandSettings = attrs.field(factory=lambda: _pool.PoolSettings().check)
     """The check command run on a throwaway clone of each new snapshot."""
@@ -107,4 +110,5 @@ class Settings:
             local=self.local,
             restore=self.restore,
             check=self.check,
+            transform=self.transform,
         )

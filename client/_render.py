@@ -159,11 +159,16 @@ def snapshots_text(snapshots: Sequence[Mapping[str, Any]]) -> str:
             str(s.get("status", "?")),
             str(s.get("backup", "-")),
             duration(s.get("age_seconds")),
-            str(s.get("reason") or ""),
+            str(s.get("reason") or _tolerated(s.get("tolerated"))),
         ]
         for s in snapshots
     ]
     return table(["snapshot", "status", "backup", "age", "reason"], rows)
+
+
+def _tolerated(value: object) -> str:
+    """What a good restore tolerated, for the reason column of a snapshot that has no failure."""
+    return f"restored; tolerated: {value}" if value else ""
 
 
 def progress_text(params: Mapping[str, Any]) -> str:

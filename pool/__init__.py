@@ -55,6 +55,7 @@ from ._settings import (
     PoolSettings,
     SnapshotSettings,
     SourceSettings,
+    TransformSettings,
     WarmPoolSettings,
 )
 from ._states import CloneState, IllegalTransition, LeaseState, SnapshotState
@@ -129,6 +130,7 @@ __all__ = [
     "Source",
     "SourceSettings",
     "TemporaryProviderError",
+    "TransformSettings",
     "WarmPoolSettings",
     "default_check_command",
     "default_restore_command",

@@ -101,6 +101,12 @@ class SnapshotInfo:
     """Seconds since ``created_at``."""
     reason: str | None = None
     """Why it failed (one sentence), for failed snapshots."""
+    database: str | None = None
+    """The database its leases get, when the restore chose it (a pg_dumpall backup)."""
+    tolerated: str | None = None
+    """What the restore dropped or rewrote because every dump does it on a fresh cluster
+    (``CREATE ROLE`` of an existing role, ...), ``; ``-separated; ``None`` when nothing.
+    """
 
 
 @attrs.frozen(kw_only=True)

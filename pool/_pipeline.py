@@ -131,11 +131,6 @@ async def pipeline(st: PoolState, backup: Backup) -> None:
 
 async def restore_and_seal(st: PoolState, snap: SnapshotEntry, backup: Backup) -> None:
     command = st.settings.restore_command(backup)
-    if command is None:
-        raise ProviderError(
-            f"backup {backup.key!r} has no known suffix (.sql, .sql.gz, .dump, .pgdump); "
-            "rename it or set restore.argv."
-        )
     await st.provider.create_volume(snap.name, snap.meta)
     started = trio.current_time()
     last_log = -math.inf
@@ -153,7 +148,9 @@ async def restore_and_seal(st: PoolState, snap: SnapshotEntry, backup: Backup) -
 
     succeeded = False
     try:
-        await st.provider.restore(snap.name, backup, st.source, command, on_progress)
+        notes = await st.provider.restore(snap.name, backup, st.source, command, on_progress)
+        snap.meta |= dict(notes or {})
+        await transform(st, snap)
         succeeded = True
     finally:
         seconds = trio.current_time() - started
@@ -177,6 +174,20 @@ async def restore_and_seal(st: PoolState, snap: SnapshotEntry, backup: Backup) -
     snap.version = resource.version
     snap.state = snapshot_transition(snap.name, snap.state, SnapshotEvent.SEALED)
     log.info("snapshot.sealed", size_bytes=resource.size_bytes)
+
+
+async def transform(st: PoolState, snap: SnapshotEntry) -> None:
+    """Run the masking step on the restored volume, if one is configured."""
+    command = st.settings.transform_command()
+    if command is None:
+        return
+    try:
+        await st.provider.check(snap.name, command)
+    except TemporaryProviderError:
+        raise
+    except ProviderError as exc:
+        raise ProviderError(f"the masking step (transform) failed: {exc}") from None
+    log.info("snapshot.transformed")
 
 
 async def resume_verification(st: PoolState, snap: SnapshotEntry) -> None:

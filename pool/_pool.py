@@ -293,6 +293,8 @@ class Pool:
                     ready_at=s.ready_wall,
                     age_seconds=max(0.0, now_wall - s.created_wall),
                     reason=s.reason,
+                    database=s.meta.get("restore_database"),
+                    tolerated=s.meta.get("restore_tolerated"),
                 )
                 for s in snapshots
                 if s.state is not SnapshotState.PRUNED

@@ -121,6 +121,10 @@ class Command:
     argv: Sequence[str]
     env: Mapping[str, str] = attrs.field(factory=dict)
     timeout_seconds: float = 3600.0
+    builtin: bool = False
+    """The default restore (``restore.argv`` unset): a provider with its own restore (the local
+    one: every format by magic bytes, roles, no shell from the backup) uses it instead of argv.
+    """
 
 
 class ProviderError(Exception):
@@ -182,10 +186,12 @@ class Provider(Protocol):
         source: Source,
         command: Command,
         progress: ProgressCallback,
-    ) -> None:
+    ) -> Mapping[str, str] | None:
         """Run the restore command against volume ``name``'s database, streaming ``backup`` in.
 
-        Raises :class:`ProviderError` naming what failed (exit status, log tail).
+        Returns meta to add to the snapshot (what the restore tolerated, the
+        database leases get), or ``None``. Raises :class:`ProviderError`
+        naming what failed (exit status, log tail).
         """
         ...
 

@@ -7,11 +7,12 @@ docstring saying why the default is what it is.
 
 from __future__ import annotations
 
+import pathlib
 from typing import Literal
 
 import attrs
 
-from ._provider import Backup, Command
+from ._provider import Backup, Command, ProviderError
 from .providers.local._settings import LocalSettings
 from .sources._formats import default_check_command, default_restore_command, format_of
 from .sources._settings import DirectorySettings, S3Settings
@@ -99,6 +100,24 @@ class CommandSettings:
     """Seconds before the command is stopped as failed; 6 h fits a large nightly backup."""
 
 
+@attrs.frozen(kw_only=True)
+class TransformSettings:
+    """The masking step: SQL or a command run on a restored volume before it is verified."""
+
+    sql_file: pathlib.Path | None = None
+    """A file of SQL run in one transaction as the restore's superuser (e.g. examples/masking.sql);
+    read when each snapshot is made, so edits apply to the next backup. ``None``: no SQL step.
+    """
+    argv: tuple[str, ...] = ()
+    """A command instead of ``sql_file``, with the check's environment (PGHOST, PGDATABASE, ...);
+    empty = ``sql_file`` or no step.
+    """
+    env: dict[str, str] = attrs.field(factory=dict)
+    """Extra environment of the command."""
+    timeout: float = attrs.field(default=3600.0, validator=attrs.validators.gt(0))
+    """Seconds before the step is stopped as failed; an hour fits masking a large table."""
+
+
 def _check_default() -> CommandSettings:
     return CommandSettings(timeout=600.0)
 
@@ -127,19 +146,47 @@ class PoolSettings:
     """
     check: CommandSettings = attrs.field(factory=_check_default)
     """Check command run on a throwaway clone; the default needs an answer and ≥ 1 user table."""
+    transform: TransformSettings = attrs.field(factory=TransformSettings)
+    """Masking step run on each restored volume before it is verified; none by default."""
 
-    def restore_command(self, backup: Backup) -> Command | None:
-        """The restore command for ``backup``; ``None`` when its suffix is unknown and no argv is
-        set.
+    def restore_command(self, backup: Backup) -> Command:
+        """The restore command for ``backup``: ``restore.argv``, else the built-in restore.
+
+        The built-in one carries the suffix's default argv (empty when the suffix
+        is unknown) for providers that run a command (Kubernetes); the local
+        provider reads the format from the backup's first bytes instead.
         """
         if self.restore.argv:
-            argv: tuple[str, ...] = self.restore.argv
-        else:
-            fmt = format_of(backup.key)
-            if fmt is None:
-                return None
-            argv = tuple(default_restore_command(fmt).argv)
-        return Command(argv=argv, env=dict(self.restore.env), timeout_seconds=self.restore.timeout)
+            return Command(
+                argv=self.restore.argv,
+                env=dict(self.restore.env),
+                timeout_seconds=self.restore.timeout,
+            )
+        fmt = format_of(backup.key)
+        argv = tuple(default_restore_command(fmt).argv) if fmt is not None else ()
+        return Command(
+            argv=argv,
+            env=dict(self.restore.env),
+            timeout_seconds=self.restore.timeout,
+            builtin=True,
+        )
+
+    def transform_command(self) -> Command | None:
+        """The masking step, or ``None`` when none is configured."""
+        t = self.transform
+        if t.argv:
+            return Command(argv=t.argv, env=dict(t.env), timeout_seconds=t.timeout)
+        if t.sql_file is None:
+            return None
+        try:
+            sql = t.sql_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProviderError(
+                f"transform.sql_file {str(t.sql_file)!r} cannot be read ({exc}); "
+                "fix the path or its permissions"
+            ) from None
+        argv = ("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-c", sql)
+        return Command(argv=argv, env=dict(t.env), timeout_seconds=t.timeout)
 
     def check_command(self) -> Command:
         """The check command run against a throwaway clone of a fresh snapshot."""

@@ -169,7 +169,11 @@ class FakeProvider:
         volume = self.world.get(Kind.VOLUME, name)
         if volume is None:
             raise NotFoundError(f"volume {name!r} does not exist")
-        assert command.argv, "a restore command has argv"
+        if not command.argv:  # as the Kubernetes provider: it can only run a command
+            raise ProviderError(
+                f"backup {backup.key!r} has no known suffix (.sql, .sql.gz, .dump, .pgdump); "
+                "rename it or set restore.argv."
+            )
         self.world.restore_calls.append(backup.key)
         started = trio.current_time()
         done = 0

@@ -41,9 +41,17 @@ def test_if_no_restore_argv_is_set_then_the_suffix_picks_the_command(
     assert "ON_ERROR_STOP=1" in " ".join(command.argv) or program == "pg_restore"
 
 
-def test_if_the_suffix_is_unknown_then_there_is_no_default_restore() -> None:
-    """If a backup's suffix is unknown and no argv is set, then restore_command is None."""
-    assert PoolSettings().restore_command(_backup("nightly.tar")) is None
+def test_if_the_suffix_is_unknown_then_the_default_is_the_builtin_restore_without_argv() -> None:
+    """If a backup's suffix is unknown and no argv is set, then the command is the built-in
+    restore (the local provider reads the format from the bytes) with no argv to run."""
+    command = PoolSettings().restore_command(_backup("nightly.tar"))
+    assert (command.builtin, tuple(command.argv)) == (True, ())
+
+
+def test_if_a_restore_argv_is_set_then_it_is_not_the_builtin_restore() -> None:
+    """If restore.argv is set, then providers run exactly it (not their own restore)."""
+    s = attrs.evolve(PoolSettings(), restore=CommandSettings(argv=("true",)))
+    assert s.restore_command(_backup("a.sql.gz")).builtin is False
 
 
 def test_if_a_restore_argv_is_set_then_it_wins_with_its_env_and_timeout() -> None:

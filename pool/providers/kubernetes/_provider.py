@@ -249,6 +249,11 @@ class KubernetesProvider:
         command: Command,
         progress: ProgressCallback,
     ) -> None:
+        if not command.argv:
+            raise ProviderError(
+                f"backup {backup.key!r} has no known suffix (.sql, .sql.gz, .dump, .pgdump); "
+                "rename it or set restore.argv."
+            )
         endpoint = await self._endpoint(self._object_name(name))
         body = manifests.restore_job(self._settings, name, backup, command, endpoint.environ())
         started = trio.current_time()

@@ -29,7 +29,7 @@ import pathlib
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 import structlog
 import trio
@@ -53,6 +53,8 @@ from ..._provider import (
 from ...sources._formats import BackupFormat, GzipValidator, check_header, format_of
 from . import _files
 from . import _postgres as pg
+from ._restore import LocalRestore
+from ._restore import describe as describe_restore
 from ._servers import KIND_DIRS, CloneMethod, Servers, Setup, failure
 from ._settings import LocalSettings
 
@@ -176,7 +178,7 @@ class LocalProvider:
                         "admin_user": roles.ADMIN,
                         "admin_password": password,
                         "user": self._settings.user,
-                        "database": self._settings.database,
+                        "database": self._settings.restore_database,
                         "major": setup.major,
                     },
                 )
@@ -209,14 +211,72 @@ class LocalProvider:
         source: Source,
         command: Command,
         progress: ProgressCallback,
-    ) -> None:
-        """Stream ``backup`` into ``command``'s stdin once its first bytes match its suffix."""
+    ) -> Mapping[str, str]:
+        """Restore ``backup`` into volume ``name`` as the admin, then run the role seal step.
+
+        The built-in restore (``command.builtin``) reads the format from the
+        backup's bytes; otherwise ``command`` gets the backup on stdin. Returns
+        the snapshot meta the restore adds (format, database, what it tolerated).
+        """
         setup = await self._ready()
         folder = self._dir(Kind.VOLUME, name)
         endpoint = self._servers.require_endpoint(Kind.VOLUME, name, folder, admin=True)
+        started = time.monotonic()
+
+        def report(done: int) -> None:
+            progress(
+                RestoreProgress(
+                    done_bytes=done,
+                    total_bytes=backup.size,
+                    elapsed_seconds=time.monotonic() - started,
+                )
+            )
+
+        extra: dict[str, str] = {}
+        if command.builtin:
+            restorer = LocalRestore(
+                key=backup.key,
+                endpoint=endpoint,
+                named_database=self._settings.database,
+                bin_dir=setup.bin_dir,
+                run_user=setup.run_user,
+                server_major=setup.major,
+                folder=folder,
+                timeout_seconds=command.timeout_seconds,
+                on_bytes=report,
+            )
+            async with _closing(source.open(backup)) as iterator:
+                outcome = await restorer.run(iterator)
+            state = _files.read_json(folder / "state.json")
+            state["database"] = outcome.database
+            _files.write_json(folder / "state.json", state)
+            extra = describe_restore(outcome)
+        else:
+            await self._restore_with(setup, folder, endpoint, backup, source, command, report)
+        await self._servers.seal_roles(setup, folder, endpoint, what=f"volume {name!r}")
+        logger.info(
+            "restore finished",
+            volume=name,
+            backup=backup.key,
+            bytes=backup.size,
+            seconds=round(time.monotonic() - started, 3),
+            **extra,
+        )
+        return extra
+
+    async def _restore_with(
+        self,
+        setup: Setup,
+        folder: pathlib.Path,
+        endpoint: Endpoint,
+        backup: Backup,
+        source: Source,
+        command: Command,
+        report: Callable[[int], None],
+    ) -> None:
+        """Stream ``backup`` into a configured command's stdin once its first bytes match."""
         gzipped = format_of(backup.key) is BackupFormat.SQL_GZ
         validator = GzipValidator(backup.key) if gzipped else None
-        started = time.monotonic()
         async with _closing(source.open(backup)) as iterator:
             head = b""
             while len(head) < _HEADER_BYTES:
@@ -235,13 +295,7 @@ class LocalProvider:
                             await trio.to_thread.run_sync(validator.feed, pending)
                         await stdin.send_all(pending)
                         done += len(pending)
-                        progress(
-                            RestoreProgress(
-                                done_bytes=done,
-                                total_bytes=backup.size,
-                                elapsed_seconds=time.monotonic() - started,
-                            )
-                        )
+                        report(done)
                     try:
                         pending = await anext(iterator)
                     except StopAsyncIteration:
@@ -250,7 +304,7 @@ class LocalProvider:
                     validator.finish()
 
             env = {**command.env, **endpoint.environ()}
-            what = f"restore of {backup.key!r} into volume {name!r}"
+            what = f"restore of {backup.key!r} into volume {folder.name!r}"
             result = await pg.run_command(
                 command.argv,
                 env=pg.command_env(setup.bin_dir, env),
@@ -262,14 +316,6 @@ class LocalProvider:
             )
         if result.returncode != 0:
             raise ProviderError(failure(what, result, self._root))
-        await self._servers.seal_roles(setup, folder, endpoint, what=f"volume {name!r}")
-        logger.info(
-            "restore finished",
-            volume=name,
-            backup=backup.key,
-            bytes=backup.size,
-            seconds=round(time.monotonic() - started, 3),
-        )
 
     async def seal(self, volume: str, snapshot: str, meta: Mapping[str, str]) -> Resource:
         """Fast-shutdown the volume's server, sync, make it read-only, move it into snapshots."""

@@ -201,7 +201,7 @@ class Servers:
             host=self._settings.host,
             port=info.port,
             user=str(user),
-            database=str(state.get("database", self._settings.database)),
+            database=str(state.get("database", self._settings.restore_database)),
             password=password if isinstance(password, str) else None,
         )
 

@@ -53,13 +53,20 @@ class LocalSettings:
     ``lease.superuser``), owner of the database, with a random password per clone.
     """
 
-    database: str = "aldaas"
-    """Database backups are restored into and clients connect to (the original's POSTGRES_DB)."""
+    database: str | None = None
+    """Database leases get (the original's POSTGRES_DB); ``None``: ``aldaas``, or for a pg_dumpall
+    backup its one non-system database (with several, set this to the one leases should get).
+    """
 
     password: str | None = attrs.field(default=None, repr=False)
     """Password of the admin (``aldaas_admin``, which restores, checks and sets each clone's
     login; loopback only); ``None`` generates one per volume, kept 0600 in the broker's state.
     """
+
+    @property
+    def restore_database(self) -> str:
+        """The database a backup without ``\\connect`` (pg_dump, any format) is restored into."""
+        return self.database or "aldaas"
 
     conf: dict[str, str] = attrs.field(factory=dict)
     """Extra ``postgresql.conf`` settings, applied last (they win over the lean defaults)."""

@@ -1,0 +1,450 @@
+"""The local provider's built-in restore against REAL dumps made here by pg_dump and pg_dumpall.
+
+One throwaway source cluster per module (its superuser is ``postgres``, as on
+most servers), dumped once per format; every case restores into a fresh
+volume with default settings and looks at what a lease would see.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pathlib
+import subprocess
+import tarfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import attrs
+import lz4.frame
+import pytest
+import trio
+import zstandard
+from pg_query import aquery
+
+from aldaas.pool import (
+    Backup,
+    Command,
+    DirectorySettings,
+    DirectorySource,
+    Endpoint,
+    Kind,
+    LocalProvider,
+    LocalSettings,
+    Pool,
+    PoolSettings,
+    ProviderError,
+    RestoreProgress,
+    SourceSettings,
+    TransformSettings,
+    WarmPoolSettings,
+)
+
+pytestmark = pytest.mark.slow
+
+PG15_BIN = pathlib.Path("/usr/lib/postgresql/15/bin")
+
+SOURCE_SQL = """
+CREATE ROLE app_owner NOLOGIN;
+CREATE ROLE app_reader LOGIN PASSWORD 'dump-password-never-handed-out';
+CREATE ROLE app_group NOLOGIN;
+GRANT app_group TO app_reader;
+CREATE DATABASE app OWNER app_owner;
+CREATE DATABASE other OWNER app_owner;
+"""
+
+APP_SQL = """
+SET ROLE app_owner;
+CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, email text);
+INSERT INTO items SELECT g, 'item ' || g, 'user' || g || '@example.com'
+  FROM generate_series(1, 1000) g;
+CREATE VIEW item_names AS SELECT name FROM items;
+GRANT SELECT ON items TO app_reader;
+GRANT SELECT ON item_names TO app_group;
+CREATE TABLE customers (id int PRIMARY KEY, full_name text, email text, phone text, notes text);
+INSERT INTO customers VALUES (1, 'Ada Lovelace', 'ada@real.example', '+44 20 7946 0000', 'VIP'),
+  (2, 'Alan Turing', 'alan@real.example', '+44 161 496 0000', NULL);
+RESET ROLE;
+CREATE TABLE audit (id int);
+INSERT INTO audit VALUES (1), (2);
+"""
+
+OTHER_SQL = "SET ROLE app_owner; CREATE TABLE elsewhere (id int); INSERT INTO elsewhere VALUES (7);"
+
+
+class BytesSource:
+    """A source holding one backup in memory, served in chunks."""
+
+    description = "memory"
+
+    def __init__(self, key: str, data: bytes, chunk: int = 65536) -> None:
+        self.backup = Backup(key=key, etag="e1", size=len(data), modified=0.0)
+        self._data = data
+        self._chunk = chunk
+
+    async def list_backups(self) -> Sequence[Backup]:
+        return [self.backup]
+
+    async def open(self, backup: Backup) -> AsyncIterator[bytes]:
+        for start in range(0, len(self._data), self._chunk):
+            yield self._data[start : start + self._chunk]
+
+
+def ignore(_: RestoreProgress) -> None:
+    pass
+
+
+BUILTIN = Command(argv=(), builtin=True)
+
+
+def run(argv: Sequence[str], endpoint: Endpoint, database: str | None = None) -> bytes:
+    env = {**os.environ, **endpoint.environ()}
+    if database is not None:
+        env["PGDATABASE"] = database
+    done = subprocess.run(list(argv), env=env, capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout
+
+
+def tar_of(folder: pathlib.Path, mode: str) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:  # type: ignore[call-overload]
+        archive.add(folder, arcname="nightly")
+    return buffer.getvalue()
+
+
+@attrs.frozen
+class Dumps:
+    """Every dump of the source cluster, made once."""
+
+    files: dict[str, bytes]
+    bin_dir: pathlib.Path
+
+
+def make_dumps(settings: LocalSettings, work: pathlib.Path, *, directory: bool = True) -> Dumps:
+    """Start a source cluster (superuser ``postgres``), fill it, dump it every way."""
+    files: dict[str, bytes] = {}
+
+    async def build() -> pathlib.Path:
+        provider = LocalProvider(settings)
+        source = await provider.create_volume("source", {})
+        bin_dir = await provider.bin_dir()
+        psql = [str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+        for statement in SOURCE_SQL.strip().splitlines():
+            run([*psql, "-c", statement], source, "postgres")
+        run([*psql, "-c", APP_SQL], source, "app")
+        run([*psql, "-c", OTHER_SQL], source, "other")
+        dump = [str(bin_dir / "pg_dump"), "-d", "app"]
+        dumpall = [str(bin_dir / "pg_dumpall")]
+        files["all.sql"] = run(dumpall, source)
+        files["app-only-all.sql"] = run([*dumpall, "--exclude-database=other"], source)
+        files["app.sql"] = run(dump, source)
+        files["app-noowner.sql"] = run([*dump, "--no-owner", "--no-acl"], source)
+        files["app.dump"] = run([*dump, "-Fc"], source)
+        files["app.tar"] = run([*dump, "-Ft"], source)
+        if directory:  # pg_dump 15's -Fd needs no second look; 18's is the one packed in tar
+            run([*dump, "-Fd", "-j", "2", "-f", str(work / "dir")], source)
+            files["app-dir.tar"] = tar_of(work / "dir", "w")
+            files["app-dir.tar.gz"] = tar_of(work / "dir", "w:gz")
+        await provider.destroy(provider_kind_volume(), "source")
+        return bin_dir
+
+    bin_dir = trio.run(build)
+    return Dumps(files=files, bin_dir=bin_dir)
+
+
+def provider_kind_volume() -> Kind:
+    return Kind.VOLUME
+
+
+@pytest.fixture(scope="module")
+def dumps(module_data_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> Dumps:
+    settings = LocalSettings(
+        data_dir=module_data_dir / "source", user="postgres", database="postgres"
+    )
+    return make_dumps(settings, tmp_path_factory.mktemp("dumps"))
+
+
+@pytest.fixture(scope="module")
+def target(module_data_dir: pathlib.Path) -> LocalSettings:
+    return LocalSettings(data_dir=module_data_dir / "target")
+
+
+def compress(data: bytes, how: str) -> bytes:
+    if how == "gzip":
+        return gzip.compress(data, 1)
+    if how == "zstd":
+        return zstandard.ZstdCompressor().compress(data)
+    if how == "lz4":
+        return lz4.frame.compress(data)
+    return data
+
+
+async def restore(
+    settings: LocalSettings, name: str, key: str, data: bytes
+) -> tuple[LocalProvider, Endpoint, dict[str, str]]:
+    """Restore ``data`` into a fresh volume; the endpoint points at the database leases get."""
+    provider = LocalProvider(settings)
+    endpoint = await provider.create_volume(name, {})
+    source = BytesSource(key, data)
+    meta = await provider.restore(name, source.backup, source, BUILTIN, ignore)
+    assert meta is not None
+    return provider, attrs.evolve(endpoint, database=meta["restore_database"]), dict(meta)
+
+
+OWNED = "SELECT tableowner FROM pg_tables WHERE tablename = 'items'"
+
+
+@pytest.mark.parametrize(
+    ("dump", "compression", "owner", "detected"),
+    [
+        ("app.sql", "none", "app_owner", "script+none"),
+        ("app.sql", "zstd", "app_owner", "script+zstd"),
+        ("app.sql", "lz4", "app_owner", "script+lz4"),
+        ("app-noowner.sql", "gzip", "aldaas", "script+gzip"),
+        ("app-only-all.sql", "gzip", "app_owner", "script+gzip"),
+        ("app.dump", "none", "app_owner", "custom+none"),
+        ("app.tar", "zstd", "app_owner", "tar+zstd"),
+        ("app-dir.tar", "none", "app_owner", "tar+none"),
+        ("app-dir.tar.gz", "none", "app_owner", "tar+gzip"),
+    ],
+)
+async def test_if_a_real_dump_is_restored_then_its_rows_and_owners_are_there(
+    dumps: Dumps, target: LocalSettings, dump: str, compression: str, owner: str, detected: str
+) -> None:
+    """If a pg_dump/pg_dumpall file of any format and compression is restored with default
+    settings, then its rows are there, owned as in the source (roles it lacks are created)."""
+    name = f"v-{dump.replace('.', '-')}-{compression}"
+    data = compress(dumps.files[dump], compression)
+    provider, endpoint, meta = await restore(target, name, f"backups/{dump}.x", data)
+    try:
+        assert meta["restore_format"] == detected
+        assert await aquery(endpoint, "SELECT count(*) FROM items") == [(1000,)]
+        assert await aquery(endpoint, OWNED) == [(owner,)]
+        assert await aquery(endpoint, "SELECT count(*) FROM item_names") == [(1000,)]
+        if owner == "app_owner":
+            rows = await aquery(
+                endpoint,
+                "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname LIKE 'app%' ORDER BY 1",
+            )
+            login = dump.endswith("all.sql")  # only pg_dumpall knows app_reader can log in
+            assert rows == [("app_group", False), ("app_owner", False), ("app_reader", login)]
+            grants = await aquery(
+                endpoint,
+                "SELECT has_table_privilege('app_reader', 'items', 'SELECT'), "
+                "has_table_privilege('app_group', 'item_names', 'SELECT')",
+            )
+            assert grants == [(True, True)]
+        passwords = await aquery(
+            endpoint,
+            "SELECT count(*) FROM pg_authid WHERE rolname LIKE 'app%' AND rolpassword IS NOT NULL",
+        )
+        assert passwords == [(0,)]
+    finally:
+        await provider.destroy(Kind.VOLUME, name)
+
+
+CRAFTED = {
+    "shell": b"\\! touch {marker}\n",
+    "mid-line shell": b"SELECT 1 \\! touch {marker}\n;\n",
+    "output pipe": b"\\o |touch {marker}\nSELECT 1;\n",
+    "copy program": b"\\copy (SELECT 1) to program 'touch {marker}'\n",
+    "restrict lifted": b"\\unrestrict abc\n\\! touch {marker}\n",
+    "server program": b"COPY audit FROM PROGRAM 'touch {marker}';\n",
+}
+
+
+async def test_if_a_backup_holds_psql_shell_commands_then_nothing_runs(
+    dumps: Dumps, target: LocalSettings, tmp_path: pathlib.Path
+) -> None:
+    """If a real dump is laced with \\!, \\o |cmd, \\copy ... program or COPY ... PROGRAM, then
+    the restore fails and no program ran (psql's meta-commands are refused before the server)."""
+    provider = LocalProvider(target)
+    await provider.create_volume("crafted", {})
+    marker_dir = pathlib.Path("/tmp") / f"aldaas-crafted-{os.getpid()}"
+    marker_dir.mkdir(mode=0o777, exist_ok=True)
+    marker_dir.chmod(0o777)
+    try:
+        for label, line in CRAFTED.items():
+            marker = marker_dir / label.replace(" ", "-")
+            real = dumps.files["app.sql"]
+            cut = real.index(b"SET statement_timeout")
+            data = real[:cut] + line.replace(b"{marker}", str(marker).encode()) + real[cut:]
+            source = BytesSource("crafted.sql", gzip.compress(data))
+            with pytest.raises(ProviderError) as caught:
+                await provider.restore("crafted", source.backup, source, BUILTIN, ignore)
+            assert not marker.exists(), label
+            assert "crafted.sql" in str(caught.value), label
+    finally:
+        await provider.destroy(Kind.VOLUME, "crafted")
+        for leftover in marker_dir.iterdir():
+            leftover.unlink()
+        marker_dir.rmdir()
+
+
+async def test_if_a_backup_is_no_dump_then_the_error_names_its_first_bytes(
+    target: LocalSettings,
+) -> None:
+    """If a backup is neither SQL nor a pg_dump archive, then one sentence names its first bytes."""
+    provider = LocalProvider(target)
+    await provider.create_volume("junk", {})
+    try:
+        source = BytesSource("junk.bin", gzip.compress(b"\x00\x01ELF-not-a-dump" * 100))
+        with pytest.raises(ProviderError, match=r"no format aldaas knows.*\\x00\\x01ELF"):
+            await provider.restore("junk", source.backup, source, BUILTIN, ignore)
+    finally:
+        await provider.destroy(Kind.VOLUME, "junk")
+
+
+MASKING_SQL = pathlib.Path(__file__).parents[2] / "examples" / "masking.sql"
+
+
+async def serve(
+    settings: PoolSettings, backups: pathlib.Path, check: Callable[[Pool], Awaitable[None]]
+) -> None:
+    """Run a pool over ``backups`` (a directory source, default suffix) until ``check`` is done."""
+    provider = LocalProvider(settings.local)
+    pool = Pool(settings, provider, DirectorySource(DirectorySettings(path=backups)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        try:
+            with trio.fail_after(180):
+                while not settled(pool):  # noqa: ASYNC110 - polling real processes' progress
+                    await trio.sleep(0.05)
+            await check(pool)
+        finally:
+            nursery.cancel_scope.cancel()
+    for resource in await provider.list():
+        await provider.destroy(resource.kind, resource.name)
+
+
+def settled(pool: Pool) -> bool:
+    return any(s.status in ("ready", "failed") for s in pool.statistics().snapshots)
+
+
+def pool_settings(data_dir: pathlib.Path, **changes: object) -> PoolSettings:
+    return attrs.evolve(
+        PoolSettings(),
+        pool=WarmPoolSettings(size=1, max_provisioning=1),
+        source=SourceSettings(poll_interval=3600.0),
+        local=LocalSettings(data_dir=data_dir),
+        **changes,
+    )
+
+
+async def test_if_a_gzipped_pg_dumpall_lands_in_a_folder_then_a_lease_sees_its_rows_and_owner(
+    dumps: Dumps, data_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """If a pg_dumpall | gzip of a cluster with three roles (one NOLOGIN role owning every table)
+    and one application database is dropped into a directory source with default settings, then
+    it is handed out: the lease is in that database, sees its rows, owned by that role, and the
+    snapshot lists what the restore tolerated."""
+    (tmp_path / "nightly.sql.gz").write_bytes(gzip.compress(dumps.files["app-only-all.sql"]))
+
+    async def check(pool: Pool) -> None:
+        (snap,) = pool.statistics().snapshots
+        assert (snap.status, snap.reason, snap.database) == ("ready", None, "app")
+        assert snap.tolerated is not None
+        assert "GRANTED BY postgres" in snap.tolerated
+        lease = await pool.acquire()
+        assert lease.endpoint.database == "app"
+        assert await aquery(lease.endpoint, "SELECT count(*), min(name) FROM items") == [
+            (1000, "item 1")
+        ]
+        assert await aquery(lease.endpoint, OWNED) == [("app_owner",)]
+
+    await serve(pool_settings(data_dir), tmp_path, check)
+
+
+async def test_if_settings_name_one_of_two_databases_then_it_is_handed_out_masked(
+    dumps: Dumps, data_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """If a pg_dumpall holds two databases, local.database names one and examples/masking.sql is
+    the transform, then leases get that database with its customers' data masked."""
+    (tmp_path / "nightly.sql.gz").write_bytes(gzip.compress(dumps.files["all.sql"]))
+    settings = pool_settings(data_dir, transform=TransformSettings(sql_file=MASKING_SQL))
+    settings = attrs.evolve(settings, local=attrs.evolve(settings.local, database="app"))
+
+    async def check(pool: Pool) -> None:
+        (snap,) = pool.statistics().snapshots
+        assert (snap.status, snap.reason) == ("ready", None)
+        lease = await pool.acquire()
+        assert lease.endpoint.database == "app"
+        rows = await aquery(lease.endpoint, "SELECT email, phone, notes FROM customers ORDER BY id")
+        assert rows == [
+            ("customer1@example.invalid", "+1-555-0001", None),
+            ("customer2@example.invalid", "+1-555-0002", None),
+        ]
+        assert await aquery(lease.endpoint, "SELECT count(*) FROM items") == [(1000,)]
+
+    await serve(settings, tmp_path, check)
+
+
+async def test_if_the_masking_step_fails_then_the_snapshot_fails_with_its_stderr(
+    dumps: Dumps, data_dir: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """If the transform command exits non-zero, then the snapshot fails, its reason names the
+    masking step and ends with the command's error output, and nothing is handed out."""
+    (tmp_path / "nightly.sql.gz").write_bytes(gzip.compress(dumps.files["app.sql"]))
+    failing = TransformSettings(
+        argv=("psql", "-X", "-c", "UPDATE customers SET no_such_column = 1")
+    )
+
+    async def check(pool: Pool) -> None:
+        (snap,) = pool.statistics().snapshots
+        assert snap.status == "failed"
+        assert snap.reason is not None
+        assert "masking step" in snap.reason
+        assert 'column "no_such_column" of relation "customers" does not exist' in snap.reason
+
+    await serve(pool_settings(data_dir, transform=failing), tmp_path, check)
+
+
+needs_15 = pytest.mark.skipif(
+    not (PG15_BIN / "pg_dump").exists(),
+    reason=f"PostgreSQL 15 is not installed at {PG15_BIN} (.ci/run apt-installs postgresql-15)",
+)
+
+
+@pytest.fixture(scope="module")
+def dumps15(module_data_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> Dumps:
+    settings = LocalSettings(
+        data_dir=module_data_dir / "source15",
+        user="postgres",
+        database="postgres",
+        bin_dir=PG15_BIN,
+    )
+    return make_dumps(settings, tmp_path_factory.mktemp("dumps15"), directory=False)
+
+
+@needs_15
+@pytest.mark.parametrize("dump", ["app-only-all.sql", "app.dump"])
+async def test_if_postgresql_15_made_the_dump_then_it_restores_into_18(
+    dumps15: Dumps, target: LocalSettings, dump: str
+) -> None:
+    """If pg_dumpall/pg_dump of PostgreSQL 15 made the backup, then the default (18) restores it."""
+    name = f"v15-{dump.replace('.', '-')}"
+    data = gzip.compress(dumps15.files[dump])
+    provider, endpoint, _ = await restore(target, name, dump + ".gz", data)
+    try:
+        assert await aquery(endpoint, "SELECT count(*) FROM items") == [(1000,)]
+        assert await aquery(endpoint, OWNED) == [("app_owner",)]
+    finally:
+        await provider.destroy(Kind.VOLUME, name)
+
+
+@needs_15
+@pytest.mark.parametrize("dump", ["app.sql", "app.dump"])
+async def test_if_the_dump_is_from_a_newer_major_then_the_error_names_both(
+    dumps: Dumps, module_data_dir: pathlib.Path, dump: str
+) -> None:
+    """If an 18 dump meets a PostgreSQL 15 server, then one sentence names both versions."""
+    provider = LocalProvider(LocalSettings(data_dir=module_data_dir / "target15", bin_dir=PG15_BIN))
+    name = f"old-{dump.replace('.', '-')}"
+    await provider.create_volume(name, {})
+    try:
+        source = BytesSource(dump, dumps.files[dump])
+        with pytest.raises(ProviderError, match=r"dumped from PostgreSQL 18.*PostgreSQL 15"):
+            await provider.restore(name, source.backup, source, BUILTIN, ignore)
+    finally:
+        await provider.destroy(Kind.VOLUME, name)
