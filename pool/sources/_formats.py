@@ -182,6 +182,7 @@ class Decompressor:
     def __init__(self, key: str, compression: Compression) -> None:
         self._key = key
         self._compression = compression
+        self.compression = compression
         self._offset = 0
         self._ended = True
         self._gzip: zlib._Decompress | None = None

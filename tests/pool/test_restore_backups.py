@@ -16,10 +16,12 @@ import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import attrs
+import boto3
 import lz4.frame
 import pytest
 import trio
 import zstandard
+from moto.server import ThreadedMotoServer
 from pg_query import aquery
 
 from aldaas.pool import (
@@ -35,6 +37,8 @@ from aldaas.pool import (
     PoolSettings,
     ProviderError,
     RestoreProgress,
+    S3Settings,
+    S3Source,
     SourceSettings,
     TransformSettings,
     WarmPoolSettings,
@@ -300,11 +304,15 @@ MASKING_SQL = pathlib.Path(__file__).parents[2] / "examples" / "masking.sql"
 
 
 async def serve(
-    settings: PoolSettings, backups: pathlib.Path, check: Callable[[Pool], Awaitable[None]]
+    settings: PoolSettings,
+    backups: pathlib.Path | S3Source,
+    check: Callable[[Pool], Awaitable[None]],
 ) -> None:
-    """Run a pool over ``backups`` (a directory source, default suffix) until ``check`` is done."""
+    """Run a pool over ``backups`` (a folder: directory source, default suffix) until ``check``."""
     provider = LocalProvider(settings.local)
-    pool = Pool(settings, provider, DirectorySource(DirectorySettings(path=backups)))
+    if isinstance(backups, pathlib.Path):
+        backups = DirectorySource(DirectorySettings(path=backups))  # type: ignore[assignment]
+    pool = Pool(settings, provider, backups)
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
         try:
@@ -448,3 +456,57 @@ async def test_if_the_dump_is_from_a_newer_major_then_the_error_names_both(
             await provider.restore(name, source.backup, source, BUILTIN, ignore)
     finally:
         await provider.destroy(Kind.VOLUME, name)
+
+
+async def test_if_backups_sit_in_the_originals_s3_layout_then_the_newest_by_date_is_served(
+    dumps: Dumps, data_dir: pathlib.Path
+) -> None:
+    """If postgres-operator's logical backups sit under spilo/<cluster>/<uid>/logical_backups on
+    S3 (moto's server), then the newest .sql.gz by LastModified is restored and handed out, even
+    when an older one's key sorts after it."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test-secret",
+        )
+        client.create_bucket(Bucket="pg-backups")
+        prefix = "spilo/app-cluster/6f1c3e2a-7d4b-4c1e-9a55-0c2f7e1b8d90/logical_backups/"
+        older = gzip.compress(b"-- an older, broken backup\nTHIS IS NOT SQL;\n")
+        client.put_object(Bucket="pg-backups", Key=prefix + "1765000000.sql.gz", Body=older)
+        await trio.sleep(1.1)  # S3's LastModified has one-second resolution
+        newest = gzip.compress(dumps.files["app-only-all.sql"])
+        client.put_object(Bucket="pg-backups", Key=prefix + "0999999999.sql.gz", Body=newest)
+        client.put_object(Bucket="pg-backups", Key=prefix + "notes.txt", Body=b"not a backup")
+        client.put_object(
+            Bucket="pg-backups", Key="spilo/other/x/logical_backups/a.sql.gz", Body=older
+        )
+        settings = pool_settings(data_dir, source=SourceSettings(kind="s3", poll_interval=3600.0))
+        source = S3Source(
+            S3Settings(
+                bucket="pg-backups",
+                prefix="spilo/app-cluster/6f1c3e2a-7d4b-4c1e-9a55-0c2f7e1b8d90/logical_backups",
+                suffix=".sql.gz",
+                endpoint_url=endpoint,
+                region="us-east-1",
+                access_key_id="test",
+                secret_access_key="test-secret",
+                addressing_style="path",
+            )
+        )
+
+        async def check(pool: Pool) -> None:
+            (snap,) = pool.statistics().snapshots
+            assert (snap.backup_key, snap.status) == (prefix + "0999999999.sql.gz", "ready")
+            lease = await pool.acquire()
+            assert await aquery(lease.endpoint, "SELECT count(*) FROM items") == [(1000,)]
+
+        await serve(settings, source, check)
+    finally:
+        server.stop()

@@ -117,7 +117,10 @@ class LocalRestore:
         chunk = first
         while True:
             self._done += len(chunk)
-            pieces = await trio.to_thread.run_sync(_feed_all, decompressor, chunk)
+            if decompressor.compression is Compression.NONE:
+                pieces = [chunk] if chunk else []
+            else:
+                pieces = await trio.to_thread.run_sync(_feed_all, decompressor, chunk)
             for piece in pieces:
                 yield piece
             self.on_bytes(self._done)

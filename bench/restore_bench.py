@@ -1,0 +1,146 @@
+"""Restore throughput of the local provider's built-in restore beside psql / pg_restore -j by hand.
+
+Usage (as root or as a normal user; root runs PostgreSQL as the ``aldaas`` user):
+
+    python bench/restore_bench.py [--scale 70] [--runs 3] [--jobs 0]
+
+It makes one source database with ``pgbench -i -s SCALE`` (scale 70 is about
+1 GB), dumps it once as plain SQL (``pg_dump``) and as a custom archive
+(``pg_dump -Fc``), then, ``--runs`` times and in the same run, restores each
+file into a fresh volume
+
+- with ``LocalProvider.restore()`` (the built-in restore, as the pool runs it:
+  the file streamed from a directory source, format read from its bytes), and
+- by hand: ``psql -X -q -v ON_ERROR_STOP=1 -f FILE`` and
+  ``pg_restore --jobs N -d DB FILE`` against an identical fresh volume,
+
+and prints the median seconds and MB/s (dump file bytes / seconds) of each.
+``--jobs 0`` uses the built-in restore's own choice (CPU count, 1 to 4) for
+both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import trio
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from aldaas.pool import (
+    Command,
+    DirectorySettings,
+    DirectorySource,
+    Endpoint,
+    Kind,
+    LocalProvider,
+    LocalSettings,
+    RestoreProgress,
+)
+
+BUILTIN = Command(argv=(), builtin=True)
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[pathlib.Path]:
+    parent = pathlib.Path(tempfile.mkdtemp(prefix="aldaas-bench-", dir="/tmp"))
+    parent.chmod(0o711)
+    try:
+        yield parent
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def ignore(_: RestoreProgress) -> None:
+    pass
+
+
+def run_as_tool(argv: list[str], endpoint: Endpoint, bin_dir: pathlib.Path) -> None:
+    env = {**os.environ, **endpoint.environ(), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run(argv, env=env, capture_output=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed: {done.stderr.decode()[-2000:]}")
+
+
+async def main(scale: int, runs: int, jobs: int) -> None:
+    with scratch_dir() as root:
+        settings = LocalSettings(data_dir=root / "data")
+        provider = LocalProvider(settings)
+        files = root / "backups"
+        files.mkdir(mode=0o755)
+        source = await provider.create_volume("source", {})
+        bin_dir = await provider.bin_dir()
+        started = time.monotonic()
+        await trio.to_thread.run_sync(
+            run_as_tool,
+            [str(bin_dir / "pgbench"), "-i", "-s", str(scale), "-q", "--no-vacuum"],
+            source,
+            bin_dir,
+        )
+        print(f"# pgbench -i -s {scale}: {time.monotonic() - started:.0f} s")
+        plain, custom = files / "bench.sql", files / "bench.dump"
+        await trio.to_thread.run_sync(
+            run_as_tool, [str(bin_dir / "pg_dump"), "-f", str(plain)], source, bin_dir
+        )
+        await trio.to_thread.run_sync(
+            run_as_tool, [str(bin_dir / "pg_dump"), "-Fc", "-f", str(custom)], source, bin_dir
+        )
+        await provider.destroy(Kind.VOLUME, "source")
+        for path in (plain, custom):
+            path.chmod(0o644)
+            print(f"# {path.name}: {path.stat().st_size / 1e6:.0f} MB")
+        jobs = jobs or max(1, min(4, os.cpu_count() or 1))
+        dir_source = DirectorySource(DirectorySettings(path=files, suffix=""))
+        backups = {b.key: b for b in await dir_source.list_backups()}
+        seconds: dict[str, list[float]] = {}
+
+        async def timed(label: str, name: str, how: str, path: pathlib.Path) -> None:
+            endpoint = await provider.create_volume(name, {})
+            began = time.monotonic()
+            if how == "builtin":
+                await provider.restore(name, backups[path.name], dir_source, BUILTIN, ignore)
+            elif path.suffix == ".sql":
+                argv = [str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-o"]
+                argv += ["/dev/null", "-f", str(path)]
+                await trio.to_thread.run_sync(run_as_tool, argv, endpoint, bin_dir)
+            else:
+                argv = [str(bin_dir / "pg_restore"), "--exit-on-error", f"--jobs={jobs}"]
+                argv += [f"--dbname={endpoint.database}", str(path)]
+                await trio.to_thread.run_sync(run_as_tool, argv, endpoint, bin_dir)
+            seconds.setdefault(label, []).append(time.monotonic() - began)
+            await provider.destroy(Kind.VOLUME, name)
+
+        for run in range(runs):
+            for path in (plain, custom):
+                for how in ("builtin", "by hand"):
+                    tool = "psql" if path.suffix == ".sql" else f"pg_restore -j {jobs}"
+                    label = f"{path.name} {'aldaas built-in' if how == 'builtin' else tool}"
+                    await timed(label, f"r{run}-{path.stem}-{how[:2]}", how, path)
+            print(f"# run {run + 1} of {runs} done", flush=True)
+        print("| restore | median s | MB/s (dump bytes) | runs (s) |")
+        print("| --- | --- | --- | --- |")
+        for label, values in seconds.items():
+            size = (plain if label.startswith("bench.sql") else custom).stat().st_size
+            med = statistics.median(values)
+            runs_text = ", ".join(f"{v:.1f}" for v in values)
+            print(f"| {label} | {med:.1f} | {size / 1e6 / med:.1f} | {runs_text} |")
+        await provider.aclose()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=int, default=70)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=0)
+    args = parser.parse_args()
+    trio.run(main, args.scale, args.runs, args.jobs)
