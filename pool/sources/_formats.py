@@ -181,7 +181,6 @@ class Decompressor:
 
     def __init__(self, key: str, compression: Compression) -> None:
         self._key = key
-        self._compression = compression
         self.compression = compression
         self._offset = 0
         self._ended = True
@@ -191,19 +190,19 @@ class Decompressor:
 
     def _corrupt(self, exc: Exception) -> ProviderError:
         return ProviderError(
-            f"backup {self._key!r} is corrupt {self._compression.value} data near byte "
+            f"backup {self._key!r} is corrupt {self.compression.value} data near byte "
             f"{self._offset} ({exc}); replace it with an intact backup"
         )
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         """Yield the decompressed bytes of ``chunk``; raise :class:`ProviderError` if corrupt."""
         try:
-            if self._compression is Compression.NONE:
+            if self.compression is Compression.NONE:
                 if chunk:
                     yield chunk
-            elif self._compression is Compression.GZIP:
+            elif self.compression is Compression.GZIP:
                 yield from self._feed_gzip(chunk)
-            elif self._compression is Compression.ZSTD:
+            elif self.compression is Compression.ZSTD:
                 yield from self._feed_zstd(chunk)
             else:
                 yield from self._feed_lz4(chunk)
@@ -270,7 +269,7 @@ class Decompressor:
         """Raise :class:`ProviderError` if the stream ended inside a compressed frame or member."""
         if not self._ended:
             raise ProviderError(
-                f"backup {self._key!r} is truncated {self._compression.value} data "
+                f"backup {self._key!r} is truncated {self.compression.value} data "
                 f"({self._offset} bytes); replace it with a complete backup"
             )
 
