@@ -130,6 +130,21 @@ class LocalRestore:
                 break
         decompressor.finish()
 
+    def _stopped(self, result: pg.CommandResult, tool: str) -> ProviderError:
+        """The error of a restore that ``tool`` ended: a full disk, or the backup's first error."""
+        if "No space left on device" in result.tail or "could not extend file" in result.tail:
+            root = self.folder.parent.parent  # <data_dir>/volumes/<name>
+            return ProviderError(
+                f"restore of {self.key!r} failed because the disk holding {root} is full "
+                f"({tool} exit status {result.returncode}: {result.tail}); free space or move "
+                "local.data_dir"
+            )
+        return ProviderError(
+            f"restore of {self.key!r} stopped at its first error ({tool} exit status "
+            f"{result.returncode}: {result.tail}); fix the backup or restore it by hand to see "
+            "the whole error"
+        )
+
     def _env(self, database: str | None = None) -> dict[str, str]:
         env = dict(self.endpoint.environ())
         if database is not None:
@@ -241,11 +256,7 @@ class LocalRestore:
                 feed=feed,
             )
             if result.returncode != 0:
-                raise ProviderError(
-                    f"restore of {self.key!r} stopped at its first error, in database "
-                    f"{database!r} (psql exit status {result.returncode}: {result.tail}); "
-                    "fix the backup or restore it by hand to see the whole error"
-                )
+                raise self._stopped(result, f"psql, in database {database!r}")
             if not next_database:
                 return
             database = next_database.pop()
@@ -289,11 +300,7 @@ class LocalRestore:
                 cwd=self.folder,
             )
             if result.returncode != 0:
-                raise ProviderError(
-                    f"restore of {self.key!r} stopped at its first error (pg_restore exit status "
-                    f"{result.returncode}: {result.tail}); fix the backup or restore it by hand "
-                    "to see the whole error"
-                )
+                raise self._stopped(result, "pg_restore")
         finally:
             await trio.to_thread.run_sync(_remove, spool)
             await trio.to_thread.run_sync(_remove, unpacked)
