@@ -84,7 +84,7 @@ async def build_snapshot(provider: LocalProvider, name: str, size_mb: int) -> in
     return resource.size_bytes or 0
 
 
-PHASES: dict[str, list[float]] = {"copy": [], "start": []}
+PHASES: dict[str, list[float]] = {"copy": [], "start": [], "login": []}
 
 
 def _timed(phase: str, method: Any) -> Any:
@@ -102,13 +102,14 @@ def _timed(phase: str, method: Any) -> Any:
 
 Servers.copy = _timed("copy", Servers.copy)  # type: ignore[method-assign]
 Servers.start = _timed("start", Servers.start)  # type: ignore[method-assign]
+Servers.set_login = _timed("login", Servers.set_login)  # type: ignore[method-assign]
 
 
 async def time_clones(
     provider: LocalProvider, snapshot: str, runs: int, tag: str
-) -> tuple[list[float], list[float], list[float]]:
-    """Clone+start times, and within them the copy and the server start phases."""
-    times, copies, starts = [], [], []
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Clone+start times, and within them the copy, server start and login phases."""
+    times, copies, starts, logins = [], [], [], []
     for i in range(runs):
         name = f"{tag}-{i}"
         for phase in PHASES.values():
@@ -118,8 +119,9 @@ async def time_clones(
         times.append(time.perf_counter() - start)
         copies.append(sum(PHASES["copy"]))
         starts.append(sum(PHASES["start"]))
+        logins.append(sum(PHASES["login"]))
         await provider.destroy(Kind.CLONE, name)
-    return times, copies, starts
+    return times, copies, starts, logins
 
 
 def pss_kib(pid: int) -> int:
@@ -183,11 +185,17 @@ async def bench_fs(label: str, data_dir: pathlib.Path, sizes: list[int], runs: i
         )
         for method in methods:
             provider = LocalProvider(LocalSettings(data_dir=data_dir, clone_method=method))  # type: ignore[arg-type]
-            times, copies, starts = await time_clones(provider, name, runs, f"{method}-{size_mb}")
+            times, copies, starts, logins = await time_clones(
+                provider, name, runs, f"{method}-{size_mb}"
+            )
             print(f"{label}: clone+start {size_mb:>5} MB  {method:<7} {fmt(times)}")
             print(
                 f"{label}:   of which copy median {statistics.median(copies) * 1000:.1f} ms, "
-                f"server start median {statistics.median(starts) * 1000:.1f} ms"
+                f"server start median {statistics.median(starts) * 1000:.1f} ms, "
+                f"login (own password) median {statistics.median(logins) * 1000:.1f} ms; "
+                "without the login: median "
+                f"{statistics.median(t - lg for t, lg in zip(times, logins, strict=True)) * 1000:.1f}"
+                " ms"
             )
     smallest = f"snap-{sizes[0]}mb"
     for row in await idle_memory(probe, smallest, data_dir):
