@@ -301,3 +301,25 @@ async def test_if_postgresql_15_serves_then_the_seal_works_and_the_login_adds_pg
     finally:
         await provider.destroy(Kind.CLONE, "c15")
         await provider.destroy(Kind.SNAPSHOT, "v15")
+
+
+async def test_if_a_clone_never_got_its_password_then_it_has_no_endpoint_until_made_again(
+    settings: LocalSettings,
+) -> None:
+    """If a crash left a clone without its login's password, then it is unusable until cloned again."""
+    provider = LocalProvider(settings)
+    first = await provider.clone("sealed", "half", {})
+    try:
+        state_path = settings.data_dir / "clones" / "half" / "state.json"
+        state = json.loads(state_path.read_text())
+        del state["password"]
+        state_path.write_text(json.dumps(state))
+        (listed,) = [r for r in await provider.list(Kind.CLONE) if r.name == "half"]
+        assert listed.endpoint is None
+        assert await provider.is_healthy("half") is False
+        again = await provider.clone("sealed", "half", {})
+        assert again.port == first.port
+        assert again.password not in (None, first.password)
+        assert await aquery(again, "SELECT count(*) FROM items") == [(2,)]
+    finally:
+        await provider.destroy(Kind.CLONE, "half")
