@@ -28,10 +28,11 @@ running, and the process exits 0.
 
 from __future__ import annotations
 
+import collections
 import hmac
 import math
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -59,6 +60,8 @@ _ENDED = {
     "expired_lifetime": "the lease reached its maximum lifetime",
     "lost": "the lease's database was lost",
 }
+_ENDED_REMEMBERED = 4096
+"""Ended leases whose reason the broker keeps for returning clients (about 100 bytes each)."""
 
 
 def trio_tasks() -> int:
@@ -129,6 +132,9 @@ class Broker:
         the gateway's grace period)."""
         self._admin_failures = 0
         self._admin_locked_until = -math.inf
+        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
+        """Why recent leases ended (newest last, at most ``_ENDED_REMEMBERED``): a client that
+        comes back after a long disconnect learns that its lease expired, not "unknown"."""
         self._unsubscribe = the_pool.add_observer(self.on_pool_event)
 
     # -- metrics ---------------------------------------------------------------------------
@@ -173,6 +179,9 @@ class Broker:
             case pool.LeaseEnded(lease_id=lease_id, reason=reason):
                 if reason in ("expired_idle", "expired_lifetime"):
                     m.lease_expired()
+                self._ended[lease_id] = reason
+                while len(self._ended) > _ENDED_REMEMBERED:
+                    self._ended.popitem(last=False)
                 self._attached.discard(lease_id)
                 if lease_id not in self._closing_self and self.gateway is not None:
                     self.gateway.close_session(lease_id, _ENDED.get(reason, reason) + ".")
@@ -192,6 +201,12 @@ class Broker:
         if stats.newest_ready_snapshot is None:
             if stats.restore is not None:
                 return False, "No snapshot is ready yet; the first restore is in progress."
+            failed = _failed_newest(stats.snapshots)
+            if failed is not None:
+                return False, (
+                    f"No snapshot is ready yet; the last restore of {failed.backup_key} failed "
+                    f"({failed.reason}); fix the backup and trigger a refresh."
+                )
             return False, "No snapshot is ready yet; the broker is waiting for a backup."
         return True, ""
 
@@ -282,7 +297,15 @@ class Broker:
         )
 
     async def verify_session(self, session_id: str, secret: str) -> bool:
-        return self.pool.verify_secret(session_id, secret)
+        if self.pool.verify_secret(session_id, secret):
+            return True
+        reason = self._ended.get(session_id)
+        if reason is not None:
+            # Only that it ended and why: what `aldaas status` showed every token holder.
+            raise tunnel.SessionRefused(
+                f"your lease {session_id} has ended: {_ENDED.get(reason, reason)}"
+            )
+        return False
 
     def resolve(self, session_id: str) -> tuple[str, int]:
         endpoint = self.pool.lease(session_id).endpoint
@@ -468,6 +491,12 @@ def _lease_json(lease: pool.LeaseInfo) -> dict[str, Any]:
         "idle_deadline": lease.idle_deadline,
         "resets": lease.resets,
     }
+
+
+def _failed_newest(snapshots: Sequence[pool.SnapshotInfo]) -> pool.SnapshotInfo | None:
+    """The newest snapshot if its restore failed (the backup people expect to see is broken)."""
+    newest = max(snapshots, key=lambda s: s.created_at, default=None)
+    return newest if newest is not None and newest.status == "failed" else None
 
 
 def _snapshot_json(s: pool.SnapshotInfo) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""The ``aldaas`` program: ``serve`` runs the broker; the client commands live in client/."""
+"""The broker's commands of the ``aldaas`` program: ``serve``, ``fetch-backup``, ``settings``.
+
+The program itself (``client/_program.py``) belongs to the client, the plain install; it
+hands these commands to :func:`main` when the ``server`` extra is installed.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,9 @@ from functools import partial
 
 import trio
 
-from aldaas.client._cli import add_commands, run_command
+from aldaas.client._logging import configure_logging
 
 from ._config import ConfigError, load_settings, render_reference
-from ._logging import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +62,6 @@ def _parser() -> argparse.ArgumentParser:
         help="print every broker setting with its default and environment variable (Markdown)",
         description="Print the configuration reference that docs/configuration.md holds.",
     )
-    add_commands(sub)
     return parser
 
 
@@ -122,7 +124,7 @@ def _fetch_backup(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``aldaas`` console script."""
+    """Run one broker command (``aldaas serve ...``); ``python -m aldaas.broker`` too."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
         from ._init import serve_as_init
@@ -135,15 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sys.stdout.write(render_reference(Settings))
         return 0
-    # The client shows its own progress; library logs (the tunnel's) only matter when they warn,
-    # and never go to stdout, which carries the DSN and status output.
-    level = os.environ.get("ALDAAS_LOG_LEVEL", "warning").strip().lower() or "warning"
-    try:
-        configure_logging(level, "auto")
-    except ValueError as exc:
-        print(f"aldaas: error: ALDAAS_LOG_LEVEL: {exc}", file=sys.stderr)
-        return 2
-    return run_command(args)
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse allows no other
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """``aldaas connect | run | reset | release | status | snapshots``: the client side of aldaas.
 
-``broker/_cli.py`` owns the ``aldaas`` program and its ``serve`` command; it
-calls :func:`add_commands` to add these, and each sets ``func`` to a
-coroutine function ``(args, environ, console) -> exit status``. The client
+``_program.py`` owns the ``aldaas`` program and its parser (kept free of trio
+and the tunnel so that ``--help`` starts fast); :func:`run_command` runs the
+chosen command, a coroutine function ``(args, environ, console) -> exit status``. The client
 talks to the broker only through the tunnel (``tunnel.serve_client`` for a
 session, ``tunnel.open_control`` for one-off requests).
 """
@@ -41,51 +41,6 @@ from ._render import (
 Command = Callable[[argparse.Namespace, Mapping[str, str], Console], Awaitable[int]]
 
 
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the client commands to the ``aldaas`` parser."""
-    common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("where the broker is (flags win over the ALDAAS_* variables)")
-    g.add_argument("--server", help="gateway host[:port] or ws(s):// URL [ALDAAS_SERVER]")
-    g.add_argument("--token", help="instance token [ALDAAS_TOKEN]")
-    g.add_argument("--name", help="name of the lease, one per server and name [ALDAAS_NAME]")
-    g.add_argument("--protocol", choices=("ws", "wss"), help="default wss [ALDAAS_PROTOCOL]")
-    g.add_argument("--ca-file", type=pathlib.Path, help="CA bundle for wss (default: system store)")
-    g.add_argument("--listen", help="local address to listen on [ALDAAS_LISTEN, 127.0.0.1]")
-
-    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
-        p = subparsers.add_parser(name, parents=[common], help=help_text, description=help_text)
-        p.set_defaults(func=func)
-        return p
-
-    p = add("connect", _connect, "get a database (or resume the cached one) on a local port")
-    p.add_argument("--port", type=int, help="local port, 0 = any free one [ALDAAS_PORT, 5432]")
-    p.add_argument("--ttl", type=float, help="idle TTL in seconds [ALDAAS_TTL, server default]")
-    p.add_argument("--new", action="store_true", help="forget the cached lease, get a fresh one")
-    p.add_argument(
-        "--release-on-exit",
-        action="store_true",
-        help="release the lease on exit instead of leaving it to its idle TTL",
-    )
-    p.add_argument(
-        "--legacy-url",
-        action="store_true",
-        help="also print the lease's URL for the original aldaas client (tcp-over-websocket); "
-        "it carries the lease's secret",
-    )
-
-    p = add("run", _run, "run a command against a fresh database, then release it")
-    p.add_argument("--port", type=int, help="local port [ALDAAS_PORT, else any free one]")
-    p.add_argument("--ttl", type=float, help="idle TTL in seconds [ALDAAS_TTL]")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...", help="the command")
-
-    add("reset", _reset, "swap the cached lease's database for a pristine copy, same address")
-    add("release", _release, "release the cached lease now (its database is destroyed)")
-    p = add("status", _status, "show the pool, the snapshots and the leases")
-    p.add_argument("--json", action="store_true", help="print the broker's JSON answer")
-    p = add("snapshots", _snapshots, "list the snapshots")
-    p.add_argument("--json", action="store_true", help="print the broker's JSON answer")
-
-
 def _options(
     args: argparse.Namespace, environ: Mapping[str, str], *, default_port: int = 5432
 ) -> Options:
@@ -100,6 +55,7 @@ def _options(
         protocol=args.protocol,
         ca_file=args.ca_file,
         listen=args.listen,
+        timeout=getattr(args, "timeout", None),
         default_port=default_port,
     )
 
@@ -186,29 +142,90 @@ async def _nursery() -> AsyncIterator[trio.Nursery]:
 
 
 class _Connected:
-    """The live part of ``connect``: status line, signals, release on exit."""
+    """The live part of ``connect`` and ``run``: status line, and why the last attempt failed."""
 
-    def __init__(self, console: Console, server: str) -> None:
+    def __init__(self, console: Console, opts: Options) -> None:
         self.console = console
-        self.phase = [f"connecting to {server}"]
+        self.opts = opts
+        self.phase = [f"connecting to {opts.server}"]
         self.connected = False
         self.was_connected = False
+        self.last_failure: str | None = None
+        """Why the last attempt to reach the gateway failed (``None``: none failed yet)."""
+        self.waiting: tunnel.JSONObject | None = None
+        """The broker's last PROGRESS while it made us wait (queue position, ...)."""
 
     def on_event(self, event: tunnel.ClientEvent) -> None:
         if isinstance(event, tunnel.Waiting):
+            self.waiting = event.params
             self.phase[0] = progress_text(event.params)
         elif isinstance(event, tunnel.Connecting):
             if event.attempt > 1:
                 self.phase[0] = f"reconnecting (attempt {event.attempt})"
         elif isinstance(event, tunnel.Disconnected):
             self.connected = False
-            self.console.note(f"disconnected ({event.reason}); retrying in {event.retry_in:.1f}s")
+            self.waiting = None
+            self.last_failure = _failure_text(event.reason, self.opts)
+            if self.was_connected:
+                self.console.note(
+                    f"disconnected ({self.last_failure}); retrying in {event.retry_in:.1f}s"
+                )
+            else:
+                self.console.note(
+                    f"cannot reach the gateway at {self.opts.url} ({self.last_failure}); "
+                    f"retrying in {event.retry_in:.1f}s"
+                )
             self.phase[0] = "reconnecting"
         elif isinstance(event, tunnel.Connected):
             if self.was_connected:
                 resumed = "the session resumed" if event.resumed else "open connections were reset"
                 self.console.note(f"reconnected; {resumed}")
             self.connected = self.was_connected = True
+
+    def gave_up(self) -> ClientError:
+        """Why ``aldaas run`` had no database after its bounded wait, in one sentence."""
+        waited = f"{self.opts.timeout:g} s"
+        fix = "raise --timeout or ALDAAS_TIMEOUT"
+        if self.waiting is not None and self.waiting.get("queue_position") is not None:
+            return ClientError(
+                f"No database was free within {waited}: still {progress_text(self.waiting)} "
+                f"at {self.opts.server}; {fix}, or ask for a bigger pool."
+            )
+        if self.waiting is not None:
+            return ClientError(
+                f"No database within {waited}: {progress_text(self.waiting)} at "
+                f"{self.opts.server}; {fix}."
+            )
+        if self.last_failure is not None:
+            return ClientError(
+                f"The gateway at {self.opts.url} was unreachable for {waited} "
+                f"({self.last_failure}); check --server or ALDAAS_SERVER and the network."
+            )
+        return ClientError(
+            f"The gateway at {self.opts.url} did not answer within {waited}; "
+            f"check --server or ALDAAS_SERVER, or {fix}."
+        )
+
+
+def _failure_text(reason: str, opts: Options) -> str:
+    """The tunnel's reason for a failed attempt, with the hint for the classic mistake: a
+    ``host:port`` server defaults to wss, and a plain-ws gateway answers TLS with HTTP."""
+    text = reason.rstrip(".") or "no reason given"
+    if opts.url.startswith("wss://") and _looks_like_tls_mismatch(text):
+        plain = "ws://" + opts.url.removeprefix("wss://")
+        return (
+            f"{text}; the gateway may serve plain ws: pass --protocol ws or write the server "
+            f"as {plain}"
+        )
+    return text
+
+
+def _looks_like_tls_mismatch(reason: str) -> bool:
+    lowered = reason.lower()
+    return any(
+        sign in lowered
+        for sign in ("wrong version number", "wrong_version_number", "record layer failure")
+    ) or ("ssl" in lowered and "certificate" not in lowered)
 
 
 async def _connect(args: argparse.Namespace, environ: Mapping[str, str], console: Console) -> int:
@@ -257,7 +274,7 @@ async def _connect_once(
     args: argparse.Namespace,
     console: Console,
 ) -> int:
-    live = _Connected(console, opts.server)
+    live = _Connected(console, opts)
     started = trio.current_time()
     stop = trio.Event()
     saved: _state.CachedLease | None = None
@@ -381,7 +398,7 @@ async def _run(args: argparse.Namespace, environ: Mapping[str, str], console: Co
         raise ClientError("No command given; write aldaas run -- CMD [ARGS...].", exit_code=2)
     opts = _options(args, environ, default_port=0)
     auth = tunnel.NewSession(token=_need_token(opts), params=_params(opts))
-    live = _Connected(console, opts.server)
+    live = _Connected(console, opts)
     status = 0
     try:
         async with _nursery() as nursery:
@@ -392,16 +409,20 @@ async def _run(args: argparse.Namespace, environ: Mapping[str, str], console: Co
                     await console.spin_while(live.phase)
 
             nursery.start_soon(spin)
-            client: tunnel.TunnelClient = await nursery.start(
-                partial(
-                    tunnel.serve_client,
-                    _settings(opts, port=opts.port),
-                    auth,
-                    on_event=live.on_event,
+            client: tunnel.TunnelClient | None = None
+            with trio.move_on_after(opts.timeout):
+                client = await nursery.start(
+                    partial(
+                        tunnel.serve_client,
+                        _settings(opts, port=opts.port),
+                        auth,
+                        on_event=live.on_event,
+                    )
                 )
-            )
             spinner.cancel()
             console.clear()
+            if client is None:
+                raise live.gave_up()
             assert client.local_address is not None
             host, port = _reachable(client.local_address)
             env = {**environ, **database_environ(client.session.info, host, port)}
@@ -535,10 +556,21 @@ async def _snapshots(args: argparse.Namespace, environ: Mapping[str, str], conso
     return 0
 
 
+COMMANDS: dict[str, Command] = {
+    "connect": _connect,
+    "run": _run,
+    "reset": _reset,
+    "release": _release,
+    "status": _status,
+    "snapshots": _snapshots,
+}
+"""The client's commands by name; their flags are in ``_program.add_commands``."""
+
+
 def run_command(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
     """Run the client command chosen in ``args``; errors become one line and an exit status."""
     console = Console()
-    func: Command = args.func
+    func = COMMANDS[args.command]
     try:
         return trio.run(func, args, dict(os.environ if environ is None else environ), console)
     except ClientError as exc:
@@ -550,4 +582,4 @@ def run_command(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         return 130
 
 
-__all__ = ["add_commands", "run_command"]
+__all__ = ["COMMANDS", "run_command"]

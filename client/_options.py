@@ -8,6 +8,7 @@ flag that wins over it. Every mistake is one sentence naming the value seen.
 
 from __future__ import annotations
 
+import math
 import pathlib
 import urllib.parse
 from collections.abc import Mapping
@@ -21,6 +22,9 @@ DEFAULT_PATH = "/tunnel"
 """The gateway's multiplexed endpoint when ``ALDAAS_SERVER`` names no path."""
 DEFAULT_NAME = "default"
 """Name of the lease in the state file when ``ALDAAS_NAME`` is unset."""
+DEFAULT_TIMEOUT = 60.0
+"""How long ``aldaas run`` waits for a database before it exits 1: a CI job fails within a
+minute, saying why, instead of hanging until the job's own limit."""
 
 Protocol = Literal["ws", "wss"]
 
@@ -46,6 +50,8 @@ class Options:
     """Local listening address; loopback unless asked (``0.0.0.0`` inside the client container)."""
     ttl: float | None
     """Idle TTL asked for the lease; ``None`` leaves the server's default (300 s)."""
+    timeout: float = DEFAULT_TIMEOUT
+    """Seconds ``aldaas run`` waits for its database (gateway, queue, snapshot) before giving up."""
     name: str
     ca_file: pathlib.Path | None
     state_dir: pathlib.Path
@@ -65,6 +71,25 @@ def _pick(flag: object, environ: Mapping[str, str], var: str) -> str | None:
         return str(flag)
     value = environ.get(var, "").strip()
     return value or None
+
+
+def _seconds(flag: object, environ: Mapping[str, str], what: str, name: str) -> float | None:
+    """``--NAME`` or ``ALDAAS_NAME`` as a finite number of seconds > 0; ``None`` if unset."""
+    var = f"ALDAAS_{name.upper()}"
+    text = _pick(flag, environ, var)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < math.inf:
+        raise ClientError(
+            f"The {what} must be a positive number of seconds, got {text!r}; "
+            f"fix --{name} or {var}.",
+            exit_code=2,
+        )
+    return value
 
 
 def resolve_url(server: str, protocol: str | None) -> str:
@@ -111,6 +136,7 @@ def resolve(
     protocol: str | None = None,
     ca_file: pathlib.Path | None = None,
     listen: str | None = None,
+    timeout: str | float | None = None,
     default_port: int = DEFAULT_PORT,
 ) -> Options:
     """Flags (the keyword arguments) win over ``ALDAAS_*`` variables, which win over defaults."""
@@ -135,19 +161,8 @@ def resolve(
                 exit_code=2,
             )
 
-    ttl_text = _pick(ttl, environ, "ALDAAS_TTL")
-    ttl_value: float | None = None
-    if ttl_text is not None:
-        try:
-            ttl_value = float(ttl_text)
-        except ValueError:
-            ttl_value = -1.0
-        if not ttl_value > 0:
-            raise ClientError(
-                f"The TTL must be a positive number of seconds, got {ttl_text!r}; "
-                "fix --ttl or ALDAAS_TTL.",
-                exit_code=2,
-            )
+    ttl_value = _seconds(ttl, environ, "TTL", "ttl")
+    timeout_value = _seconds(timeout, environ, "timeout", "timeout")
 
     ca_text = _pick(ca_file, environ, "ALDAAS_CA_FILE")
     ca_path = pathlib.Path(ca_text).expanduser() if ca_text else None
@@ -163,6 +178,7 @@ def resolve(
         token=_pick(token, environ, "ALDAAS_TOKEN"),
         port=local_port,
         ttl=ttl_value,
+        timeout=DEFAULT_TIMEOUT if timeout_value is None else timeout_value,
         name=_pick(name, environ, "ALDAAS_NAME") or DEFAULT_NAME,
         ca_file=ca_path,
         state_dir=state_dir,

@@ -91,6 +91,13 @@ def _until(deadline: Any, now: float) -> str:
     return duration(float(deadline) - now) if isinstance(deadline, int | float) else "-"
 
 
+def _failed_newest(snapshots: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The newest snapshot (by start of its restore) if it failed."""
+    dated = [s for s in snapshots if isinstance(s.get("created_at"), int | float)]
+    newest = max(dated, key=lambda s: float(s["created_at"]), default=None)
+    return newest if newest is not None and newest.get("status") == "failed" else None
+
+
 def status_text(status: Mapping[str, Any], *, server: str, now: float | None = None) -> str:
     """The human view of the broker's ``status`` answer."""
     now = time.time() if now is None else now
@@ -115,12 +122,20 @@ def status_text(status: Mapping[str, Any], *, server: str, now: float | None = N
             f"restoring {restore.get('backup', '?')}: {size(done)} of {size(total)}{pct}, "
             f"eta {duration(restore.get('eta_seconds'))}"
         )
-    ready = [s for s in status.get("snapshots") or () if s.get("status") == "ready"]
+    snapshots = list(status.get("snapshots") or ())
+    ready = [s for s in snapshots if s.get("status") == "ready"]
     if ready:
         newest = ready[0]
         lines.append(
             f"newest snapshot {newest.get('name')} of {newest.get('backup', '?')}, "
             f"age {duration(newest.get('age_seconds'))}"
+        )
+    failed = _failed_newest(snapshots)
+    if failed is not None and ready:
+        lines.append(
+            f"the newest backup {failed.get('backup', '?')} failed to restore "
+            f"({str(failed.get('reason') or 'no reason given').rstrip('.')}); "
+            f"the older snapshot {ready[0].get('name')} still serves"
         )
     leases = status.get("leases") or ()
     mine = status.get("you")

@@ -50,7 +50,7 @@ def free_port() -> int:
 
 def aldaas() -> list[str]:
     found = shutil.which("aldaas", path=str(pathlib.Path(sys.executable).parent))
-    return [found] if found else [sys.executable, "-m", "aldaas.broker"]
+    return [found] if found else [sys.executable, "-m", "aldaas.client"]
 
 
 def psql() -> str:

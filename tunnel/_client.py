@@ -210,6 +210,19 @@ def _certificate_error(exc: BaseException) -> bool:
     return False
 
 
+def _reason(exc: BaseException) -> str:
+    """An error's text with its cause's: trio reports a failed TLS handshake as a bare
+    ``BrokenResourceError`` whose cause (the ``SSLError``) says what went wrong, and a failed
+    connect as "all attempts ... failed" whose cause is a group of the real errors."""
+    text = str(exc) or type(exc).__name__
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text}: {cause}"
+    return text
+
+
 def _ssl_context(settings: ClientSettings) -> ssl.SSLContext | None:
     if not settings.url.startswith("wss://"):
         return None
@@ -351,7 +364,7 @@ async def _connect_forever(
                     "the gateway's TLS certificate failed verification "
                     f"({exc.__cause__ or exc}); give the CA that signed it as ca_file"
                 ) from None
-            reason = str(exc) or type(exc).__name__
+            reason = _reason(exc)
         finally:
             if ws is not None:
                 with trio.CancelScope(shield=True):

@@ -488,14 +488,10 @@ class Gateway:
             session_id, _, secret = credentials.strip().partition(":")
             if await self._locked_out(stream, ws_conn, peer, session_id):
                 return
-            if not await self._verify_session(session_id, secret, deadline):
+            refusal = await self._verify_session(session_id, secret, deadline)
+            if refusal is not None:
                 self._auth_failed(peer, session_id, "wrong session secret", session_id=session_id)
-                await reject(
-                    stream,
-                    ws_conn,
-                    403,
-                    f"session {session_id!r} is unknown or its secret is wrong; open a new session",
-                )
+                await reject(stream, ws_conn, 403, refusal)
                 return
         else:
             if await self._locked_out(stream, ws_conn, peer, _INSTANCE):
@@ -563,15 +559,20 @@ class Gateway:
                 first += conn.replay()
             await self._attach(live, ws, first)
 
-    async def _verify_session(self, session_id: str, secret: str, deadline: float) -> bool:
-        """Ask the owner whether ``secret`` opens ``session_id`` (False if it fails or stalls)."""
+    async def _verify_session(self, session_id: str, secret: str, deadline: float) -> str | None:
+        """Ask the owner whether ``secret`` opens ``session_id``: ``None`` if it does, else the
+        refusal to send (the hook's own when it raises SessionRefused: the session ended, and
+        why; the generic one if it says no, fails or stalls)."""
         ok = False
+        why = f"session {session_id!r} is unknown or its secret is wrong; open a new session"
         with trio.move_on_at(deadline):
             try:
                 ok = bool(session_id) and await self.hooks.verify_session(session_id, secret)
+            except SessionRefused as exc:
+                why = str(exc)
             except Exception:
                 _failure(event="tunnel verify hook failed", session_id=session_id)
-        return ok
+        return None if ok else why
 
     async def _read_hello(self, ws: WebSocket, conn: Connection) -> Hello | None:
         while True:
@@ -763,7 +764,7 @@ class Gateway:
         name, secret, session = (urllib.parse.unquote(p) for p in parts)
         if await self._locked_out(stream, ws_conn, ticket.peer, session):
             return
-        if not await self._verify_session(session, secret, deadline):
+        if await self._verify_session(session, secret, deadline) is not None:
             self._auth_failed(
                 ticket.peer, session, "wrong lease secret", session_id=session, endpoint="legacy"
             )

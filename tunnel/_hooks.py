@@ -44,7 +44,11 @@ class GatewayHooks(Protocol):
         ...
 
     async def verify_session(self, session_id: str, secret: str) -> bool:
-        """Whether ``secret`` is the secret of ``session_id`` (compare in constant time)."""
+        """Whether ``secret`` is the secret of ``session_id`` (compare in constant time).
+
+        Raise :class:`SessionRefused` to refuse with its message instead of the generic
+        "unknown session" (e.g. the session ended, and the client should learn why).
+        """
         ...
 
     def resolve(self, session_id: str) -> tuple[str, int]:

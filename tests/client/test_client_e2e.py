@@ -35,18 +35,13 @@ def broker(
 ) -> Iterator[BrokerProcess]:
     work = tmp_path_factory.mktemp("client-e2e")
     write_backup(work / "backups")
-    b = BrokerProcess(
+    with BrokerProcess(
         data_dir=module_data_dir,
         backups=work / "backups",
         log_path=work / "broker.log",
         overrides=["pool.size=2", "lease.ttl=300", "gateway.legacy_endpoint=true"],
-    )
-    b.start()
-    try:
-        b.wait_ready(warm=2)
+    ).running(warm=2) as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture
@@ -149,6 +144,28 @@ def test_if_the_client_restarts_then_it_resumes_the_same_database(
     released = clients.run("release")
     assert released.returncode == 0, released.stderr
     assert len(broker.leases()) == len(leases) - 1
+
+
+def test_if_the_cached_lease_expired_then_connect_says_it_expired_and_gets_a_new_one(
+    clients: Clients, broker: BrokerProcess
+) -> None:
+    """If the cached lease expired after its idle TTL while no client ran, then the next
+    connect says so (not "unknown session") and hands out a fresh database."""
+    with clients.connect("--port", "0", "--ttl", "1") as first:
+        first.dsn()
+        assert first.stop(signal.SIGTERM) == 0
+    mine = {lease["id"] for lease in broker.leases() if lease.get("ttl") == 1}
+    assert len(mine) == 1, broker.leases()
+    lease_id = mine.pop()
+    broker.wait_until("the lease to expire", lambda: lease_id not in broker.lease_ids())
+    with clients.connect("--port", "0") as second:
+        second.dsn()
+        assert second.stop() == 0
+    assert f"your lease {lease_id} has ended: the lease expired after its idle TTL" in (
+        second.stderr
+    )
+    assert "unknown" not in second.stderr
+    assert clients.run("release").returncode == 0
 
 
 def test_if_the_token_is_wrong_then_every_command_says_so_in_one_sentence(
