@@ -13,6 +13,7 @@ import trio
 
 from . import _adoption, _lease_life, _warm
 from . import _meta as m
+from ._eta import queue_etas
 from ._lease import (
     InvalidRequestError,
     Lease,
@@ -317,14 +318,23 @@ def dispatch(st: PoolState) -> None:
 
 def report_positions(st: PoolState) -> None:
     length = len(st.waiters)
-    per_clone = st.provision_seconds
-    slots = st.settings.pool.max_provisioning
+    etas = queue_etas(
+        waiting=length,
+        now=trio.current_time(),
+        per_clone=st.provision_seconds,
+        started=[
+            c.provision_started
+            for c in st.clones.values()
+            if c.state is CloneState.PROVISIONING and c.provision_started is not None
+        ],
+        slots=st.settings.pool.max_provisioning,
+    )
     for index, waiter in enumerate(st.waiters):
         position = index + 1
         if waiter.on_progress is None or position == waiter.last_position:
             continue
         waiter.last_position = position
-        eta = None if per_clone is None else math.ceil(position / slots) * per_clone
+        eta = etas[index]
         try:
             waiter.on_progress(
                 QueueProgress(position=position, queue_length=length, eta_seconds=eta)

@@ -58,6 +58,8 @@ class CloneEntry:
     lock: trio.Lock = attrs.Factory(trio.Lock)
     writes: int = 0
     """Meta writes this pool started on it: a view refresh skips clones written meanwhile."""
+    provision_started: float | None = None
+    """trio time this pool started making it (queue ETAs count what is left of it)."""
 
 
 @attrs.define(eq=False)

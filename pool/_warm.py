@@ -68,6 +68,7 @@ def start_provisioning(st: PoolState, snapshot: SnapshotEntry) -> None:
         snapshot=snapshot.name,
         state=CloneState.PROVISIONING,
         created_wall=st.wall(),
+        provision_started=trio.current_time(),
     )
     st.clones[clone.name] = clone
     assert st.lead_nursery is not None, "provisioning is leader work"
