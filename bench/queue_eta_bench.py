@@ -6,7 +6,8 @@ pool's one clone with ``aldaas connect``, then starts 8 ``aldaas run -- true`` a
 client prints its queue progress off a terminal (``queued 1 of 5, eta 12s``); the bench
 stamps every line as it arrives and reports, for each client that was told an ETA at the
 head of the queue, the ETA against the time it actually waited from then until its lease
-(``lease ... on`` line). Run as root or the PostgreSQL user, from the repository:
+(``lease ... on`` line). The client shows ETAs in whole seconds, so short waits carry up to
+0.5 s of rounding; read the absolute error beside the relative one. Run as root or the PostgreSQL user, from the repository:
 
     python bench/queue_eta_bench.py [--clients 8] [--rows 200000]
 """
@@ -76,8 +77,8 @@ def main() -> None:
                     proc.wait(timeout=900)
                 time.sleep(0.5)
     errors = []
-    print("| client | ETA at the head | actual wait | error |")
-    print("|---|---|---|---|")
+    print("| client | ETA at the head | actual wait | error | abs. error |")
+    print("|---|---|---|---|---|")
     for i, out in enumerate(lines):
         head = next(((t, m) for t, line in out if (m := _HEAD.search(line))), None)
         leased = next((t for t, line in out if line.startswith("lease ")), None)
@@ -88,7 +89,7 @@ def main() -> None:
         actual = leased - when
         error = (eta - actual) / actual if actual > 0 else float("nan")
         errors.append(abs(error))
-        print(f"| {i + 1} | {eta} s | {actual:.1f} s | {error:+.0%} |")
+        print(f"| {i + 1} | {eta} s | {actual:.1f} s | {error:+.0%} | {abs(eta - actual):.1f} s |")
     if errors:
         print(f"\nmedian |error| {statistics.median(errors):.0%}, max {max(errors):.0%}")
 
