@@ -150,6 +150,7 @@ class Broker:
             restore_total_bytes=restore.progress.total_bytes if restore else 0,
             snapshots=stats.snapshots_by_status,
             snapshot_age_seconds=stats.snapshot_age_seconds,
+            source_last_success=stats.source.last_success_at,
             leases_active=stats.leases_active,
             gateway_sessions=gw.sessions if gw else 0,
             gateway_streams=gw.streams if gw else 0,
@@ -201,13 +202,7 @@ class Broker:
         if stats.newest_ready_snapshot is None:
             if stats.restore is not None:
                 return False, "No snapshot is ready yet; the first restore is in progress."
-            failed = _failed_newest(stats.snapshots)
-            if failed is not None:
-                return False, (
-                    f"No snapshot is ready yet; the last restore of {failed.backup_key} failed "
-                    f"({failed.reason}); fix the backup and trigger a refresh."
-                )
-            return False, "No snapshot is ready yet; the broker is waiting for a backup."
+            return False, _not_ready_reason(stats)
         return True, ""
 
     def status(self, you: str | None = None, *, every_lease: bool = True) -> dict[str, Any]:
@@ -233,6 +228,13 @@ class Broker:
                 for lease in stats.leases
                 if every_lease or (you is not None and lease.id == you)
             ],
+            "source": {
+                "description": stats.source.description,
+                "last_success_at": stats.source.last_success_at,
+                "last_error": stats.source.last_error,
+                "last_error_at": stats.source.last_error_at,
+                "backups_found": stats.source.backups_found,
+            },
             "restore": None
             if restore is None
             else {
@@ -242,6 +244,7 @@ class Broker:
                 "total_bytes": restore.progress.total_bytes,
                 "rate_bytes_per_second": restore.progress.rate_bytes_per_second,
                 "eta_seconds": restore.progress.eta_seconds,
+                "stalled_seconds": restore.stalled_seconds,
             },
         }
         if you is not None:
@@ -497,6 +500,27 @@ def _failed_newest(snapshots: Sequence[pool.SnapshotInfo]) -> pool.SnapshotInfo 
     """The newest snapshot if its restore failed (the backup people expect to see is broken)."""
     newest = max(snapshots, key=lambda s: s.created_at, default=None)
     return newest if newest is not None and newest.status == "failed" else None
+
+
+def _not_ready_reason(stats: pool.PoolStatistics) -> str:
+    """Why no snapshot is ready (none is restoring): the source, the last restore, or waiting."""
+    source = stats.source
+    if source.last_error is not None:
+        return (
+            f"No snapshot is ready yet; the backup source fails: {source.last_error.rstrip('.')}."
+        )
+    failed = _failed_newest(stats.snapshots)
+    if failed is not None:
+        return (
+            f"No snapshot is ready yet; the last restore of {failed.backup_key} failed "
+            f"({failed.reason}); fix the backup and trigger a refresh."
+        )
+    if source.backups_found == 0:
+        return (
+            f"No snapshot is ready yet; there is no backup in {source.description}; "
+            "put one there or fix the source's prefix and suffix."
+        )
+    return "No snapshot is ready yet; the broker is waiting for a backup."
 
 
 def _snapshot_json(s: pool.SnapshotInfo) -> dict[str, Any]:

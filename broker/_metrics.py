@@ -68,6 +68,9 @@ class Readings:
     """Snapshots per status; statuses missing here are exported as 0."""
     snapshot_age_seconds: float | None = None
     """Age of the newest ready snapshot; ``None`` (exported as 0) when there is none."""
+    source_last_success: float | None = None
+    """Wall-clock epoch seconds of the source's last successful listing; ``None`` (exported as
+    0) before the first."""
     leases_active: int = 0
     gateway_sessions: int = 0
     gateway_streams: int = 0
@@ -140,6 +143,11 @@ def _families(r: Readings) -> list[Metric]:
             "aldaas_snapshot_age_seconds",
             "Age of the newest ready snapshot (0 when there is none).",
             value=r.snapshot_age_seconds or 0.0,
+        ),
+        GaugeMetricFamily(
+            "aldaas_source_last_success_timestamp_seconds",
+            "Unix time of the backup source's last successful listing (0 before the first).",
+            value=r.source_last_success or 0.0,
         ),
         GaugeMetricFamily("aldaas_leases_active", "Leases not yet ended.", value=r.leases_active),
         GaugeMetricFamily(
@@ -291,6 +299,7 @@ _NAMES = frozenset(
         "aldaas_restore_total_bytes",
         "aldaas_snapshots",
         "aldaas_snapshot_age_seconds",
+        "aldaas_source_last_success_timestamp_seconds",
         "aldaas_leases_active",
         "aldaas_lease_expirations_total",
         "aldaas_lease_resets_total",

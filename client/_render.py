@@ -114,13 +114,24 @@ def status_text(status: Mapping[str, Any], *, server: str, now: float | None = N
     lines = [head]
     if not status.get("ready") and status.get("reason"):
         lines.append(f"  {status['reason']}")
+    source = status.get("source") or {}
+    if source.get("last_error"):
+        good = source.get("last_success_at")
+        since = f"last good listing {duration(now - good)} ago" if good else "no good listing yet"
+        lines.append(f"backup source failing ({since}): {source['last_error']}")
     restore = status.get("restore")
     if restore:
         done, total = restore.get("done_bytes", 0), restore.get("total_bytes", 0)
         pct = f" ({100 * done / total:.0f}%)" if total else ""
+        stalled = restore.get("stalled_seconds") or 0
+        rate = restore.get("rate_bytes_per_second")
+        if stalled:
+            pace = f"stalled for {duration(stalled)}"
+        else:
+            speed = f"{size(rate)}/s, " if rate is not None else ""
+            pace = f"{speed}eta {duration(restore.get('eta_seconds'))}"
         lines.append(
-            f"restoring {restore.get('backup', '?')}: {size(done)} of {size(total)}{pct}, "
-            f"eta {duration(restore.get('eta_seconds'))}"
+            f"restoring {restore.get('backup', '?')}: {size(done)} of {size(total)}{pct}, {pace}"
         )
     snapshots = list(status.get("snapshots") or ())
     ready = [s for s in snapshots if s.get("status") == "ready"]

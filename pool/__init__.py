@@ -31,6 +31,7 @@ from ._lease import (
     SnapshotFailed,
     SnapshotInfo,
     SnapshotReady,
+    SourceHealth,
 )
 from ._pool import Pool
 from ._provider import (
@@ -128,6 +129,7 @@ __all__ = [
     "SnapshotSettings",
     "SnapshotState",
     "Source",
+    "SourceHealth",
     "SourceSettings",
     "TemporaryProviderError",
     "TransformSettings",

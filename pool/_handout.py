@@ -27,7 +27,7 @@ from ._lease import (
     QueueTimeoutError,
 )
 from ._provider import ConflictError, Kind, ProviderError
-from ._shared import CloneEntry, LeaseEntry, Lost, PoolState, Waiter
+from ._shared import MIB, CloneEntry, LeaseEntry, Lost, PoolState, Waiter, restore_now
 from ._states import (
     ACTIVE_LEASE_STATES,
     CloneEvent,
@@ -188,20 +188,39 @@ def check_can_hand_out(st: PoolState) -> None:
 def no_snapshot_message(st: PoolState) -> str:
     failed = [s for s in st.snapshots.values() if s.state is SnapshotState.FAILED]
     if st.restore is not None:
-        p = st.restore.progress
-        done = f"{p.done_bytes / 1e6:.1f} of {p.total_bytes / 1e6:.1f} MB"
+        restore = restore_now(st.restore, trio.current_time())
+        p = restore.progress
+        done = f"{p.done_bytes / MIB:.1f} of {p.total_bytes / MIB:.1f} MiB"
         eta = f", about {p.eta_seconds:.0f} s left" if p.eta_seconds is not None else ""
+        if restore.stalled_seconds:
+            eta = f", stalled for {restore.stalled_seconds:.0f} s"
         return (
             f"no snapshot is ready yet: backup {st.restore.backup_key!r} is being "
             f"restored ({done}{eta}); retry when it is ready."
         )
     if st.pipeline_snapshot is not None or st.to_verify:
         return "no snapshot is ready yet: a restored backup is being verified; retry shortly."
+    health = st.source_health
+    if health.last_error is not None:
+        seen = (
+            f"last listed {max(0.0, st.wall() - health.last_success_at):.0f} s ago"
+            if health.last_success_at is not None
+            else "never listed"
+        )
+        return (
+            f"no snapshot is ready yet: the backup source fails ({seen}): "
+            f"{health.last_error.rstrip('.')}."
+        )
     if failed:
         newest = max(failed, key=lambda s: s.created_wall)
         return (
             f"no snapshot is ready yet: the last restore of {newest.backup_key!r} failed "
             f"({newest.reason}); fix the backup and trigger a refresh."
+        )
+    if health.backups_found == 0:
+        return (
+            f"no snapshot is ready yet: there is no backup in {st.source.description}; "
+            "put one there or fix the source's prefix and suffix."
         )
     return (
         f"no snapshot is ready yet: no backup has been restored from "

@@ -136,6 +136,29 @@ class RestoreStatus:
     snapshot: str
     backup_key: str
     progress: RestoreProgress
+    """As of the moment the statistics were taken: while no bytes arrive, the elapsed time
+    still grows, so the rate falls and the ETA rises."""
+    stalled_seconds: float = 0.0
+    """Seconds since the last byte arrived, once that is at least 5 s; 0 while bytes flow."""
+    started_at: float = 0.0
+    """Trio time at which the restore started."""
+    bytes_at: float = 0.0
+    """Trio time at which ``progress.done_bytes`` last grew."""
+
+
+@attrs.frozen(kw_only=True)
+class SourceHealth:
+    """How the last listings of the backup source went."""
+
+    description: str = ""
+    """Where backups come from, without secrets (``s3://bucket/prefix*.sql.gz at URL``)."""
+    last_success_at: float | None = None
+    """Wall-clock epoch seconds of the last listing that worked; ``None`` before the first."""
+    last_error: str | None = None
+    """Why the last listing failed (one sentence); ``None`` when it worked."""
+    last_error_at: float | None = None
+    backups_found: int | None = None
+    """Backups the last successful listing found; ``None`` before the first."""
 
 
 @attrs.frozen(kw_only=True)
@@ -155,6 +178,8 @@ class PoolStatistics:
     """Age of the newest ready snapshot, ``None`` when none is ready."""
     restore: RestoreStatus | None
     draining: bool
+    source: SourceHealth = attrs.field(factory=SourceHealth)
+    """The backup source's last listing: when it last worked, and its last error."""
 
 
 # -- events for observers (metrics) ----------------------------------------------------------

@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import structlog
 import trio
 
 from . import _meta as m
 from . import _warm
-from ._lease import RestoreFinished, RestoreStatus, SnapshotFailed, SnapshotReady
+from ._lease import (
+    RestoreFinished,
+    RestoreStatus,
+    SnapshotFailed,
+    SnapshotReady,
+    SourceHealth,
+)
 from ._provider import Backup, Kind, ProviderError, RestoreProgress, TemporaryProviderError
-from ._shared import BACKOFF_MAX, CLEANUP_SECONDS, PoolState, SnapshotEntry
+from ._shared import BACKOFF_MAX, CLEANUP_SECONDS, MIB, PoolState, SnapshotEntry
 from ._states import (
     LIVE_CLONE_STATES,
     CloneState,
@@ -44,7 +51,22 @@ async def source_loop(st: PoolState) -> None:
 
 
 async def poll_once(st: PoolState) -> None:
-    backups = await st.source.list_backups()
+    health = st.source_health
+    try:
+        backups = await st.source.list_backups()
+    except ProviderError as exc:
+        st.source_health = attrs.evolve(
+            health,
+            description=st.source.description,
+            last_error=str(exc)[: m.MAX_REASON_CHARS],
+            last_error_at=st.wall(),
+        )
+        raise
+    st.source_health = SourceHealth(
+        description=st.source.description,
+        last_success_at=st.wall(),
+        backups_found=len(backups),
+    )
     if not backups:
         log.info("source.empty", source=st.source.description)
         return
@@ -52,6 +74,12 @@ async def poll_once(st: PoolState) -> None:
     for snap in st.snapshots.values():
         if snap.backup_key == newest.key and snap.backup_etag == newest.etag:
             return
+    restored = st.restored_etags | {s.backup_etag for s in st.snapshots.values()}
+    if newest.etag and newest.etag in restored:
+        # The same content as a backup restored before, now newest only by its date: an old
+        # dump re-uploaded or mirrored. Restoring it would roll back.
+        log.info("source.reuploaded_backup", backup_key=newest.key, backup_etag=newest.etag)
+        return
     known = [m.parse_float(s.meta, m.BACKUP_MODIFIED) or 0.0 for s in st.snapshots.values()]
     if known and newest.modified < max(known):
         # The newer backup was deleted from the source: never roll back to older data.
@@ -135,13 +163,27 @@ async def restore_and_seal(st: PoolState, snap: SnapshotEntry, backup: Backup) -
     started = trio.current_time()
     last_log = -math.inf
     latest = RestoreProgress(done_bytes=0, total_bytes=backup.size, elapsed_seconds=0.0)
-    st.restore = RestoreStatus(snapshot=snap.name, backup_key=backup.key, progress=latest)
+    st.restore = RestoreStatus(
+        snapshot=snap.name,
+        backup_key=backup.key,
+        progress=latest,
+        started_at=started,
+        bytes_at=started,
+    )
 
     def on_progress(progress: RestoreProgress) -> None:
         nonlocal last_log, latest
-        latest = progress
-        st.restore = RestoreStatus(snapshot=snap.name, backup_key=backup.key, progress=progress)
         now = trio.current_time()
+        grew = progress.done_bytes > latest.done_bytes
+        latest = progress
+        bytes_at = now if grew or st.restore is None else st.restore.bytes_at
+        st.restore = RestoreStatus(
+            snapshot=snap.name,
+            backup_key=backup.key,
+            progress=progress,
+            started_at=started,
+            bytes_at=bytes_at,
+        )
         if now - last_log >= _PROGRESS_LOG_SECONDS:
             last_log = now
             log_progress("snapshot.restore_progress", progress)
@@ -229,6 +271,7 @@ async def verify(st: PoolState, snap: SnapshotEntry) -> None:
     snap.version = resource.version
     snap.state = snapshot_transition(snap.name, snap.state, SnapshotEvent.VERIFIED)
     snap.ready_wall = st.wall()
+    st.restored_etags.add(snap.backup_etag)
     st.emit(SnapshotReady(snapshot=snap.name, backup_key=snap.backup_key))
     log.info(
         "snapshot.ready",
@@ -307,12 +350,13 @@ async def prune_once(st: PoolState) -> None:
 
 
 def log_progress(event: str, p: RestoreProgress) -> None:
+    """Progress in the client's units: MiB (1024²) and MiB/s."""
     eta = p.eta_seconds
     log.info(
         event,
-        done_mb=round(p.done_bytes / 1e6, 1),
-        total_mb=round(p.total_bytes / 1e6, 1),
-        mb_per_s=round(p.rate_bytes_per_second / 1e6, 2),
+        done_mib=round(p.done_bytes / MIB, 1),
+        total_mib=round(p.total_bytes / MIB, 1),
+        mib_per_s=round(p.rate_bytes_per_second / MIB, 2),
         eta_seconds=None if eta is None else round(eta, 1),
         elapsed_seconds=round(p.elapsed_seconds, 1),
     )

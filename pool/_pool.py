@@ -38,7 +38,7 @@ from . import _adoption, _handout, _lease_life, _pipeline, _warm
 from ._lease import Lease, Observer, PoolStatistics, QueueProgressCallback, SnapshotInfo
 from ._provider import Liveness, Provider, Source
 from ._settings import PoolSettings
-from ._shared import PoolState
+from ._shared import PoolState, restore_now
 from ._states import CloneState, LeaseEvent, SnapshotState
 
 log = structlog.get_logger("aldaas.pool")
@@ -302,6 +302,7 @@ class Pool:
             snapshots_by_status=by_status,
             newest_ready_snapshot=newest.name if newest else None,
             snapshot_age_seconds=max(0.0, now_wall - newest.created_wall) if newest else None,
-            restore=st.restore,
+            restore=None if st.restore is None else restore_now(st.restore, trio.current_time()),
             draining=st.draining,
+            source=st.source_health,
         )

@@ -18,7 +18,14 @@ import attrs
 import structlog
 import trio
 
-from ._lease import Observer, PoolErrorEvent, PoolEvent, QueueProgressCallback, RestoreStatus
+from ._lease import (
+    Observer,
+    PoolErrorEvent,
+    PoolEvent,
+    QueueProgressCallback,
+    RestoreStatus,
+    SourceHealth,
+)
 from ._provider import Endpoint, Kind, Provider, ProviderError, Resource, Source
 from ._settings import PoolSettings
 from ._states import CloneState, LeaseState, SnapshotState
@@ -122,6 +129,10 @@ class PoolState:
     """Active leases whose database the health loop found dead (until reset or end)."""
     temporary: dict[tuple[str, str], tuple[int, float]] = attrs.Factory(dict)
     """(backup key, ETag) → (temporary failures in a row, trio time of the next attempt)."""
+    source_health: SourceHealth = attrs.Factory(SourceHealth)
+    """The source's last listing (the source loop replaces it after each poll)."""
+    restored_etags: set[str] = attrs.Factory(set)
+    """ETags of backups this pool restored: one of them is never "newer" again (a re-upload)."""
     pipeline_snapshot: SnapshotEntry | None = None
     restore: RestoreStatus | None = None
     draining: bool = False
@@ -224,3 +235,21 @@ class PoolState:
                     component=component, message=f"unexpected {type(exc).__name__}: {exc}"
                 )
             )
+
+
+STALLED_SECONDS = 5.0
+"""A restore without new bytes for this long shows as stalled (a chunk takes far less)."""
+MIB = 1024 * 1024
+"""Progress is shown in MiB everywhere (logs, messages, the client)."""
+
+
+def restore_now(restore: RestoreStatus, now: float) -> RestoreStatus:
+    """``restore`` as of ``now`` (trio time): elapsed time runs on while no bytes arrive, so
+    the rate decays and the ETA grows; ``stalled_seconds`` counts once 5 s pass without bytes.
+    """
+    p = restore.progress
+    progress = attrs.evolve(p, elapsed_seconds=max(p.elapsed_seconds, now - restore.started_at))
+    idle = max(0.0, now - restore.bytes_at)
+    return attrs.evolve(
+        restore, progress=progress, stalled_seconds=idle if idle >= STALLED_SECONDS else 0.0
+    )

@@ -239,6 +239,7 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                 "fetch_env": {
                     "ALDAAS_S3_BUCKET": "backup",
                     "ALDAAS_S3_ENDPOINT_URL": "http://minio.server:80",
+                    "ALDAAS_S3_ADDRESSING_STYLE": "auto",
                     "ALDAAS_S3_CONNECT_TIMEOUT": "10",
                     "ALDAAS_S3_READ_TIMEOUT": "30",
                     "ALDAAS_S3_MAX_ATTEMPTS": "3",
@@ -261,6 +262,8 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
             "suffix": ".sql.gz",
             "endpoint_url": "http://minio.server:80",
             "region": None,
+            "addressing_style": "auto",
+            "order": "last_modified",
             "connect_timeout": 10,
             "read_timeout": 30,
             "max_attempts": 3,
@@ -308,6 +311,7 @@ def test_if_original_style_values_are_given_then_they_reach_the_config(render: R
     assert provider["restore"]["fetch_env"] == {
         "ALDAAS_S3_BUCKET": "nightly",
         "ALDAAS_S3_ENDPOINT_URL": "http://minio.backups.svc:9000",
+        "ALDAAS_S3_ADDRESSING_STYLE": "auto",
         "ALDAAS_S3_CONNECT_TIMEOUT": "10",
         "ALDAAS_S3_READ_TIMEOUT": "30",
         "ALDAAS_S3_MAX_ATTEMPTS": "3",
@@ -319,6 +323,8 @@ def test_if_original_style_values_are_given_then_they_reach_the_config(render: R
         "bucket": "nightly",
         "prefix": "logical/appdb",
         "suffix": ".sql.gz",
+        "addressing_style": "auto",
+        "order": "last_modified",
         "connect_timeout": 10,
         "read_timeout": 30,
         "max_attempts": 3,

@@ -72,7 +72,7 @@ async def test_if_a_restore_is_running_then_acquire_reports_its_progress(
         assert restore is not None
         assert (restore.backup_key, restore.progress.total_bytes) == ("big.sql", 20_000)
         assert restore.progress.done_bytes >= 2000
-        with pytest.raises(Exception, match=r"'big.sql' is being restored \(0\.\d of 0\.0 MB"):
+        with pytest.raises(Exception, match=r"'big.sql' is being restored \(0\.\d of 0\.0 MiB"):
             await h.pool.acquire()
 
 
