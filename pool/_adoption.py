@@ -266,8 +266,14 @@ def merge(st: PoolState, resources: Iterable[Resource], writes: Mapping[str, int
             continue  # written (or made) here since the listing began: ours is newer
         seen = listed.get((Kind.CLONE, name))
         if clone.state is CloneState.WARM and name in st.warm:
-            if seen and seen.meta.get(m.STATUS) == CloneState.WARM.value and seen.endpoint:
+            still_warm = seen is not None and seen.meta.get(m.STATUS) == CloneState.WARM.value
+            if still_warm and seen is not None and seen.endpoint:
                 clone.version = seen.version
+            elif still_warm and seen is not None and st.leading:
+                # Its database is gone (pod evicted or deleted): forgetting it would leave
+                # its volume behind for good, as nobody else destroys a clone still warm.
+                clone.version = seen.version
+                _warm.break_clone(st, clone, "its database is not running")
             else:
                 st.forget_clone(clone)  # claimed or retired by another replica
         elif clone.state is CloneState.LEASED and clone.lease is not None:
@@ -317,13 +323,17 @@ def merge(st: PoolState, resources: Iterable[Resource], writes: Mapping[str, int
         for r in listed.values():
             status = r.meta.get(m.STATUS)
             if (
-                r.kind is Kind.CLONE
-                and r.name not in st.clones
-                and r.name not in dropped
-                and status in (CloneState.PROVISIONING.value, CloneState.DESTROYING.value)
-                and r.meta.get(m.ROLE) != m.ROLE_VERIFY
+                r.kind is not Kind.CLONE
+                or r.name in st.clones
+                or r.name in dropped
+                or r.meta.get(m.ROLE) == m.ROLE_VERIFY
             ):
+                continue
+            if status in (CloneState.PROVISIONING.value, CloneState.DESTROYING.value):
                 st.spawn("destroy", destroy_listed_clone, r, f"left {status}")
+            elif status == CloneState.WARM.value and r.endpoint is None:
+                # Another replica's warm clone whose database is gone: no health loop sees it.
+                st.spawn("destroy", destroy_listed_clone, r, "warm clone without a running database")
     _handout.dispatch(st)
 
 

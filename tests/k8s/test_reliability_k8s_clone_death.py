@@ -126,3 +126,31 @@ async def test_if_a_pod_leased_on_a_follower_dies_then_the_follower_reports_it_t
             await provider.aclose()
         for api in apis:
             api.close()
+
+
+async def test_if_a_warm_pod_vanishes_before_a_health_check_then_a_view_refresh_destroys_its_pvc(
+    fake: FakeKubernetes, settings: KubernetesSettings
+) -> None:
+    """If a warm clone's pod is deleted (eviction, node loss) and a view refresh sees it before
+    any health check does, then its PVC is destroyed and a replacement made, not left behind."""
+    api = api_client(fake.url)
+    provider = KubernetesProvider(settings, api)
+    await seed_ready_snapshot(provider, "snap-old", OLD)
+    no_health_checks = attrs.evolve(
+        pool_settings(size=2),
+        pool=attrs.evolve(pool_settings().pool, size=2, health_check_interval=3600.0),
+    )
+    pool = Pool(no_health_checks, provider, Backups([OLD]))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            await until(lambda: pool.statistics().clones["warm"] == 2)
+            victim = sorted(objects(fake, "pods"))[0]
+            fake.remove("pods", NS, victim)
+            await pool.refresh_view()
+            await until(lambda: victim not in objects(fake, "persistentvolumeclaims"), 10)
+            await assert_nothing_leaked(fake, pool, provider, warm=2)
+            nursery.cancel_scope.cancel()
+    finally:
+        await provider.aclose()
+        api.close()
