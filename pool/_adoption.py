@@ -333,7 +333,9 @@ def merge(st: PoolState, resources: Iterable[Resource], writes: Mapping[str, int
                 st.spawn("destroy", destroy_listed_clone, r, f"left {status}")
             elif status == CloneState.WARM.value and r.endpoint is None:
                 # Another replica's warm clone whose database is gone: no health loop sees it.
-                st.spawn("destroy", destroy_listed_clone, r, "warm clone without a running database")
+                st.spawn(
+                    "destroy", destroy_listed_clone, r, "warm clone without a running database"
+                )
     _handout.dispatch(st)
 
 

@@ -426,6 +426,15 @@ class FakeKubernetes:
                 propagation = (body or {}).get("propagationPolicy") or query.get(
                     "propagationPolicy"
                 )
+                uid = ((body or {}).get("preconditions") or {}).get("uid")
+                found = self.objects.get((plural, namespace, name))
+                if uid is not None and found is not None and found["metadata"]["uid"] != uid:
+                    raise ApiError(
+                        409,
+                        "Conflict",
+                        f"Precondition failed: UID in precondition: {uid}, "
+                        f"UID in object meta: {found['metadata']['uid']}",
+                    )
                 return self._delete(plural, namespace, name, propagation)
         raise ApiError(405, "MethodNotAllowed", f"{method} {path} is not supported by the fake")
 

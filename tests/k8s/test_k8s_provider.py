@@ -389,3 +389,26 @@ async def test_if_a_clone_pod_was_not_ready_at_the_last_list_then_alive_says_so_
     assert provider.alive("d") is True
     await provider.destroy(Kind.CLONE, "d")
     assert provider.alive("d") is False
+
+
+async def test_if_a_pvc_of_the_same_name_is_someone_elses_then_it_is_never_adopted_or_deleted(
+    provider: KubernetesProvider, fake: FakeKubernetes
+) -> None:
+    """If a PVC (and pod) named like a clone exist without aldaas's labels, then making that clone
+    fails in one sentence, no database pod is started on it, and destroy() leaves both alone."""
+    await provider.create_volume("v", {})
+    await provider.seal("v", "s", {"status": "ready"})
+    foreign_labels = {"app": "billing", "aldaas.io/kind": "clone"}  # a look-alike, not ours
+    pvc = {"metadata": {"name": "aldaas-c", "labels": foreign_labels}, "spec": {}}
+    fake.put("", "persistentvolumeclaims", NS, pvc)
+    with pytest.raises(ProviderError) as caught:
+        await provider.clone("s", "c", {"state": "warm"})
+    assert str(caught.value) == (
+        'PVC "aldaas-c" already exists but is not aldaas\'s clone of instance "aldaas" (its '
+        "labels do not say so); rename or delete it, or give aldaas another kubernetes.instance."
+    )
+    assert fake.get("pods", NS, "aldaas-c") is None
+    fake.put("", "pods", NS, {"metadata": {"name": "aldaas-c"}, "spec": {"containers": []}})
+    await provider.destroy(Kind.CLONE, "c")
+    assert fake.get("persistentvolumeclaims", NS, "aldaas-c") is not None
+    assert fake.get("pods", NS, "aldaas-c") is not None

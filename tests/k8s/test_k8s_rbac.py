@@ -9,6 +9,7 @@ from k8s_fake_api import FakeKubernetes, JobOutcome, PodOutcome, rbac_verbs
 from kubernetes import client
 
 from aldaas.pool import Backup, Command, Kind, KubernetesProvider, LeaderElector, ProviderError
+from aldaas.pool.providers.kubernetes import _manifests as manifests
 from aldaas.pool.providers.kubernetes._client import RBAC_RULES
 from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
@@ -33,7 +34,12 @@ async def test_if_every_provider_step_runs_then_it_needs_exactly_the_documented_
     await provider.clone("s", "c", {})
     await provider.check("c", Command(argv=["true"]))
     done = {"type": "Complete", "status": "True"}
-    job = {"metadata": {"name": "aldaas-c-check"}, "spec": {}, "status": {"conditions": [done]}}
+    labels = manifests.system_labels(settings, "check", "c")
+    job = {
+        "metadata": {"name": "aldaas-c-check", "labels": labels},
+        "spec": {},
+        "status": {"conditions": [done]},
+    }
     fake.put("batch", "jobs", "test", job)  # left by a broker that died mid-check: adopted
     await provider.check("c", Command(argv=["true"]))
     assert await provider.is_healthy("c")

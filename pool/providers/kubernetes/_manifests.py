@@ -137,11 +137,21 @@ def selector(settings: KubernetesSettings, kind: str | None = None) -> str:
     return ",".join(parts)
 
 
-def is_ours(settings: KubernetesSettings, obj: Obj, kind: str) -> bool:
-    """Whether ``obj`` carries every label :func:`system_labels` gives an object of ``kind``."""
+def is_ours(
+    settings: KubernetesSettings, obj: Obj, kind: str | None = None, name: str | None = None
+) -> bool:
+    """Whether ``obj`` carries this instance's labels (and ``kind``'s and ``name``'s, if given).
+
+    Only such objects are aldaas's: one of the same name without them (made by
+    someone else) is never adopted, given a database or deleted.
+    """
     labels = (obj.get("metadata") or {}).get("labels") or {}
     prefix = settings.label_prefix
-    expected = system_labels(settings, kind, str(labels.get(f"{prefix}name", "")))
+    expected = {"app.kubernetes.io/managed-by": "aldaas", f"{prefix}instance": settings.instance}
+    if kind is not None:
+        expected[f"{prefix}kind"] = kind
+    if name is not None:
+        expected[f"{prefix}name"] = name
     return all(labels.get(key) == value for key, value in expected.items())
 
 

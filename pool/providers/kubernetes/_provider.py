@@ -208,20 +208,46 @@ class KubernetesProvider:
             ) from None
 
     async def _create(self, plural: str, body: Obj) -> Obj:
-        """Create ``body``; an object of that name already there is adopted (idempotent steps)."""
+        """Create ``body``; an object of that name already there is adopted (idempotent steps)
+        if it is this instance's own, of the same kind and name, and refused otherwise."""
         try:
             return dict(await self._client.call("create", plural, body=body))
         except ConflictError:
             name = body["metadata"]["name"]
+            existing = dict(await self._client.call("read", plural, name))
+            prefix = self._settings.label_prefix
+            labels = body["metadata"]["labels"]
+            kind, pool_name = labels[f"{prefix}kind"], labels[f"{prefix}name"]
+            if not manifests.is_ours(self._settings, existing, kind, pool_name):
+                raise ProviderError(
+                    f'{WHAT[plural]} "{name}" already exists but is not aldaas\'s {kind} of '
+                    f'instance "{self._settings.instance}" (its labels do not say so); rename or '
+                    "delete it, or give aldaas another kubernetes.instance."
+                ) from None
             log.info("kubernetes.adopted", what=WHAT[plural], name=name)
-            return dict(await self._client.call("read", plural, name))
+            return existing
 
     async def _delete(self, plural: str, object_name: str, *, grace: int | None = None) -> None:
-        kwargs: Obj = {"propagation_policy": "Background"}
+        """Delete an object of this instance; one without its labels is left alone (logged).
+
+        The delete carries the uid that was read, so an object re-created under
+        the same name meanwhile is not deleted in its place.
+        """
+        try:
+            obj = await self._client.call("read", plural, object_name)
+        except NotFoundError:
+            return
+        if not manifests.is_ours(self._settings, obj):
+            log.warning("kubernetes.not_ours", what=WHAT[plural], name=object_name)
+            return
+        options: Obj = {
+            "propagationPolicy": "Background",
+            "preconditions": {"uid": obj["metadata"]["uid"]},
+        }
         if grace is not None:
-            kwargs["grace_period_seconds"] = grace
+            options["gracePeriodSeconds"] = grace
         with contextlib.suppress(NotFoundError):
-            await self._client.call("delete", plural, object_name, **kwargs)
+            await self._client.call("delete", plural, object_name, body=options)
 
     async def _endpoint(self, object_name: str) -> Endpoint:
         ip = await self._wait_pod_ready(object_name)
@@ -537,8 +563,7 @@ class KubernetesProvider:
     async def _read_kind(self, plural: str, kind: Kind, object_name: str) -> Obj:
         obj = dict(await self._client.call("read", plural, object_name))
         metadata = obj.get("metadata") or {}
-        labels = metadata.get("labels") or {}
-        if labels.get(f"{self._settings.label_prefix}kind") != kind.value:
+        if not manifests.is_ours(self._settings, obj, kind.value):
             raise NotFoundError(f'{WHAT[plural]} "{object_name}" is not an aldaas {kind.value}.')
         if metadata.get("deletionTimestamp"):
             raise NotFoundError(f'{WHAT[plural]} "{object_name}" is being deleted.')
