@@ -5,83 +5,33 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from test_chart_provider_rbac import granted
+
+from aldaas.pool.providers.kubernetes._client import RBAC_RULES
+
 Render = Callable[[dict[str, Any] | None], Any]
 
-ALL_WRITES = ["get", "list", "watch", "create", "update", "patch", "delete"]
 
-BASE_RULES: list[dict[str, Any]] = [
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ALL_WRITES},
-    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ALL_WRITES},
-    {
-        "apiGroups": [""],
-        "resources": ["services"],
-        "verbs": ["get", "list", "watch", "create", "delete"],
-    },
-    {
-        "apiGroups": [""],
-        "resources": ["configmaps"],
-        "verbs": ["get", "list", "create", "patch", "delete"],
-    },
-    {
-        "apiGroups": ["batch"],
-        "resources": ["jobs"],
-        "verbs": ["get", "list", "watch", "create", "delete"],
-    },
-    {
-        "apiGroups": ["snapshot.storage.k8s.io"],
-        "resources": ["volumesnapshots"],
-        "verbs": ALL_WRITES,
-    },
-    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
-    {
-        "apiGroups": ["coordination.k8s.io"],
-        "resources": ["leases"],
-        "resourceNames": ["demo-aldaas-leader"],
-        "verbs": ["get", "update"],
-    },
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-]
-
-
-def test_if_no_existing_secret_is_named_then_the_role_has_exactly_the_base_rules(
+def test_if_the_role_is_rendered_then_it_grants_exactly_what_the_provider_uses(
     render: Render,
 ) -> None:
-    """If the chart makes its own Secret, then the Role has the provider's rules and no secrets."""
-    role = render(None).get("Role")
-    assert role["metadata"]["namespace"] == "aldaas"
-    assert role["rules"] == BASE_RULES
-
-
-def test_if_s3_existing_secret_is_named_then_only_that_secret_may_be_read(
-    render: Render,
-) -> None:
-    """If s3.existingSecret is set, then the Role may `get` that one Secret and nothing more."""
-    role = render({"s3": {"existingSecret": "backups-s3"}}).get("Role")
-    assert role["rules"] == [
-        *BASE_RULES,
-        {
-            "apiGroups": [""],
-            "resources": ["secrets"],
-            "resourceNames": ["backups-s3"],
-            "verbs": ["get"],
-        },
-    ]
-
-
-def test_if_both_existing_secrets_are_named_then_both_may_be_read_once_each(
-    render: Render,
-) -> None:
-    """If existingSecret and s3.existingSecret name Secrets, then each is listed once for `get`."""
-    same = render({"existingSecret": "shared", "s3": {"existingSecret": "shared"}}).get("Role")
-    assert same["rules"][-1]["resourceNames"] == ["shared"]
-    both = render({"existingSecret": "tokens", "s3": {"existingSecret": "s3"}}).get("Role")
-    assert both["rules"][-1] == {
-        "apiGroups": [""],
-        "resources": ["secrets"],
-        "resourceNames": ["tokens", "s3"],
-        "verbs": ["get"],
-    }
+    """If the chart renders its Role, then its (apiGroup, resource, verb) set equals the
+    provider's RBAC_RULES (which tests/k8s/test_k8s_rbac.py proves are exactly the calls made),
+    the Lease verbs other than create are limited to the one named Lease, and no Secret is
+    readable, whichever Secrets the values name."""
+    for values in (None, {"existingSecret": "tokens", "s3": {"existingSecret": "backups-s3"}}):
+        role = render(values).get("Role")
+        assert role["metadata"]["namespace"] == "aldaas"
+        assert granted(role) == {(g, r, v) for g, r, verbs in RBAC_RULES for v in verbs}
+        named = [rule for rule in role["rules"] if "resourceNames" in rule]
+        assert named == [
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "resourceNames": ["demo-aldaas-leader"],
+                "verbs": ["get", "patch"],
+            }
+        ]
 
 
 def test_if_the_role_is_rendered_then_nothing_is_granted_by_wildcard(render: Render) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 
 import attrs
 import trio
+from k8s_schemas import write_errors
 
 Obj = dict[str, Any]
 
@@ -152,6 +153,8 @@ class Fault:
     hold: threading.Event | None = None
     every: int = 1
     body_contains: bytes | None = None
+    retry_after: str | None = None
+    """A ``Retry-After`` header on the answer (429/503 ask clients to wait this long)."""
     seen: int = 0
     hits: int = 0
 
@@ -408,6 +411,8 @@ class FakeKubernetes:
             raise ApiError(
                 404, "NotFound", f"the server could not find the requested resource {plural}"
             )
+        if method in ("POST", "PUT", "PATCH"):
+            self._validate(group, plural, body, patch=method == "PATCH")
         with self.lock:
             if name is None and method == "GET":
                 return self._list(group, plural, namespace, query)
@@ -437,6 +442,20 @@ class FakeKubernetes:
                     )
                 return self._delete(plural, namespace, name, propagation)
         raise ApiError(405, "MethodNotAllowed", f"{method} {path} is not supported by the fake")
+
+    @staticmethod
+    def _validate(group: str, plural: str, body: Any, *, patch: bool) -> None:
+        """Refuse what kube-apiserver refuses with strict field validation: unknown fields, bad
+        values, invalid names and labels (422), in the client's body before it is stored."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", f"the body of a {plural} request is not an object")
+        api_version = f"{group}/{VERSIONS[group]}" if group else "v1"
+        sent = {**body, "apiVersion": api_version, "kind": KINDS[(group, plural)]}
+        errors = write_errors(sent, patch=patch)
+        if errors:
+            raise ApiError(
+                422, "Invalid", f"{KINDS[(group, plural)]} is invalid: {'; '.join(errors)}"
+            )
 
     def _list(self, group: str, plural: str, namespace: str, query: dict[str, str]) -> Obj:
         items = [
@@ -795,6 +814,7 @@ def _make_handler(fake: FakeKubernetes) -> type[http.server.BaseHTTPRequestHandl
             raw = self.rfile.read(length) if length else b""
             watch = query.get("watch") in ("true", "1", "True")
             fault = fake.take_fault(self.command, parsed.path, watch, raw)
+            headers: dict[str, str] = {}
             if fault is not None and fault.delay:
                 time.sleep(fault.delay)
             if fault is not None and fault.hold is not None:
@@ -808,6 +828,8 @@ def _make_handler(fake: FakeKubernetes) -> type[http.server.BaseHTTPRequestHandl
                 return
             try:
                 if fault is not None and fault.code is not None:
+                    if fault.retry_after is not None:
+                        headers["Retry-After"] = fault.retry_after
                     raise ApiError(fault.code, "InternalError", "simulated failure")
                 if parsed.path.endswith("/log") and self.command == "GET":
                     self._send_log(parsed.path, query)
@@ -821,11 +843,15 @@ def _make_handler(fake: FakeKubernetes) -> type[http.server.BaseHTTPRequestHandl
                     code = 201
             except ApiError as exc:
                 result, code = exc.status(), exc.code
-            self._send_json(code, result)
+            self._send_json(code, result, headers)
 
-        def _send_json(self, code: int, payload: Obj) -> None:
+        def _send_json(
+            self, code: int, payload: Obj, headers: dict[str, str] | None = None
+        ) -> None:
             data = json.dumps(payload).encode()
             self.send_response(code)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

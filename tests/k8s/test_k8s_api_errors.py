@@ -216,3 +216,26 @@ async def test_if_the_pod_is_deleted_while_starting_then_create_fails_at_once(
         await wait_until(lambda: fake.open_watches == 1)
         fake.remove("pods", NS, "aldaas-v")
     assert provider.watch_threads == 0
+
+
+@pytest.mark.parametrize(
+    "retry_after", ["1", "Wed, 21 Oct 2015 07:28:00 GMT"], ids=["seconds", "past-date"]
+)
+async def test_if_the_api_answers_429_with_retry_after_then_the_retry_waits_that_long(
+    provider: KubernetesProvider,
+    fake: FakeKubernetes,
+    settings: KubernetesSettings,
+    retry_after: str,
+) -> None:
+    """If a request gets 429 with Retry-After, then the retry is scheduled no sooner than the
+    header asks (an HTTP date in the past: the usual back-off), and the call then succeeds."""
+    await provider.create_volume("v", {})
+    fault = Fault("GET", "/persistentvolumeclaims", code=429, times=1, retry_after=retry_after)
+    fake.faults.append(fault)
+    with capture_logs() as logs:
+        (volume,) = await provider.list(Kind.VOLUME)
+    assert volume.name == "v"
+    (retry,) = [e for e in logs if e["event"] == "kubernetes.api_retry"]
+    expected = 1.0 if retry_after == "1" else settings.api_retry_delay_seconds
+    assert retry["retry_in"] == expected
+    assert "HTTP 429" in retry["error"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 import pytest
 from k8s_fake_api import (
@@ -108,3 +110,42 @@ async def test_if_a_simulated_controller_crashes_then_stopping_the_fake_raises_i
     assert isinstance(crash, KeyError)
     (note,) = crash.__notes__
     assert note.startswith("raised in the fake Kubernetes API's controller, on ")
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            {"metadata": {"name": "p"}, "spec": {"containers": [], "nodeSelectr": {}}},
+            "Additional properties are not allowed ('nodeSelectr' was unexpected)",
+        ),
+        (
+            {"metadata": {"name": "p" * 64}, "spec": {"containers": []}},
+            f"Pod name {'p' * 64!r} (64 characters) is not a valid name",
+        ),
+        (
+            {"metadata": {"name": "p", "labels": {"a": "x" * 64}}, "spec": {"containers": []}},
+            "label 'a': value",
+        ),
+    ],
+    ids=["unknown-field", "name-over-63", "label-value-over-63"],
+)
+def test_if_a_client_sends_what_kubernetes_refuses_then_the_fake_refuses_it_too(
+    fake: FakeKubernetes, body: dict[str, object], expected: str
+) -> None:
+    """If a create carries an unknown field, a name over 63 characters or a bad label, then the
+    fake answers 422 as kube-apiserver with strict field validation does, and stores nothing.
+
+    (Sent as raw HTTP: the official client's own models refuse an unknown field before sending.)
+    """
+    request = urllib.request.Request(
+        f"{fake.url}/api/v1/namespaces/test/pods",
+        data=json.dumps({"apiVersion": "v1", "kind": "Pod", **body}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=5)
+    assert caught.value.code == 422
+    assert expected in json.loads(caught.value.read())["message"]
+    assert fake.all("pods") == []

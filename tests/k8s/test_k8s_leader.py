@@ -107,7 +107,7 @@ async def test_if_the_leader_cannot_renew_then_it_steps_down_and_stops_its_work(
     async with trio.open_nursery() as nursery:
         await nursery.start(elector.serve, while_leader)
         await elector.wait_elected()
-        fault = Fault("PUT", "/leases/", code=500, times=10_000)
+        fault = Fault("PATCH", "/leases/", code=500, times=10_000)
         fake.faults.append(fault)
         await cancelled.wait()
         assert elector.is_leader is False
@@ -134,3 +134,35 @@ async def test_if_the_leader_exits_cleanly_then_it_releases_the_lease(
         with trio.fail_after(settings.leader_election.lease_duration_seconds / 2):
             await follower.wait_elected()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_if_the_lease_has_fields_this_client_does_not_know_then_election_still_works(
+    settings: KubernetesSettings, fake: FakeKubernetes, api_client: client.ApiClient
+) -> None:
+    """If a newer server or a webhook put fields the client does not know on the Lease, and a
+    value of the wrong type, then a replica still takes the expired Lease and keeps those fields."""
+    name = settings.leader_election.lease_name
+    stale = {
+        "metadata": {"name": name, "annotations": {"webhook.example/seen": "1"}},
+        "spec": {
+            "holderIdentity": "gone",
+            "leaseDurationSeconds": "one",  # not a number: treated as unknown, not a crash
+            "leaseTransitions": 3,
+            "renewTime": "2026-01-01T00:00:00.000000Z",
+            "strategyOfTheFuture": {"kind": "Newest"},
+        },
+    }
+    fake.put("coordination.k8s.io", "leases", NS, stale)
+    elector = LeaderElector(settings, api_client, identity="broker-0", release_on_exit=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(elector.serve)
+        with trio.fail_after(10):
+            await elector.wait_elected()
+        nursery.cancel_scope.cancel()
+    lease = fake.get("leases", NS, name)
+    assert lease is not None
+    assert lease["spec"]["holderIdentity"] == "broker-0"
+    assert lease["spec"]["leaseTransitions"] == 4
+    assert lease["spec"]["strategyOfTheFuture"] == {"kind": "Newest"}
+    assert lease["metadata"]["annotations"] == {"webhook.example/seen": "1"}

@@ -156,7 +156,7 @@ async def test_if_the_leaders_renewals_hang_then_it_steps_down_before_the_other_
             await nursery.start(b.serve, work("b"))
             fake.faults.append(
                 Fault(
-                    "PUT",
+                    "PATCH",
                     "/leases/",
                     code=None,
                     hold=hang,

@@ -11,6 +11,8 @@ socket down so that no thread stays blocked on it. This module and
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.utils
 import functools
 import json
 import math
@@ -69,7 +71,7 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "configmaps", ("get", "list", "create", "patch", "delete")),
     ("batch", "jobs", ("get", "list", "watch", "create", "delete")),
     (SNAPSHOT_GROUP, "volumesnapshots", ("get", "list", "watch", "create", "patch", "delete")),
-    ("coordination.k8s.io", "leases", ("get", "create", "update")),
+    ("coordination.k8s.io", "leases", ("get", "create", "patch")),
 )
 """(apiGroup, resource, verbs) of every call this module makes: the Role the broker needs."""
 
@@ -100,13 +102,10 @@ def _translate(
                 f"the Kubernetes API expired the version of {what} (HTTP 410)."
             )
         if status == 429 or status >= 500 or status == 0:
-            delay = 1.0
-            retry_after = (exc.headers or {}).get("Retry-After") if exc.headers else None
-            if retry_after and retry_after.isdigit():
-                delay = float(retry_after)
+            delay = retry_after(exc)
             return TemporaryProviderError(
                 f"the Kubernetes API answered HTTP {status} to {verb} {what} ({message}); retrying is safe.",
-                delay=delay,
+                delay=1.0 if delay is None else delay,
             )
         if status in (401, 403):
             return ProviderError(
@@ -137,6 +136,26 @@ def _translate(
             f"the connection to the Kubernetes API broke during {verb} {what} ({exc!r}); retrying is safe."
         )
     raise exc
+
+
+MAX_RETRY_AFTER = 60.0
+"""A Retry-After above this is capped: the server asked for a pause, not to stall the pool."""
+
+
+def retry_after(exc: ApiException) -> float | None:
+    """The pause a 429/503 answer's ``Retry-After`` asks for (seconds or an HTTP date), capped."""
+    value = str((exc.headers or {}).get("Retry-After") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = (when - datetime.datetime.now(datetime.UTC)).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _cause_text(exc: BaseException | None) -> str:
@@ -304,8 +323,17 @@ class Client:
                     )
                     raise
                 delay = min(self._settings.api_retry_delay_seconds * 2 ** (attempt - 1), 10.0)
+                cause = exc.__cause__
+                asked = retry_after(cause) if isinstance(cause, ApiException) else None
+                if asked is not None:
+                    delay = max(delay, asked)  # the server said when: never sooner
                 log.warning(
-                    "kubernetes.api_retry", verb=verb, what=what, attempt=attempt, error=str(exc)
+                    "kubernetes.api_retry",
+                    verb=verb,
+                    what=what,
+                    attempt=attempt,
+                    error=str(exc),
+                    retry_in=round(delay, 3),
                 )
                 await trio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover

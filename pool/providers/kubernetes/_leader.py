@@ -18,7 +18,7 @@ import trio
 
 from ..._provider import ConflictError, NotFoundError, ProviderError
 from . import _manifests as manifests
-from ._client import LEASES, Client
+from ._client import LEASES, MERGE_PATCH, Client
 from ._manifests import Obj
 from ._settings import KubernetesSettings
 
@@ -167,13 +167,14 @@ class LeaderElector:
                 return
 
     def _record(self, lease: Obj) -> LeaseRecord:
+        """What the Lease says; a field of the wrong type counts as absent (never a crash)."""
         spec = lease.get("spec") or {}
         return LeaseRecord(
             holder=str(spec.get("holderIdentity") or ""),
-            duration_seconds=float(spec.get("leaseDurationSeconds") or 0),
+            duration_seconds=_number(spec.get("leaseDurationSeconds")),
             renew_time=str(spec.get("renewTime") or ""),
-            transitions=int(spec.get("leaseTransitions") or 0),
-            version=str(lease["metadata"]["resourceVersion"]),
+            transitions=int(_number(spec.get("leaseTransitions"))),
+            version=str((lease.get("metadata") or {}).get("resourceVersion") or ""),
         )
 
     def _holding(self, record: LeaseRecord | None) -> Obj:
@@ -207,8 +208,7 @@ class LeaderElector:
                 record, self.identity, self._observed[1], now, self._election.lease_duration_seconds
             ):
                 return False
-            body = {**lease, "spec": {**(lease.get("spec") or {}), **self._holding(record)["spec"]}}
-            self._lease = await self._client.call("replace", LEASES, name, body=body)
+            self._lease = await self._write(self._holding(record), record.version)
             self._observed = (self._record(self._lease), trio.current_time())
             return True
         except ConflictError:
@@ -222,14 +222,39 @@ class LeaderElector:
             )
             return False
 
+    async def _write(self, lease: Obj, version: str) -> Obj:
+        """Merge-patch our spec fields over the Lease at ``version`` (409 if it changed since).
+
+        Only the fields election owns are sent, never what was read: fields this
+        client does not know (a newer server, a webhook) stay as they are.
+        """
+        patch = {"metadata": {"resourceVersion": version}, "spec": lease["spec"]}
+        name = self._election.lease_name
+        return dict(
+            await self._client.call("patch", LEASES, name, body=patch, _content_type=MERGE_PATCH)
+        )
+
     async def _release(self) -> None:
         record, lease = self._observed[0], self._lease
         if record is None or lease is None or record.holder != self.identity:
             return
-        spec = {"holderIdentity": "", "leaseDurationSeconds": 1, "renewTime": _utcnow_micro()}
-        body = {**lease, "spec": {**(lease.get("spec") or {}), **spec}}
+        released = manifests.lease(
+            self._election.lease_name,
+            holder="",
+            duration_seconds=1,
+            renew_time=_utcnow_micro(),
+            acquire_time=None,
+            transitions=None,
+        )
         try:
-            await self._client.call("replace", LEASES, self._election.lease_name, body=body)
+            await self._write(released, record.version)
             log.info("kubernetes.leader_released", identity=self.identity)
         except ProviderError as exc:
             log.warning("kubernetes.leader_release_failed", identity=self.identity, error=str(exc))
+
+
+def _number(value: Any) -> float:
+    """A Lease's numeric field as a float; anything else (a newer server's form) counts as 0."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return 0.0
