@@ -408,7 +408,8 @@ async def test_if_a_pvc_of_the_same_name_is_someone_elses_then_it_is_never_adopt
         "labels do not say so); rename or delete it, or give aldaas another kubernetes.instance."
     )
     assert fake.get("pods", NS, "aldaas-c") is None
-    fake.put("", "pods", NS, {"metadata": {"name": "aldaas-c"}, "spec": {"containers": []}})
+    foreign_pod = {"containers": [{"name": "app", "image": "billing:1"}]}
+    fake.put("", "pods", NS, {"metadata": {"name": "aldaas-c"}, "spec": foreign_pod})
     await provider.destroy(Kind.CLONE, "c")
     assert fake.get("persistentvolumeclaims", NS, "aldaas-c") is not None
     assert fake.get("pods", NS, "aldaas-c") is not None
