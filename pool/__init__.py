@@ -149,6 +149,7 @@ from .providers.kubernetes._settings import (
     CheckSettings,
     KubernetesSettings,
     LeaderElectionSettings,
+    PodSettings,
     ResourceSettings,
     RestoreSettings,
 )
@@ -160,6 +161,7 @@ __all__ += [
     "KubernetesSettings",
     "LeaderElectionSettings",
     "LeaderElector",
+    "PodSettings",
     "ResourceSettings",
     "RestoreSettings",
 ]

@@ -194,3 +194,61 @@ def write_errors(obj: dict[str, Any], *, patch: bool = False) -> list[str]:
         named = {**obj, "metadata": {**obj.get("metadata", {}), "name": "x"}}
         return errors + name_errors(named)
     return errors + name_errors(obj)
+
+
+# Pod Security Standards, "restricted" (kubernetes.io/docs/concepts/security/pod-security-standards),
+# the checks of the policy version of the newest Kubernetes, as the admission controller applies them.
+_RESTRICTED_VOLUMES = frozenset(
+    {
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    }
+)
+
+
+def restricted_violations(spec: dict[str, Any]) -> list[str]:
+    """What Pod Security "restricted" refuses in a pod spec (empty: admitted)."""
+    problems: list[str] = []
+    pod = spec.get("securityContext") or {}
+    containers = [*spec.get("initContainers", []), *spec.get("containers", [])]
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(flag):
+            problems.append(f"{flag} is true")
+    for volume in spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= _RESTRICTED_VOLUMES:
+            problems.append(f"volume {volume['name']} has type {sorted(kinds)}")
+    if pod.get("runAsUser") == 0:
+        problems.append("pod runAsUser is 0")
+    pod_seccomp = (pod.get("seccompProfile") or {}).get("type")
+    for c in containers:
+        sc = c.get("securityContext") or {}
+        name = c["name"]
+        if sc.get("privileged"):
+            problems.append(f"container {name} is privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"container {name} does not set allowPrivilegeEscalation: false")
+        if not (
+            sc.get("runAsNonRoot") is True
+            or (pod.get("runAsNonRoot") is True and sc.get("runAsNonRoot") is not False)
+        ):
+            problems.append(f"container {name} may run as root (runAsNonRoot is not true)")
+        if sc.get("runAsUser") == 0:
+            problems.append(f"container {name} runAsUser is 0")
+        seccomp = (sc.get("seccompProfile") or {}).get("type") or pod_seccomp
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"container {name} has seccomp profile {seccomp!r}")
+        capabilities = sc.get("capabilities") or {}
+        if "ALL" not in (capabilities.get("drop") or []):
+            problems.append(f"container {name} does not drop ALL capabilities")
+        if set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"container {name} adds capabilities {capabilities['add']}")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            problems.append(f"container {name} uses a hostPort")
+    return problems

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import pytest
 from k8s_fake_api import FakeKubernetes
-from k8s_schemas import name_errors, validate_strict
+from k8s_schemas import name_errors, restricted_violations, validate_strict
 from kubernetes import client
 
 from aldaas.pool import (
@@ -30,6 +30,7 @@ from aldaas.pool.providers.kubernetes._settings import (
     ApplicationSettings,
     CheckSettings,
     KubernetesSettings,
+    PodSettings,
     ResourceSettings,
     RestoreSettings,
 )
@@ -203,6 +204,27 @@ def _every_optional_setting(settings: KubernetesSettings) -> KubernetesSettings:
             env_from_secret="db-password",
             backup_path="/backup.sql.gz",
             fetch_env={"ALDAAS_S3_BUCKET": "b"},
+            service_account="backup-reader",
+            backup_size_limit="50Gi",
+        ),
+        pods=PodSettings(
+            node_selector={"node.kubernetes.io/pool": "databases"},
+            tolerations=({"key": "databases", "operator": "Exists", "effect": "NoSchedule"},),
+            affinity={
+                "podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 50,
+                            "podAffinityTerm": {
+                                "topologyKey": "kubernetes.io/hostname",
+                                "labelSelector": {"matchLabels": {"aldaas.io/kind": "clone"}},
+                            },
+                        }
+                    ]
+                }
+            },
+            priority_class_name="dev-databases",
+            image_pull_secrets=("registry-creds",),
         ),
         check=CheckSettings(
             image="postgres:16",
@@ -321,3 +343,58 @@ def test_if_a_name_cannot_fit_then_the_provider_refuses_to_start_in_one_sentence
     assert message.startswith(expected)
     assert message.endswith("starting and ending with a letter or digit.")
     assert message.count(". ") == 0
+
+
+def _pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod spec among built objects: database pods and the pods of Jobs, by object name."""
+    specs = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Pod"}
+    specs |= {
+        o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in objects if o["kind"] == "Job"
+    }
+    return specs
+
+
+@pytest.mark.parametrize("settings", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_if_a_pod_is_built_then_pod_security_restricted_admits_it(
+    settings: KubernetesSettings,
+) -> None:
+    """If any pod the provider sends is built (database, restore, check), then it passes the
+    rules of Pod Security "restricted", with every optional setting too."""
+    specs = _pod_specs(built_objects(settings))
+    assert len(specs) == 4
+    for name, spec in specs.items():
+        assert restricted_violations(spec) == [], name
+
+
+def test_if_the_security_contexts_are_emptied_then_the_restricted_check_refuses_the_pods() -> None:
+    """If pods.security_context and container_security_context are {}, then no securityContext
+    is sent and the restricted check names what is missing: the check can fail."""
+    settings = KubernetesSettings(
+        pods=PodSettings(security_context={}, container_security_context={})
+    )
+    for spec in _pod_specs(built_objects(settings)).values():
+        assert "securityContext" not in spec
+        problems = restricted_violations(spec)
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            name = container["name"]
+            assert f"container {name} does not drop ALL capabilities" in problems
+            assert f"container {name} may run as root (runAsNonRoot is not true)" in problems
+
+
+def test_if_every_scheduling_setting_is_given_then_database_and_job_pods_carry_it() -> None:
+    """If nodeSelector, tolerations, affinity, priorityClassName, imagePullSecrets, the restore's
+    service account and download size limit are set, then every pod carries them as given."""
+    settings = VALUE_SETS["every-optional-setting"]
+    specs = _pod_specs(built_objects(settings))
+    for spec in specs.values():
+        assert spec["nodeSelector"] == {"node.kubernetes.io/pool": "databases"}
+        assert spec["tolerations"] == [
+            {"key": "databases", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+        assert spec["priorityClassName"] == "dev-databases"
+        assert spec["imagePullSecrets"] == [{"name": "registry-creds"}]
+        assert spec["affinity"] == settings.pods.affinity
+    (restore,) = [s for name, s in specs.items() if name.endswith("-restore")]
+    assert restore["serviceAccountName"] == "backup-reader"
+    assert restore["automountServiceAccountToken"] is True
+    assert restore["volumes"] == [{"name": "backup", "emptyDir": {"sizeLimit": "50Gi"}}]

@@ -240,6 +240,23 @@ def _env(values: Mapping[str, str]) -> list[Obj]:
     return [{"name": k, "value": v} for k, v in sorted(values.items())]
 
 
+def _pod_spec(settings: KubernetesSettings, spec: Obj) -> Obj:
+    """``spec`` with the security context and scheduling of :class:`PodSettings` added."""
+    pods = settings.pods
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        if pods.container_security_context:
+            container["securityContext"] = dict(pods.container_security_context)
+    extra: Obj = {
+        "securityContext": dict(pods.security_context),
+        "nodeSelector": dict(pods.node_selector),
+        "tolerations": [dict(t) for t in pods.tolerations],
+        "affinity": dict(pods.affinity),
+        "priorityClassName": pods.priority_class_name,
+        "imagePullSecrets": [{"name": name} for name in pods.image_pull_secrets],
+    }
+    return {**spec, **{key: value for key, value in extra.items() if value}}
+
+
 def pvc(
     settings: KubernetesSettings,
     kind: Kind,
@@ -317,7 +334,7 @@ def database_pod(settings: KubernetesSettings, kind: Kind, name: str) -> Obj:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": metadata(settings, kind.value, name, {}),
-        "spec": spec,
+        "spec": _pod_spec(settings, spec),
     }
 
 
@@ -361,7 +378,7 @@ def _job(
             "ttlSecondsAfterFinished": 3600,
             "template": {
                 "metadata": {"labels": system_labels(settings, step, name)},
-                "spec": pod_spec,
+                "spec": _pod_spec(settings, pod_spec),
             },
         },
     }
@@ -419,7 +436,12 @@ def restore_job(
         "env": _env(env),
         "volumeMounts": [{**mount, "readOnly": True}],
     }
-    extra = {"initContainers": [fetch], "volumes": [{"name": "backup", "emptyDir": {}}]}
+    empty_dir: Obj = {}
+    if restore.backup_size_limit:
+        empty_dir["sizeLimit"] = restore.backup_size_limit
+    extra: Obj = {"initContainers": [fetch], "volumes": [{"name": "backup", "emptyDir": empty_dir}]}
+    if restore.service_account:  # workload identity: the download needs the account's token
+        extra.update(serviceAccountName=restore.service_account, automountServiceAccountToken=True)
     prefix = settings.label_prefix
     annotations = {f"{prefix}backup-key": backup.key, f"{prefix}backup-etag": backup.etag}
     return _job(settings, "restore", name, container, extra, command.timeout_seconds, annotations)

@@ -11,6 +11,8 @@ the field names). The Helm chart maps the original's values onto it:
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 
@@ -88,6 +90,13 @@ class RestoreSettings:
     None uses the file under ``backup_dir``. Either way ``ALDAAS_BACKUP_FILE`` names it."""
     stdin_from_backup: bool = True
     """Feed the backup to the pool's restore command on stdin (as the local provider does)."""
+    service_account: str | None = None
+    """ServiceAccount of the restore Job's pod, for cloud workload identity (IRSA, GKE or Azure
+    workload identity) in the download container; its token is then mounted. None: the
+    namespace default, no token (the download reads S3 keys from ``s3_credentials_secret``)."""
+    backup_size_limit: str | None = None
+    """sizeLimit of the emptyDir the backup is downloaded into (e.g. ``50Gi``): a larger download
+    evicts the Job instead of filling the node's disk. None sets no limit."""
 
 
 @attrs.frozen(kw_only=True)
@@ -106,6 +115,43 @@ class CheckSettings:
     """Secret whose keys become the check container's environment (e.g. PGPASSWORD)."""
     resources: ResourceSettings = ResourceSettings()
     """Requests and limits of the check container."""
+
+
+def _restricted_pod() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 999,
+        "runAsGroup": 999,
+        "fsGroup": 999,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _restricted_container() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+@attrs.frozen(kw_only=True)
+class PodSettings:
+    """Security and scheduling of every pod the provider makes (database pods and Job pods)."""
+
+    security_context: dict[str, Any] = attrs.field(factory=_restricted_pod)
+    """Pod securityContext. The default passes Pod Security "restricted": a non-root user (999,
+    the official postgres image's ``postgres``), the runtime's seccomp profile, and fsGroup 999 so
+    the volume and the restore's emptyDir are writable to it. ``{}`` sends none."""
+    container_security_context: dict[str, Any] = attrs.field(factory=_restricted_container)
+    """securityContext of every container: no privilege escalation, every capability dropped
+    (what "restricted" asks); ``{}`` sends none."""
+    node_selector: dict[str, str] = attrs.field(factory=dict)
+    """nodeSelector, e.g. ``{"node.kubernetes.io/pool": "databases"}``; empty: any node."""
+    tolerations: tuple[dict[str, Any], ...] = ()
+    """Tolerations as in a pod spec (to run on tainted database nodes)."""
+    affinity: dict[str, Any] = attrs.field(factory=dict)
+    """affinity as in a pod spec (node, pod and anti-affinity); empty sends none."""
+    priority_class_name: str | None = None
+    """priorityClassName; None leaves the cluster's default priority."""
+    image_pull_secrets: tuple[str, ...] = ()
+    """Names of Secrets to pull the database, restore, check and download images with."""
 
 
 @attrs.frozen(kw_only=True)
@@ -164,6 +210,8 @@ class KubernetesSettings:
     """The check Job run against a verification clone."""
     leader_election: LeaderElectionSettings = LeaderElectionSettings()
     """Lease-based leader election among broker replicas."""
+    pods: PodSettings = PodSettings()
+    """Security context and scheduling of database and Job pods."""
     api_connections: int = 12
     """Size of the HTTP connection pool; half of it (and of the worker threads) serves watches,
     one per step waiting for a pod, Job or snapshot, half serves calls. Raise it with
