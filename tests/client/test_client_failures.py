@@ -7,10 +7,12 @@ nobody listens on.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pathlib
 import signal
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -39,14 +41,21 @@ def empty_pool(
     module_data_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BrokerProcess]:
     """A broker with no warm clones (every request queues), a good older snapshot, and a
-    newest backup whose restore failed."""
+    newest backup whose restore failed. Its databases get a few ports, which the restores use
+    and :func:`ports_taken` takes away, so that a clone made on demand cannot start."""
     work = tmp_path_factory.mktemp("client-failures")
     write_backup(work / "backups", "a-nightly.sql.gz")
+    low = _free_port_range(_PORTS)
     with BrokerProcess(
         data_dir=module_data_dir,
         backups=work / "backups",
         log_path=work / "broker.log",
-        overrides=["pool.size=0", "lease.queue_timeout=600"],
+        overrides=[
+            "pool.size=0",
+            "lease.queue_timeout=600",
+            f"local.port_min={low}",
+            f"local.port_max={low + _PORTS - 1}",
+        ],
     ).running(warm=0) as b:
         write_broken_backup(work / "backups", "b-nightly.sql.gz")
         b.api("POST", "/api/refresh")
@@ -55,6 +64,41 @@ def empty_pool(
             lambda: snapshot_statuses(b).get("b-nightly.sql.gz") == "failed",
         )
         yield b
+
+
+_PORTS = 4
+
+
+def _free_port_range(count: int) -> int:
+    """The lowest of ``count`` consecutive ports that nothing listens on."""
+    while True:
+        low = free_port()
+        if low + count <= 65536 and all(_can_bind(p) for p in range(low, low + count)):
+            return low
+
+
+def _can_bind(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture
+def ports_taken(empty_pool: BrokerProcess) -> Iterator[None]:
+    """Every database port of the broker held by another listener: no clone can start."""
+    flag = next(o for o in empty_pool.overrides if o.startswith("local.port_min="))
+    low = int(flag.partition("=")[2])
+    with contextlib.ExitStack() as stack:
+        for port in range(low, low + _PORTS):
+            holder = stack.enter_context(socket.socket())
+            # Past connections to the port may linger in TIME_WAIT; they do not serve it.
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+        yield
 
 
 def test_if_the_gateway_is_unreachable_then_run_gives_up_after_its_timeout_naming_it(
@@ -82,6 +126,7 @@ def test_if_the_timeout_is_not_a_number_then_run_exits_2_naming_it(tmp_path: pat
     assert "'soon'" in one_sentence(done.stderr)
 
 
+@pytest.mark.usefixtures("ports_taken")
 def test_if_no_clone_frees_up_then_run_gives_up_with_its_queue_position(
     empty_pool: BrokerProcess, tmp_path: pathlib.Path
 ) -> None:
