@@ -94,15 +94,6 @@ Call with (dict "root" $ "key" "token" "value" .Values.tunnel.token).
 {{- end -}}
 {{- end -}}
 
-{{/* [{name, value}] -> {name: "value"}, the broker config's form. */}}
-{{- define "aldaas.envMap" -}}
-{{- $env := dict -}}
-{{- range . -}}
-{{- $_ := set $env .name (toString .value) -}}
-{{- end -}}
-{{- toYaml $env -}}
-{{- end -}}
-
 {{/* {requests: {...}, limits: {...}} with string quantities. */}}
 {{- define "aldaas.resourceMap" -}}
 {{- $out := dict -}}
@@ -129,7 +120,57 @@ Checks that JSON schema cannot express: relations between values.
 {{- if and .Values.s3.accesskey (not .Values.s3.secretkey) (not .Values.s3.existingSecret) -}}
 {{- fail "s3.accesskey is set but s3.secretkey is empty: set both, or name a Secret in s3.existingSecret." -}}
 {{- end -}}
+{{- range $step := list "application" "restore" "check" -}}
+{{- $v := index $.Values $step -}}
+{{- if $v.existingSecret -}}
+{{- range (default (list) $v.env) -}}
+{{- if include "aldaas.isSecretName" .name -}}
+{{- fail (printf "%s.env has the secret entry %s while %s.existingSecret (%s) is set: put it in that Secret and remove it from %s.env." $step .name $step $v.existingSecret $step) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if eq (int .Values.tunnel.port) (int .Values.admin.port) -}}
 {{- fail (printf "tunnel.port and admin.port are both %v: give the gateway and the admin server different ports." .Values.tunnel.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Whether an env variable's name marks a secret (a password, token, key or
+credential): such entries of application/restore/check env go to a Secret
+the pods read with envFrom, never into the ConfigMap.
+*/}}
+{{- define "aldaas.isSecretName" -}}
+{{- if regexMatch "(?i)(pass|secret|token|credential|private)" . -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+One step's env split: {plain: {name: value}, secret: {name: value}}.
+Call with the [{name, value}] list; read back with fromYaml.
+*/}}
+{{- define "aldaas.splitEnv" -}}
+{{- $plain := dict -}}
+{{- $secret := dict -}}
+{{- range . -}}
+{{- if include "aldaas.isSecretName" .name -}}
+{{- $_ := set $secret .name (toString .value) -}}
+{{- else -}}
+{{- $_ := set $plain .name (toString .value) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml (dict "plain" $plain "secret" $secret) -}}
+{{- end -}}
+
+{{/*
+The Secret a step's (application, restore, check) pods read with envFrom:
+<step>.existingSecret if set, else the chart's <fullname>-<step> when the
+step's env has secret entries, else empty.
+Call with (dict "root" $ "step" "application" "values" .Values.application "env" $envList).
+*/}}
+{{- define "aldaas.envSecretName" -}}
+{{- if .values.existingSecret -}}
+{{- tpl .values.existingSecret .root -}}
+{{- else if (fromYaml (include "aldaas.splitEnv" (default (list) .env))).secret -}}
+{{- printf "%s-%s" (include "aldaas.fullname" .root | trunc 50 | trimSuffix "-") .step -}}
 {{- end -}}
 {{- end -}}

@@ -122,6 +122,8 @@ def test_if_defaults_are_rendered_then_exactly_the_base_objects_exist(render: Re
         "Role",
         "RoleBinding",
         "Secret",
+        "Secret",
+        "Secret",
         "Service",
         "ServiceAccount",
     ]
@@ -139,6 +141,8 @@ def test_if_monitoring_is_enabled_then_ingress_servicemonitor_and_dashboard_rend
         "Ingress",
         "Role",
         "RoleBinding",
+        "Secret",
+        "Secret",
         "Secret",
         "Service",
         "ServiceAccount",
@@ -193,7 +197,7 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
         "requests": {"cpu": "100m", "memory": "1Gi"},
         "limits": {"cpu": "1000m", "memory": "1Gi"},
     }
-    restore_env = {"PGPASSWORD": "passw0rd", "POSTGRES_USER": "aldaas", "POSTGRES_DB": "my_db_name"}
+    restore_env = {"POSTGRES_USER": "aldaas", "POSTGRES_DB": "my_db_name"}
     assert config == {
         "provider": "kubernetes",
         "kubernetes": {
@@ -216,15 +220,11 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                 "mount": "/var/lib/postgresql/data",
                 "command": [],
                 "args": [],
-                "env": {
-                    "POSTGRES_PASSWORD": "passw0rd",
-                    "POSTGRES_USER": "aldaas",
-                    "POSTGRES_DB": "my_db_name",
-                },
+                "env": {"POSTGRES_USER": "aldaas", "POSTGRES_DB": "my_db_name"},
+                "env_from_secret": "demo-aldaas-application",
                 "resources": resources,
                 "user": "aldaas",
                 "database": "my_db_name",
-                "password": "passw0rd",
             },
             "restore": {
                 "image": "postgres:latest",
@@ -234,6 +234,7 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                     " -U $POSTGRES_USER -d $POSTGRES_DB"
                 ],
                 "env": restore_env,
+                "env_from_secret": "demo-aldaas-restore",
                 "resources": resources,
                 "backup_path": "/backup.sql.gz",
                 "fetch_env": {
@@ -252,6 +253,7 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                     'psql -h $ALDAAS_HOST_DAEMON -p 5432 -U $POSTGRES_USER -d $POSTGRES_DB -c "\\l"'
                 ],
                 "env": restore_env,
+                "env_from_secret": "demo-aldaas-restore",
                 "resources": resources,
             },
         },
@@ -293,11 +295,8 @@ def test_if_original_style_values_are_given_then_they_reach_the_config(render: R
         "limits": {"cpu": "2", "memory": "2Gi"},
     }
     # The original ran the check with the restore's environment and resources.
-    assert provider["check"]["env"] == {
-        "PGPASSWORD": "s3cr3t",
-        "POSTGRES_USER": "app",
-        "POSTGRES_DB": "appdb",
-    }
+    assert provider["check"]["env"] == {"POSTGRES_USER": "app", "POSTGRES_DB": "appdb"}
+    assert provider["check"]["env_from_secret"] == provider["restore"]["env_from_secret"]
     # Helm merges maps, so the chart's default limits stay under the given requests.
     assert provider["check"]["resources"] == {
         "requests": {"cpu": "100m", "memory": "512Mi"},
@@ -338,7 +337,7 @@ def test_if_s3_keys_are_given_then_they_are_in_the_secret_and_not_the_configmap(
     rendered = render(
         {"tunnel": {"token": "tok-123"}, "s3": {"accesskey": "AKIAEXAMPLE", "secretkey": "sk-456"}}
     )
-    secret = rendered.get("Secret")
+    secret = rendered.get("Secret", "demo-aldaas")
     assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == {
         "token": "tok-123",
         "admin-token": secret_value(secret, "admin-token"),
@@ -355,6 +354,7 @@ def test_if_s3_keys_are_given_then_they_are_in_the_secret_and_not_the_configmap(
         "ALDAAS_ADMIN_TOKEN",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
+        "ALDAAS_KUBERNETES_APPLICATION_PASSWORD",
     ]
     assert env[3]["valueFrom"] == {"secretKeyRef": {"name": "demo-aldaas", "key": "accesskey"}}
     assert rendered.broker_config()["kubernetes"]["s3_credentials_secret"] == "demo-aldaas"
@@ -367,7 +367,7 @@ def secret_value(secret: dict[str, Any], key: str) -> str:
 
 def test_if_no_token_is_given_then_random_ones_are_generated(render: Render) -> None:
     """If tunnel.token and admin.token are empty, then each is a 48-character random string."""
-    secret = render(None).get("Secret")
+    secret = render(None).get("Secret", "demo-aldaas")
     token, admin_token = secret_value(secret, "token"), secret_value(secret, "admin-token")
     assert len(token) == 48
     assert token.isalnum()
@@ -378,7 +378,8 @@ def test_if_no_token_is_given_then_random_ones_are_generated(render: Render) -> 
 def test_if_both_existing_secrets_are_named_then_no_secret_is_rendered(render: Render) -> None:
     """If tokens and S3 keys come from existing Secrets, then the chart renders no Secret."""
     rendered = render({"existingSecret": "aldaas-tokens", "s3": {"existingSecret": "backups-s3"}})
-    assert not rendered.has("Secret")
+    secrets = {m["metadata"]["name"] for m in rendered.manifests if m["kind"] == "Secret"}
+    assert "demo-aldaas" not in secrets
     env = {e["name"]: e["valueFrom"] for e in rendered.container()["env"]}
     assert env["ALDAAS_GATEWAY_INSTANCE_TOKEN"] == {
         "secretKeyRef": {"name": "aldaas-tokens", "key": "token"}
@@ -393,7 +394,7 @@ def test_if_only_s3_existing_secret_is_named_then_the_secret_holds_only_tokens(
 ) -> None:
     """If s3.existingSecret is set (the original's way), then the chart's Secret has no S3 keys."""
     rendered = render(ORIGINAL_STYLE)
-    secret = rendered.get("Secret")
+    secret = rendered.get("Secret", "demo-aldaas")
     assert sorted(secret["data"]) == ["admin-token", "token"]
     assert secret_value(secret, "token") == "original-style-instance-token"
 
@@ -405,6 +406,7 @@ def test_if_no_s3_credentials_are_given_then_the_broker_gets_no_aws_keys(render:
         "ALDAAS_KUBERNETES_IDENTITY",
         "ALDAAS_GATEWAY_INSTANCE_TOKEN",
         "ALDAAS_ADMIN_TOKEN",
+        "ALDAAS_KUBERNETES_APPLICATION_PASSWORD",
     ]
 
 
