@@ -174,3 +174,12 @@ Call with (dict "root" $ "step" "application" "values" .Values.application "env"
 {{- printf "%s-%s" (include "aldaas.fullname" .root | trunc 50 | trimSuffix "-") .step -}}
 {{- end -}}
 {{- end -}}
+
+{{/* imagePullSecrets ([{name}]) as the JSON list of names kubernetes.pods.image_pull_secrets takes. */}}
+{{- define "aldaas.pullSecretNames" -}}
+{{- $names := list -}}
+{{- range (default (list) .Values.imagePullSecrets) -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- $names | toJson -}}
+{{- end -}}

@@ -261,3 +261,30 @@ def test_if_the_deployment_named_an_unknown_variable_then_the_contract_catches_i
     rendered = render({"extraEnv": [{"name": "ALDAAS_POD_NAME", "value": "x"}]})
     names = {name for name in _pod_env(rendered) if name.startswith("ALDAAS_")}
     assert names - BROKER_ENV_NAMES == {"ALDAAS_POD_NAME"}
+
+
+def test_if_image_pull_secrets_are_set_then_the_providers_pods_get_them(
+    render: Render, tmp_path: pathlib.Path
+) -> None:
+    """If imagePullSecrets is set, then the broker's kubernetes.pods.image_pull_secrets names them."""
+    values = {"imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}]}
+    rendered = render(values)
+    assert (
+        rendered.get("Deployment")["spec"]["template"]["spec"]["imagePullSecrets"]
+        == (values["imagePullSecrets"])
+    )
+    settings = load_broker_settings(rendered, tmp_path)
+    assert settings.kubernetes.pods.image_pull_secrets == ("regcred", "mirror")
+    assert load_broker_settings(render(None), tmp_path).kubernetes.pods.image_pull_secrets == ()
+
+
+def test_if_defaults_are_installed_then_the_broker_loads_each_steps_env_secret(
+    render: Render, tmp_path: pathlib.Path
+) -> None:
+    """If installed as is, then the provider's pods read the passwords from the chart's Secrets."""
+    kube = load_broker_settings(render(None), tmp_path).kubernetes
+    assert kube.application.env_from_secret == f"{RELEASE}-aldaas-application"
+    assert kube.restore.env_from_secret == f"{RELEASE}-aldaas-restore"
+    assert kube.check.env_from_secret == f"{RELEASE}-aldaas-restore"
+    assert kube.application.password == f"secret:{RELEASE}-aldaas-application/POSTGRES_PASSWORD"
+    assert "POSTGRES_PASSWORD" not in kube.application.env

@@ -212,6 +212,7 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                 "AWS_ACCESS_KEY_ID": "accesskey",
                 "AWS_SECRET_ACCESS_KEY": "secretkey",
             },
+            "pods": {"image_pull_secrets": []},
             "leader_election": {"lease_name": "demo-aldaas-leader"},
             "application": {
                 "image": "postgres:latest",

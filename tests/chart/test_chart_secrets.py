@@ -18,7 +18,7 @@ SECRET_WORDS = ("pass", "secret", "token", "credential", "private")
 def _secret_like_keys(node: Any) -> list[str]:
     """Every mapping key under ``node`` that holds a secret (POSTGRES_PASSWORD, password).
 
-    Keys ending in ``_secret`` name a Secret (``env_from_secret``), and ``s3_credentials_env``
+    Keys ending in ``_secret(s)`` name Secrets (``env_from_secret``, ``image_pull_secrets``), and ``s3_credentials_env``
     maps variable names to keys of such a Secret: references, not secrets.
     """
     if isinstance(node, dict):
@@ -26,7 +26,7 @@ def _secret_like_keys(node: Any) -> list[str]:
             k
             for k in node
             if any(w in str(k).lower() for w in SECRET_WORDS)
-            and not str(k).endswith("_secret")
+            and not str(k).endswith(("_secret", "_secrets"))
             and k != "s3_credentials_env"
         ]
         return found + [
