@@ -119,6 +119,8 @@ def test_if_defaults_are_rendered_then_exactly_the_base_objects_exist(render: Re
     assert render(None).kinds() == [
         "ConfigMap",
         "Deployment",
+        "NetworkPolicy",
+        "NetworkPolicy",
         "Role",
         "RoleBinding",
         "Secret",
@@ -139,6 +141,8 @@ def test_if_monitoring_is_enabled_then_ingress_servicemonitor_and_dashboard_rend
         "ConfigMap",
         "Deployment",
         "Ingress",
+        "NetworkPolicy",
+        "NetworkPolicy",
         "Role",
         "RoleBinding",
         "Secret",
