@@ -130,6 +130,12 @@ Checks that JSON schema cannot express: relations between values.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.s3.sessionToken (or .Values.s3.existingSecret (not .Values.s3.accesskey)) -}}
+{{- fail "s3.sessionToken is set without s3.accesskey and s3.secretkey in values: set them too, or put the token in s3.existingSecret and name its key in s3.sessionTokenKey." -}}
+{{- end -}}
+{{- if and .Values.s3.sessionTokenKey (not .Values.s3.existingSecret) -}}
+{{- fail (printf "s3.sessionTokenKey (%s) is set without s3.existingSecret: name the Secret, or give the token in s3.sessionToken." .Values.s3.sessionTokenKey) -}}
+{{- end -}}
 {{- if eq (int .Values.tunnel.port) (int .Values.admin.port) -}}
 {{- fail (printf "tunnel.port and admin.port are both %v: give the gateway and the admin server different ports." .Values.tunnel.port) -}}
 {{- end -}}
@@ -182,4 +188,13 @@ Call with (dict "root" $ "step" "application" "values" .Values.application "env"
 {{- $names = append $names .name -}}
 {{- end -}}
 {{- $names | toJson -}}
+{{- end -}}
+
+{{/* Key of the S3 Secret holding a session token: sessiontoken (s3.sessionToken), s3.sessionTokenKey, or empty. */}}
+{{- define "aldaas.s3SessionTokenKey" -}}
+{{- if .Values.s3.existingSecret -}}
+{{- .Values.s3.sessionTokenKey -}}
+{{- else if .Values.s3.sessionToken -}}
+sessiontoken
+{{- end -}}
 {{- end -}}

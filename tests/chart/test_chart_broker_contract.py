@@ -13,6 +13,7 @@ import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import helm_python
 import pytest
 import yaml
 from test_chart_render import VALUE_SETS
@@ -288,3 +289,62 @@ def test_if_defaults_are_installed_then_the_broker_loads_each_steps_env_secret(
     assert kube.check.env_from_secret == f"{RELEASE}-aldaas-restore"
     assert kube.application.password == f"secret:{RELEASE}-aldaas-application/POSTGRES_PASSWORD"
     assert "POSTGRES_PASSWORD" not in kube.application.env
+
+
+@pytest.mark.parametrize(
+    ("s3", "secret", "key"),
+    [
+        (
+            {"accesskey": "ASIAEXAMPLE", "secretkey": "sk", "sessionToken": "st-789"},
+            f"{RELEASE}-aldaas",
+            "sessiontoken",
+        ),
+        ({"existingSecret": "sts-creds", "sessionTokenKey": "token"}, "sts-creds", "token"),
+    ],
+    ids=["values", "existing-secret"],
+)
+def test_if_a_session_token_is_given_then_broker_and_download_use_it_from_the_secret(
+    render: Render,
+    validate_manifest: Callable[[dict[str, Any]], None],
+    tmp_path: pathlib.Path,
+    s3: dict[str, str],
+    secret: str,
+    key: str,
+) -> None:
+    """If s3.sessionToken (or sessionTokenKey) is set, then s3.session_token reads the S3 Secret."""
+    rendered = render({"s3": s3})
+    for manifest in rendered.manifests:
+        validate_manifest(manifest)
+    settings = load_broker_settings(rendered, tmp_path)
+    assert settings.s3.session_token == f"secret:{secret}/{key}"
+    assert settings.s3.access_key_id == f"secret:{secret}/accesskey"
+    assert settings.s3.secret_access_key == f"secret:{secret}/secretkey"
+    assert settings.kubernetes.s3_credentials_env["AWS_SESSION_TOKEN"] == key
+    assert "st-789" not in yaml.safe_dump(rendered.get("ConfigMap", f"{RELEASE}-aldaas"))
+    # The provider's download container gets it under the name boto3 reads.
+    assert settings.kubernetes.s3_credentials_secret == secret
+
+
+def test_if_no_session_token_is_given_then_the_broker_gets_none(
+    render: Render, tmp_path: pathlib.Path
+) -> None:
+    """If only keys are set, then neither the broker nor the download expects a session token."""
+    rendered = render({"s3": {"accesskey": "AKIAEXAMPLE", "secretkey": "sk"}})
+    settings = load_broker_settings(rendered, tmp_path)
+    assert settings.s3.session_token is None
+    assert "AWS_SESSION_TOKEN" not in settings.kubernetes.s3_credentials_env
+
+
+@pytest.mark.parametrize(
+    ("s3", "message"),
+    [
+        ({"sessionToken": "st"}, "s3.sessionToken is set without s3.accesskey"),
+        ({"sessionTokenKey": "token"}, r"s3.sessionTokenKey \(token\) is set without"),
+    ],
+)
+def test_if_a_session_token_lacks_its_keys_then_install_fails(
+    render: Render, s3: dict[str, str], message: str
+) -> None:
+    """If a session token comes without keys or Secret, then install names what is missing."""
+    with pytest.raises(helm_python.HelmError, match=message):
+        render({"s3": s3})

@@ -79,6 +79,13 @@ def test_if_env_has_passwords_then_each_steps_secret_holds_them_and_pods_read_it
     assert "PGPASSWORD" not in kube["check"]["env"]
 
 
+def test_if_a_session_token_is_given_then_the_s3_secret_holds_it(render: Render) -> None:
+    """If s3.sessionToken is set, then the chart's Secret has it as sessiontoken."""
+    s3 = {"accesskey": "ASIAEXAMPLE", "secretkey": "sk", "sessionToken": "st-789"}
+    secret = _decoded(render({"s3": s3}).get("Secret", "demo-aldaas"))
+    assert secret["sessiontoken"] == "st-789"
+
+
 def test_if_the_broker_starts_then_the_database_password_comes_from_the_secret(
     render: Render,
 ) -> None:
