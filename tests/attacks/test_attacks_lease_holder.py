@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from aldaas_e2e import BrokerProcess, Clients, psql, psql_path, write_backup
+from aldaas_e2e import BrokerProcess, Clients, psql, psql_path, running_broker
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +24,8 @@ def broker(
     module_data_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BrokerProcess]:
     work = tmp_path_factory.mktemp("attacks")
-    write_backup(work / "backups")
-    b = BrokerProcess(
-        data_dir=module_data_dir,
-        backups=work / "backups",
-        log_path=work / "broker.log",
-        overrides=["pool.size=2"],
-    )
-    b.start()
-    try:
-        b.wait_ready(warm=2)
+    with running_broker(module_data_dir, work, ["pool.size=2"], warm=2) as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture

@@ -183,18 +183,13 @@ def running_broker(
     """A broker over a new backup folder in ``work``, ready with ``warm`` clones; stopped
     when the block ends."""
     write_backup(work / "backups")
-    broker = BrokerProcess(
+    with BrokerProcess(
         data_dir=data_dir,
         backups=work / "backups",
         log_path=work / "broker.log",
         overrides=overrides,
-    )
-    broker.start()
-    try:
-        broker.wait_ready(warm=warm)
+    ).running(warm=warm) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @attrs.define

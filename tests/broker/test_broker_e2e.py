@@ -8,7 +8,15 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from aldaas_e2e import ROWS, BrokerProcess, Clients, one_sentence, psql, write_backup
+from aldaas_e2e import (
+    ROWS,
+    BrokerProcess,
+    Clients,
+    one_sentence,
+    psql,
+    running_broker,
+    write_backup,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -18,19 +26,8 @@ def broker(
     module_data_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BrokerProcess]:
     work = tmp_path_factory.mktemp("broker-e2e")
-    write_backup(work / "backups")
-    b = BrokerProcess(
-        data_dir=module_data_dir,
-        backups=work / "backups",
-        log_path=work / "broker.log",
-        overrides=["pool.size=1"],
-    )
-    b.start()
-    try:
-        b.wait_ready(warm=1)
+    with running_broker(module_data_dir, work, ["pool.size=1"], warm=1) as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture
