@@ -197,7 +197,10 @@ def write_errors(obj: dict[str, Any], *, patch: bool = False) -> list[str]:
 
 
 # Pod Security Standards, "restricted" (kubernetes.io/docs/concepts/security/pod-security-standards),
-# the checks of the policy version of the newest Kubernetes, as the admission controller applies them.
+# the checks of the policy version of the newest Kubernetes, as the admission controller applies
+# them: "baseline"'s (host namespaces, privileged, capabilities, hostPath, hostPorts, AppArmor,
+# SELinux, /proc mount, sysctls, Windows HostProcess) and "restricted"'s (volume types, privilege
+# escalation, non-root, seccomp, capabilities).
 _RESTRICTED_VOLUMES = frozenset(
     {
         "configMap",
@@ -210,13 +213,53 @@ _RESTRICTED_VOLUMES = frozenset(
         "secret",
     }
 )
+_SAFE_SYSCTLS = frozenset(
+    {
+        "kernel.shm_rmid_forced",
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.ip_local_reserved_ports",
+        "net.ipv4.ip_unprivileged_port_start",
+        "net.ipv4.ping_group_range",
+        "net.ipv4.tcp_fin_timeout",
+        "net.ipv4.tcp_keepalive_intvl",
+        "net.ipv4.tcp_keepalive_probes",
+        "net.ipv4.tcp_keepalive_time",
+        "net.ipv4.tcp_rmem",
+        "net.ipv4.tcp_syncookies",
+        "net.ipv4.tcp_wmem",
+    }
+)
+_SELINUX_TYPES = frozenset(
+    {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+)
+
+
+def _context_problems(where: str, sc: dict[str, Any]) -> list[str]:
+    """The rules a pod's and a container's securityContext share."""
+    problems: list[str] = []
+    if (sc.get("windowsOptions") or {}).get("hostProcess"):
+        problems.append(f"{where} is a Windows HostProcess")
+    selinux = sc.get("seLinuxOptions") or {}
+    if selinux.get("type", "") not in _SELINUX_TYPES:
+        problems.append(f"{where} has SELinux type {selinux['type']!r}")
+    if selinux.get("user") or selinux.get("role"):
+        problems.append(f"{where} sets an SELinux user or role")
+    if (sc.get("appArmorProfile") or {}).get("type") == "Unconfined":
+        problems.append(f"{where} has AppArmor profile 'Unconfined'")
+    if sc.get("runAsUser") == 0:
+        problems.append(f"{where} runAsUser is 0")
+    return problems
 
 
 def restricted_violations(spec: dict[str, Any]) -> list[str]:
     """What Pod Security "restricted" refuses in a pod spec (empty: admitted)."""
     problems: list[str] = []
     pod = spec.get("securityContext") or {}
-    containers = [*spec.get("initContainers", []), *spec.get("containers", [])]
+    containers = [
+        *spec.get("initContainers", []),
+        *spec.get("containers", []),
+        *spec.get("ephemeralContainers", []),
+    ]
     for flag in ("hostNetwork", "hostPID", "hostIPC"):
         if spec.get(flag):
             problems.append(f"{flag} is true")
@@ -224,12 +267,17 @@ def restricted_violations(spec: dict[str, Any]) -> list[str]:
         kinds = set(volume) - {"name"}
         if not kinds <= _RESTRICTED_VOLUMES:
             problems.append(f"volume {volume['name']} has type {sorted(kinds)}")
-    if pod.get("runAsUser") == 0:
-        problems.append("pod runAsUser is 0")
+    problems += _context_problems("pod", pod)
+    if pod.get("seccompProfile", {}).get("type") not in (None, "RuntimeDefault", "Localhost"):
+        problems.append(f"pod has seccomp profile {pod['seccompProfile']['type']!r}")
+    for sysctl in pod.get("sysctls") or []:
+        if sysctl["name"] not in _SAFE_SYSCTLS:
+            problems.append(f"pod sets the unsafe sysctl {sysctl['name']}")
     pod_seccomp = (pod.get("seccompProfile") or {}).get("type")
     for c in containers:
         sc = c.get("securityContext") or {}
         name = c["name"]
+        problems += _context_problems(f"container {name}", sc)
         if sc.get("privileged"):
             problems.append(f"container {name} is privileged")
         if sc.get("allowPrivilegeEscalation") is not False:
@@ -239,11 +287,11 @@ def restricted_violations(spec: dict[str, Any]) -> list[str]:
             or (pod.get("runAsNonRoot") is True and sc.get("runAsNonRoot") is not False)
         ):
             problems.append(f"container {name} may run as root (runAsNonRoot is not true)")
-        if sc.get("runAsUser") == 0:
-            problems.append(f"container {name} runAsUser is 0")
         seccomp = (sc.get("seccompProfile") or {}).get("type") or pod_seccomp
         if seccomp not in ("RuntimeDefault", "Localhost"):
             problems.append(f"container {name} has seccomp profile {seccomp!r}")
+        if sc.get("procMount", "Default") != "Default":
+            problems.append(f"container {name} has procMount {sc['procMount']!r}")
         capabilities = sc.get("capabilities") or {}
         if "ALL" not in (capabilities.get("drop") or []):
             problems.append(f"container {name} does not drop ALL capabilities")

@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 import pytest
+from k8s_built import VOLUME, built_objects, pod_specs
 from k8s_fake_api import FakeKubernetes
 from k8s_schemas import name_errors, restricted_violations, validate_strict
 from kubernetes import client
@@ -19,7 +20,6 @@ from kubernetes import client
 from aldaas.pool import (
     Backup,
     Command,
-    Endpoint,
     Kind,
     KubernetesProvider,
     LeaderElector,
@@ -171,10 +171,6 @@ async def test_if_the_s3_secret_has_other_key_names_then_the_download_maps_them_
 # -- the pure builders, validated without running anything ----------------------------------
 
 LONG_INSTANCE = "staging-eu-west-1-customer-analytics-warehouse-replica-aldaas"  # 61 characters
-SNAPSHOT = "snap-20261126030000-a1b2c3"  # the pool's names: pool/_meta.py
-VOLUME = SNAPSHOT
-CLONE = "clone-0123456789"
-VERIFY = "verify-0123456789"
 
 
 def _every_optional_setting(settings: KubernetesSettings) -> KubernetesSettings:
@@ -248,34 +244,6 @@ VALUE_SETS: dict[str, KubernetesSettings] = {
 }
 
 
-def built_objects(settings: KubernetesSettings) -> list[dict[str, Any]]:
-    """One of every object the provider sends, built by the same functions it calls."""
-    address = Endpoint(host="10.0.0.7", port=5432, user="aldaas", database="app").environ()
-    backup = Backup(key="logical/appdb/2026-11-26.sql.gz", etag="e", size=10, modified=0.0)
-    snapshot_name = manifests.object_name(settings, SNAPSHOT)
-    meta = {"status": "verifying", "deadline": "1764115200.0", "reason": "x" * 3000}
-    return [
-        manifests.pvc(settings, Kind.VOLUME, VOLUME, {"status": "restoring"}),
-        manifests.database_pod(settings, Kind.VOLUME, VOLUME),
-        manifests.restore_job(settings, VOLUME, backup, Command(argv=["psql"]), address),
-        manifests.volume_snapshot(settings, VOLUME, SNAPSHOT, meta),
-        manifests.pvc(
-            settings, Kind.CLONE, CLONE, {"state": "warm"}, snapshot_name, restore_size="20Gi"
-        ),
-        manifests.database_pod(settings, Kind.CLONE, CLONE),
-        manifests.check_job(settings, VERIFY, Command(argv=["psql", "-c", "select 1"]), address),
-        manifests.failed_snapshot_record(settings, SNAPSHOT, {"status": "failed", **meta}),
-        manifests.lease(
-            settings.leader_election.lease_name,
-            holder="broker-0",
-            duration_seconds=15.0,
-            renew_time="2026-11-26T03:00:00.000000Z",
-            acquire_time="2026-11-26T03:00:00.000000Z",
-            transitions=0,
-        ),
-    ]
-
-
 @pytest.mark.parametrize("settings", VALUE_SETS.values(), ids=VALUE_SETS.keys())
 def test_if_a_manifest_is_built_then_kubernetes_accepts_it_strictly(
     settings: KubernetesSettings,
@@ -345,22 +313,13 @@ def test_if_a_name_cannot_fit_then_the_provider_refuses_to_start_in_one_sentence
     assert message.count(". ") == 0
 
 
-def _pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Every pod spec among built objects: database pods and the pods of Jobs, by object name."""
-    specs = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Pod"}
-    specs |= {
-        o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in objects if o["kind"] == "Job"
-    }
-    return specs
-
-
 @pytest.mark.parametrize("settings", VALUE_SETS.values(), ids=VALUE_SETS.keys())
 def test_if_a_pod_is_built_then_pod_security_restricted_admits_it(
     settings: KubernetesSettings,
 ) -> None:
     """If any pod the provider sends is built (database, restore, check), then it passes the
     rules of Pod Security "restricted", with every optional setting too."""
-    specs = _pod_specs(built_objects(settings))
+    specs = pod_specs(built_objects(settings))
     assert len(specs) == 4
     for name, spec in specs.items():
         assert restricted_violations(spec) == [], name
@@ -372,7 +331,7 @@ def test_if_the_security_contexts_are_emptied_then_the_restricted_check_refuses_
     settings = KubernetesSettings(
         pods=PodSettings(security_context={}, container_security_context={})
     )
-    for spec in _pod_specs(built_objects(settings)).values():
+    for spec in pod_specs(built_objects(settings)).values():
         assert "securityContext" not in spec
         problems = restricted_violations(spec)
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
@@ -385,7 +344,7 @@ def test_if_every_scheduling_setting_is_given_then_database_and_job_pods_carry_i
     """If nodeSelector, tolerations, affinity, priorityClassName, imagePullSecrets, the restore's
     service account and download size limit are set, then every pod carries them as given."""
     settings = VALUE_SETS["every-optional-setting"]
-    specs = _pod_specs(built_objects(settings))
+    specs = pod_specs(built_objects(settings))
     for spec in specs.values():
         assert spec["nodeSelector"] == {"node.kubernetes.io/pool": "databases"}
         assert spec["tolerations"] == [
