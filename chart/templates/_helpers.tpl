@@ -198,3 +198,13 @@ Call with (dict "root" $ "step" "application" "values" .Values.application "env"
 sessiontoken
 {{- end -}}
 {{- end -}}
+
+
+{{/* A map with every value as a string, as JSON (a nodeSelector's `"true"` may arrive as a bool). */}}
+{{- define "aldaas.stringMap" -}}
+{{- $out := dict -}}
+{{- range $key, $value := . -}}
+{{- $_ := set $out $key (toString $value) -}}
+{{- end -}}
+{{- $out | toJson -}}
+{{- end -}}

@@ -216,7 +216,24 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                 "AWS_ACCESS_KEY_ID": "accesskey",
                 "AWS_SECRET_ACCESS_KEY": "secretkey",
             },
-            "pods": {"image_pull_secrets": []},
+            "pods": {
+                "image_pull_secrets": [],
+                "security_context": {
+                    "runAsNonRoot": True,
+                    "runAsUser": 999,
+                    "runAsGroup": 999,
+                    "fsGroup": 999,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "container_security_context": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "node_selector": {},
+                "tolerations": [],
+                "affinity": {},
+                "priority_class_name": None,
+            },
             "leader_election": {"lease_name": "demo-aldaas-leader"},
             "application": {
                 "image": "postgres:latest",
@@ -227,6 +244,7 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                 "args": [],
                 "env": {"POSTGRES_USER": "aldaas", "POSTGRES_DB": "my_db_name"},
                 "env_from_secret": "demo-aldaas-application",
+                "service_account": None,
                 "resources": resources,
                 "user": "aldaas",
                 "database": "my_db_name",
@@ -240,6 +258,8 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                 ],
                 "env": restore_env,
                 "env_from_secret": "demo-aldaas-restore",
+                "service_account": None,
+                "backup_size_limit": None,
                 "resources": resources,
                 "backup_path": "/backup.sql.gz",
                 "fetch_env": {

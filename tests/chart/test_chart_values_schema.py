@@ -41,6 +41,11 @@ def install_error(render: Render, values: dict[str, Any]) -> str:
         ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy'"),
         ({"application": {"storage": "ten gigs"}}, "at '/application/storage'"),
         ({"application": {"env": [{"name": "X"}]}}, "at '/application/env/0'"),
+        ({"restore": {"backupSizeLimit": "lots"}}, "at '/restore/backupSizeLimit'"),
+        ({"restore": {"serviceAccountName": "Backup_Reader"}}, "at '/restore/serviceAccountName'"),
+        ({"pods": {"priorityClassName": "Dev DBs"}}, "at '/pods/priorityClassName'"),
+        ({"pods": {"nodeselector": {"a": "b"}}}, "at '/pods'"),
+        ({"pods": {"tolerations": ["databases"]}}, "at '/pods/tolerations/0'"),
         (
             {"metrics": {"serviceMonitor": {"interval": "often"}}},
             "at '/metrics/serviceMonitor/interval'",
@@ -153,5 +158,6 @@ def _inside_documented_block(lines: list[str], number: int, indent: int) -> bool
                 "capabilities",
                 "podSecurityContext",
                 "securityContext",
+                "containerSecurityContext",
             }
     return False
