@@ -9,6 +9,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -61,3 +62,21 @@ def module_data_dir() -> Iterator[pathlib.Path]:
     """Like ``data_dir``, shared by a test module (build an expensive snapshot once)."""
     with traversable_data_dir() as path:
         yield path
+
+
+@pytest.fixture(scope="module")
+def ca() -> Any:
+    """A throwaway certificate authority (trustme.CA) for TLS tests."""
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def https_endpoint(ca: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 over HTTPS with a certificate for localhost from ``ca``, holding one backup
+    (tests/s3_https.py); imported here so that sessions without TLS tests do not load moto."""
+    from s3_https import https_s3
+
+    with https_s3(ca, tmp_path_factory.mktemp("ca")) as endpoint:
+        yield endpoint

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import pathlib
 import socket
-import ssl
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,13 +14,7 @@ import boto3
 import pytest
 import structlog
 import trustme
-from moto.moto_server.werkzeug_app import (
-    DomainDispatcherApplication,
-    MotoRequestHandler,
-    create_backend_app,
-)
 from moto.server import ThreadedMotoServer
-from werkzeug.serving import make_server
 
 from aldaas.broker._config import ConfigError, load_settings
 from aldaas.broker._settings import Settings
@@ -32,46 +24,6 @@ pytestmark = pytest.mark.slow
 
 SECRET = "s3cr3t-never-shown"
 TOKEN = "t0ken-never-shown"
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def https_endpoint(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's S3 app served over HTTPS with a certificate for localhost from ``ca``."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
-    server = make_server(
-        "127.0.0.1",
-        0,
-        DomainDispatcherApplication(create_backend_app),
-        threaded=True,
-        request_handler=MotoRequestHandler,
-        ssl_context=context,
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    endpoint = f"https://localhost:{server.server_port}"
-    pem = tmp_path_factory.mktemp("ca") / "ca.pem"
-    ca.cert_pem.write_to_path(str(pem))
-    try:
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key=SECRET,
-            verify=str(pem),
-        )
-        client.create_bucket(Bucket="tls")
-        client.put_object(Bucket="tls", Key="nightly/1717200000.sql.gz", Body=b"x")
-        yield endpoint
-    finally:
-        server.shutdown()
-        thread.join()
 
 
 @pytest.fixture(scope="module")
