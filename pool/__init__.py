@@ -146,6 +146,7 @@ from typing import TYPE_CHECKING
 # so `import pool` stays light for the local provider.
 from .providers.kubernetes._settings import (
     ApplicationSettings,
+    CaBundleSettings,
     CheckSettings,
     KubernetesSettings,
     LeaderElectionSettings,
@@ -156,6 +157,7 @@ from .providers.kubernetes._settings import (
 
 __all__ += [
     "ApplicationSettings",
+    "CaBundleSettings",
     "CheckSettings",
     "KubernetesProvider",
     "KubernetesSettings",

@@ -136,6 +136,14 @@ Checks that JSON schema cannot express: relations between values.
 {{- if and .Values.s3.sessionTokenKey (not .Values.s3.existingSecret) -}}
 {{- fail (printf "s3.sessionTokenKey (%s) is set without s3.existingSecret: name the Secret, or give the token in s3.sessionToken." .Values.s3.sessionTokenKey) -}}
 {{- end -}}
+{{- with .Values.s3.caBundle -}}
+{{- if and .configMap .secret -}}
+{{- fail (printf "s3.caBundle.configMap (%s) and s3.caBundle.secret (%s) are both set: name the CA bundle's ConfigMap or its Secret, not both." .configMap .secret) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (include "aldaas.s3CaBundleVolume" .) .Values.s3.host .Values.s3.insecure -}}
+{{- fail (printf "s3.caBundle is set but s3.insecure is true, so the broker speaks plain HTTP to %s and never uses the CA: set s3.insecure to false for HTTPS, or unset s3.caBundle." .Values.s3.host) -}}
+{{- end -}}
 {{- if eq (int .Values.tunnel.port) (int .Values.admin.port) -}}
 {{- fail (printf "tunnel.port and admin.port are both %v: give the gateway and the admin server different ports." .Values.tunnel.port) -}}
 {{- end -}}
@@ -208,3 +216,22 @@ sessiontoken
 {{- end -}}
 {{- $out | toJson -}}
 {{- end -}}
+
+{{/*
+The volume source (configMap or secret, with the one key as ca-bundle.pem) of s3.caBundle,
+or empty when no CA bundle is set. The provider's download container mounts the same key at
+the same path (pool/providers/kubernetes/_manifests.py CA_BUNDLE_DIR, CA_BUNDLE_FILE).
+*/}}
+{{- define "aldaas.s3CaBundleVolume" -}}
+{{- $ca := .Values.s3.caBundle | default (dict) -}}
+{{- $items := list (dict "key" $ca.key "path" "ca-bundle.pem") -}}
+{{- if $ca.configMap -}}
+{{- toYaml (dict "configMap" (dict "name" $ca.configMap "items" $items)) -}}
+{{- else if $ca.secret -}}
+{{- toYaml (dict "secret" (dict "secretName" $ca.secret "items" $items)) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "aldaas.s3CaBundleDir" -}}/etc/aldaas-s3-ca{{- end -}}
+
+{{- define "aldaas.s3CaBundleFile" -}}{{ include "aldaas.s3CaBundleDir" . }}/ca-bundle.pem{{- end -}}

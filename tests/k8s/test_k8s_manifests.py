@@ -28,6 +28,7 @@ from aldaas.pool import (
 from aldaas.pool.providers.kubernetes import _manifests as manifests
 from aldaas.pool.providers.kubernetes._settings import (
     ApplicationSettings,
+    CaBundleSettings,
     CheckSettings,
     KubernetesSettings,
     PodSettings,
@@ -180,6 +181,7 @@ def _every_optional_setting(settings: KubernetesSettings) -> KubernetesSettings:
         snapshot_class="snap",
         s3_credentials_secret="s3-keys",
         s3_credentials_env={"AWS_ACCESS_KEY_ID": "accesskey", "AWS_SECRET_ACCESS_KEY": "secretkey"},
+        s3_ca_bundle=CaBundleSettings(secret="minio-tls"),
         application=ApplicationSettings(
             image="postgres:17",
             pull_policy="IfNotPresent",
@@ -356,4 +358,13 @@ def test_if_every_scheduling_setting_is_given_then_database_and_job_pods_carry_i
     (restore,) = [s for name, s in specs.items() if name.endswith("-restore")]
     assert restore["serviceAccountName"] == "backup-reader"
     assert restore["automountServiceAccountToken"] is True
-    assert restore["volumes"] == [{"name": "backup", "emptyDir": {"sizeLimit": "50Gi"}}]
+    assert restore["volumes"] == [
+        {"name": "backup", "emptyDir": {"sizeLimit": "50Gi"}},
+        {
+            "name": "s3-ca",
+            "secret": {
+                "secretName": "minio-tls",
+                "items": [{"key": "ca.crt", "path": "ca-bundle.pem"}],
+            },
+        },
+    ]

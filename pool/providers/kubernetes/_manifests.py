@@ -42,10 +42,15 @@ _META_KEY = re.compile(r"^[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 _SUBDOMAIN = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
 _RESERVED_META = frozenset({"kind", "name", "instance", "created-by"})
+_DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 _HASH_LENGTH = 10
 _RULE_LABEL = (
     "at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit"
 )
+_RULE_SUBDOMAIN = "at most 253 lower-case letters, digits, '-' and '.'"
+CA_BUNDLE_DIR = "/etc/aldaas-s3-ca"
+"""Where the download container finds the S3 CA bundle (the chart mounts the broker's there too)."""
+CA_BUNDLE_FILE = "ca-bundle.pem"
 
 
 # -- settings that become names, label keys and selectors -----------------------------------
@@ -76,7 +81,7 @@ def check_settings(settings: KubernetesSettings) -> None:
             "leader_election.lease_name",
             settings.leader_election.lease_name,
             bool(_SUBDOMAIN.match(settings.leader_election.lease_name)),
-            "at most 253 lower-case letters, digits, '-' and '.'",
+            _RULE_SUBDOMAIN,
         ),
     ]
     rules += [
@@ -88,6 +93,18 @@ def check_settings(settings: KubernetesSettings) -> None:
         )
         for key in settings.label_meta_keys
     ]
+    ca = settings.s3_ca_bundle
+    if ca.config_map and ca.secret:
+        raise ProviderError(
+            f"kubernetes settings s3_ca_bundle.config_map ({ca.config_map!r}) and "
+            f"s3_ca_bundle.secret ({ca.secret!r}) are both set; name the CA bundle's "
+            "ConfigMap or its Secret, not both."
+        )
+    named = [("s3_ca_bundle.config_map", ca.config_map), ("s3_ca_bundle.secret", ca.secret)]
+    rules += [(s, name, bool(_SUBDOMAIN.match(name)), _RULE_SUBDOMAIN) for s, name in named if name]
+    if ca.config_map or ca.secret:
+        rule = "1-253 letters, digits, '-', '_' or '.'"
+        rules.append(("s3_ca_bundle.key", ca.key, bool(_DATA_KEY.match(ca.key)), rule))
     for setting, value, ok, rule in rules:
         if not ok:
             shown = value if len(value) <= 80 else value[:80] + "…"
@@ -413,12 +430,21 @@ def restore_job(
         argv = ["sh", "-c", 'exec "$@" < "$ALDAAS_BACKUP_FILE"', "aldaas-restore", *argv]
     env = {**address, **restore.env, **command.env, "ALDAAS_BACKUP_FILE": path}
     mount: Obj = {"name": "backup", "mountPath": restore.backup_dir}
+    volumes: list[Obj] = [{"name": "backup", "emptyDir": {}}]
+    fetch_env = dict(restore.fetch_env)
+    fetch_mounts = [mount]
+    ca_volume = _ca_bundle_volume(settings)
+    if ca_volume is not None:  # `aldaas fetch-backup` reads the first, other downloaders the second
+        ca_file = f"{CA_BUNDLE_DIR}/{CA_BUNDLE_FILE}"
+        fetch_env.update(ALDAAS_S3_CA_BUNDLE=ca_file, AWS_CA_BUNDLE=ca_file)
+        fetch_mounts.append({"name": "s3-ca", "mountPath": CA_BUNDLE_DIR, "readOnly": True})
+        volumes.append(ca_volume)
     fetch: Obj = {
         "name": "fetch",
         "image": settings.helper_image,
         "command": [*restore.fetch_command, "--key", backup.key, "--to", fetched],
-        "env": _env(restore.fetch_env),
-        "volumeMounts": [mount],
+        "env": _env(fetch_env),
+        "volumeMounts": fetch_mounts,
         "resources": _resources(restore.resources),
     }
     secret = settings.s3_credentials_secret
@@ -436,15 +462,25 @@ def restore_job(
         "env": _env(env),
         "volumeMounts": [{**mount, "readOnly": True}],
     }
-    empty_dir: Obj = {}
     if restore.backup_size_limit:
-        empty_dir["sizeLimit"] = restore.backup_size_limit
-    extra: Obj = {"initContainers": [fetch], "volumes": [{"name": "backup", "emptyDir": empty_dir}]}
+        volumes[0]["emptyDir"]["sizeLimit"] = restore.backup_size_limit
+    extra: Obj = {"initContainers": [fetch], "volumes": volumes}
     if restore.service_account:  # workload identity: the download needs the account's token
         extra.update(serviceAccountName=restore.service_account, automountServiceAccountToken=True)
     prefix = settings.label_prefix
     annotations = {f"{prefix}backup-key": backup.key, f"{prefix}backup-etag": backup.etag}
     return _job(settings, "restore", name, container, extra, command.timeout_seconds, annotations)
+
+
+def _ca_bundle_volume(settings: KubernetesSettings) -> Obj | None:
+    """The volume holding the S3 CA bundle as ``CA_BUNDLE_FILE``, or None when none is set."""
+    ca = settings.s3_ca_bundle
+    items = [{"key": ca.key, "path": CA_BUNDLE_FILE}]
+    if ca.config_map:
+        return {"name": "s3-ca", "configMap": {"name": ca.config_map, "items": items}}
+    if ca.secret:
+        return {"name": "s3-ca", "secret": {"secretName": ca.secret, "items": items}}
+    return None
 
 
 def check_job(

@@ -155,6 +155,19 @@ class PodSettings:
 
 
 @attrs.frozen(kw_only=True)
+class CaBundleSettings:
+    """Where the restore's download finds the PEM bundle of a private CA that signed S3's
+    certificate (MinIO or SeaweedFS behind a company CA): a key of a ConfigMap or a Secret."""
+
+    config_map: str | None = None
+    """ConfigMap holding the bundle (e.g. one trust-manager distributes); None: not from one."""
+    secret: str | None = None
+    """Secret holding the bundle (e.g. cert-manager's ``ca.crt``), instead of ``config_map``."""
+    key: str = "ca.crt"
+    """Key of the ConfigMap or Secret whose value is the PEM bundle (cert-manager's name)."""
+
+
+@attrs.frozen(kw_only=True)
 class LeaderElectionSettings:
     """Who among several broker replicas runs the background work (client-go's defaults)."""
 
@@ -202,6 +215,9 @@ class KubernetesSettings:
     """Environment name → key of ``s3_credentials_secret`` for the download container, e.g.
     ``{AWS_ACCESS_KEY_ID: accesskey, AWS_SECRET_ACCESS_KEY: secretkey}`` for the original chart's
     Secret (the chart sets that); empty passes the Secret's keys as they are (``envFrom``)."""
+    s3_ca_bundle: CaBundleSettings = CaBundleSettings()
+    """PEM bundle of the CA(s) the download container trusts for S3, mounted into it and named
+    by ``ALDAAS_S3_CA_BUNDLE`` and ``AWS_CA_BUNDLE``; unset: the helper image's public CAs."""
     application: ApplicationSettings = ApplicationSettings()
     """The database container."""
     restore: RestoreSettings = RestoreSettings()
