@@ -311,12 +311,12 @@ class Broker:
         return False
 
     def resolve(self, session_id: str) -> tuple[str, int]:
-        endpoint = self.pool.lease(session_id).endpoint
+        endpoint = _running(self.pool.lease(session_id))
         return endpoint.host, endpoint.port
 
     async def resolve_legacy(self, name: str, session: str) -> tunnel.LegacyRoute:
         try:
-            endpoint = self.pool.lease(session).endpoint
+            endpoint = _running(self.pool.lease(session))
         except pool.LeaseNotFoundError:
             raise tunnel.SessionRefused(
                 f"There is no active lease {session!r}; acquire one with aldaas connect."
@@ -466,8 +466,18 @@ class Broker:
             self.gateway = None
 
 
+def _running(lease: pool.Lease) -> pool.Endpoint:
+    """The lease's database address; refused while its database is being started again."""
+    if lease.endpoint is None:
+        raise tunnel.SessionRefused(
+            f"the database of lease {lease.id} is being started again on its data (its "
+            "server was lost, e.g. evicted); connect again in a few seconds."
+        )
+    return lease.endpoint
+
+
 def _lease_info(lease: pool.Lease) -> dict[str, tunnel.JSONValue]:
-    e = lease.endpoint
+    e = _running(lease)  # a hand-out's clone is always running
     return {
         "lease": lease.id,
         "user": e.user,

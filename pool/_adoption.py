@@ -114,7 +114,7 @@ async def adopt(st: PoolState) -> None:
         (resource, lease), *losers = claims
         for r, _ in losers:
             doomed.append((r.kind, r.name, f"older clone of reset lease {lease_id}"))
-        if resource.endpoint is None:
+        if resource.endpoint is None and st.restartable is None:
             doomed.append((resource.kind, resource.name, "leased clone is not running"))
             log.warning("lease.lost", lease_id=lease_id, clone=resource.name)
             st.emit(LeaseEnded(lease_id=lease_id, reason="lost", seconds=0.0))
@@ -285,6 +285,10 @@ def merge(st: PoolState, resources: Iterable[Resource], writes: Mapping[str, int
                 _lease_life.drop_lease(st, lease, "it ended on another replica")
             elif holder.name == name:
                 clone.version = holder.version
+                if holder.endpoint is not None:
+                    clone.endpoint = holder.endpoint  # its pod may have been started again
+                elif st.restartable is not None and name not in st.restarts:
+                    clone.endpoint = None  # its pod is gone, and pod IPs are reused
                 _lease_life.merge_lease_meta(st, lease, holder.meta, take_ttl=True)
             elif _lease_life.generation(holder) > lease.generation and holder.endpoint is not None:
                 # Reset on another replica: the lease moved to a fresh clone.
@@ -294,8 +298,10 @@ def merge(st: PoolState, resources: Iterable[Resource], writes: Mapping[str, int
                 lease.generation = _lease_life.generation(holder)
                 _lease_life.merge_lease_meta(st, lease, holder.meta, take_ttl=True)
     for lease_id, r in holders.items():
-        if lease_id in st.leases or r.name in st.clones or r.endpoint is None:
+        if lease_id in st.leases or r.name in st.clones:
             continue
+        if r.endpoint is None and st.restartable is None:
+            continue  # lost with its database (a restartable one's leader starts it again)
         if r.name in dropped:
             continue
         adopted = adopted_lease(st, r, now)

@@ -49,8 +49,9 @@ class Lease:
     """Lease id: public, safe to log."""
     secret: str | None = attrs.field(default=None, repr=False)
     """The lease's secret; only set in the value :meth:`Pool.acquire` returns (stored as a hash)."""
-    endpoint: Endpoint
-    """Where the clone answers (host, port, user, database)."""
+    endpoint: Endpoint | None
+    """Where the clone answers (host, port, user, database); ``None`` while its database is
+    being started again after it died (a provider that keeps the data, e.g. Kubernetes)."""
     clone: str
     """Name of the clone currently behind the lease (changes on reset)."""
     snapshot: str

@@ -328,12 +328,10 @@ def drop_lease(st: PoolState, lease: LeaseEntry, why: str) -> None:
 
 
 def public_lease(st: PoolState, lease: LeaseEntry, *, secret: str | None = None) -> Lease:
-    endpoint = lease.clone.endpoint
-    assert endpoint is not None, lease.clone
     return Lease(
         id=lease.id,
         secret=secret,
-        endpoint=endpoint,
+        endpoint=lease.clone.endpoint,
         clone=lease.clone.name,
         snapshot=lease.clone.snapshot,
         ttl=lease.ttl,

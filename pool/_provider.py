@@ -264,3 +264,31 @@ class Liveness(Protocol):
     def alive(self, name: str) -> bool:
         """Whether clone ``name``'s database process is running, as far as is known cheaply."""
         ...
+
+
+@runtime_checkable
+class Restartable(Protocol):
+    """Optional for a :class:`Provider` whose clones keep their data when their database dies.
+
+    On Kubernetes a clone's data is its PVC and its database a pod: an
+    eviction, a node lost or a ``kubectl delete pod`` takes the pod and leaves
+    the data. With this protocol the pool keeps a leased clone whose database
+    is gone (a lease is a developer's data), and its leader starts the
+    database again on the same data; without it such a lease is lost.
+    """
+
+    async def restart(self, name: str) -> Endpoint:
+        """Start clone ``name``'s database again on its own data if it is not running any more.
+
+        Returns once it accepts connections (possibly at a new address).
+        Raises :class:`NotFoundError` when the clone's data is gone, and
+        :class:`ProviderError` when the database does not come up.
+        """
+        ...
+
+    async def protect(self, name: str) -> None:
+        """Keep planned disruptions (node drains) from stopping leased clone ``name``'s database.
+
+        Idempotent; :meth:`Provider.destroy` lifts the protection with the clone.
+        """
+        ...

@@ -26,7 +26,7 @@ from ._lease import (
     RestoreStatus,
     SourceHealth,
 )
-from ._provider import Endpoint, Kind, Provider, ProviderError, Resource, Source
+from ._provider import Endpoint, Kind, Provider, ProviderError, Resource, Restartable, Source
 from ._settings import PoolSettings
 from ._states import CloneState, LeaseState, SnapshotState
 
@@ -127,6 +127,13 @@ class PoolState:
     to_verify: list[SnapshotEntry] = attrs.Factory(list)
     dead_leases: set[str] = attrs.Factory(set)
     """Active leases whose database the health loop found dead (until reset or end)."""
+    restarts: dict[str, trio.Event] = attrs.Factory(dict)
+    """Leased clones (by name) whose database the leader is starting again; set when done
+    (:class:`~._provider.Restartable` providers only). Destroying one waits for it."""
+    restart_not_before: dict[str, float] = attrs.Factory(dict)
+    """Leased clones whose restart failed: trio time of the next attempt."""
+    protected: set[str] = attrs.Factory(set)
+    """Leased clones this leader protected from drains (:meth:`Restartable.protect`)."""
     temporary: dict[tuple[str, str], tuple[int, float]] = attrs.Factory(dict)
     """(backup key, ETag) → (temporary failures in a row, trio time of the next attempt)."""
     source_health: SourceHealth = attrs.Factory(SourceHealth)
@@ -154,6 +161,11 @@ class PoolState:
     provision_not_before: float = 0.0
     provision_seconds: float | None = None
     """Moving average of recent provisioning times, for queue ETAs."""
+
+    @property
+    def restartable(self) -> Restartable | None:
+        """The provider, if a leased clone's data outlives its database (it can be restarted)."""
+        return self.provider if isinstance(self.provider, Restartable) else None
 
     @property
     def leading(self) -> bool:

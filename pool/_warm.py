@@ -13,10 +13,13 @@ from . import _handout, _lease_life
 from . import _meta as m
 from ._lease import CloneFailed, CloneProvisioned
 from ._provider import ConflictError, Kind, NotFoundError, ProviderError, TemporaryProviderError
-from ._shared import BACKOFF_MAX, CloneEntry, PoolState, SnapshotEntry
+from ._shared import BACKOFF_MAX, CloneEntry, LeaseEntry, PoolState, SnapshotEntry
 from ._states import CloneEvent, CloneState, clone_transition
 
 log = structlog.get_logger("aldaas.pool")
+
+RESTART_RETRY_SECONDS = 10.0
+"""After a failed restart of a leased clone's database, wait this long before the next one."""
 
 
 async def keeper_loop(st: PoolState) -> None:
@@ -208,6 +211,11 @@ async def retire_clone(st: PoolState, clone: CloneEntry, why: str) -> None:
 
 async def destroy_clone(st: PoolState, clone: CloneEntry) -> None:
     assert clone.state is CloneState.DESTROYING, clone
+    restarting = st.restarts.get(clone.name)
+    if restarting is not None:  # else its new database could start after the destroy
+        await restarting.wait()
+    st.protected.discard(clone.name)
+    st.restart_not_before.pop(clone.name, None)
     try:
         await st.provider.destroy(Kind.CLONE, clone.name)
     except ProviderError as exc:
@@ -249,7 +257,13 @@ async def follower_health_loop(st: PoolState) -> None:
 
 
 async def check_leased(st: PoolState) -> None:
-    """Find leases whose database died: reported (statistics, log, event) until reset."""
+    """Find leases whose database died: reported (statistics, log, event) until reset.
+
+    On a leader whose provider keeps a clone's data when its database dies
+    (:class:`~._provider.Restartable`), a dead lease's database is started
+    again on the same data, and healthy leases are protected from drains.
+    """
+    restartable = st.restartable if st.leading else None
     for lease in list(st.leases.values()):
         clone = lease.clone
         try:
@@ -261,11 +275,61 @@ async def check_leased(st: PoolState) -> None:
             continue  # ended or reset meanwhile
         if healthy:
             st.dead_leases.discard(lease.id)
+            if restartable is not None and clone.name not in st.protected:
+                st.protected.add(clone.name)
+                st.spawn("health", protect_clone, clone)
+            if restartable is None or clone.endpoint is not None or clone.name in st.restarts:
+                continue
+            # Running, but its address unknown here (adopted while it was down): ask for it.
         elif lease.id not in st.dead_leases:
             st.dead_leases.add(lease.id)
             reason = "its database stopped answering during the lease; reset the lease"
+            if restartable is not None:
+                reason = "its database stopped during the lease; it is started again on its data"
             log.warning("lease.database_died", lease_id=lease.id, clone=clone.name)
             st.emit(CloneFailed(clone=clone.name, snapshot=clone.snapshot, reason=reason))
+        if restartable is None:
+            continue
+        if not healthy:
+            # Its pod may be gone, and pod IPs are reused: no new connection goes to the old one.
+            clone.endpoint = None
+        due = st.restart_not_before.get(clone.name, -math.inf) <= trio.current_time()
+        if clone.name not in st.restarts and due:
+            st.restarts[clone.name] = trio.Event()
+            st.spawn("health", restart_database, lease)
+
+
+async def restart_database(st: PoolState, lease: LeaseEntry) -> None:
+    """Start a leased clone's database again on its own data; the lease keeps its id and secret."""
+    clone = lease.clone
+    restartable = st.restartable
+    assert restartable is not None, st.provider
+    done = st.restarts[clone.name]
+    try:
+        log.info("lease.database_restarting", lease_id=lease.id, clone=clone.name)
+        endpoint = await restartable.restart(clone.name)
+    except ProviderError:
+        st.restart_not_before[clone.name] = trio.current_time() + RESTART_RETRY_SECONDS
+        raise  # logged and counted by guarded(); the lease stays unhealthy until reset
+    finally:
+        del st.restarts[clone.name]
+        done.set()
+    st.restart_not_before.pop(clone.name, None)
+    if st.leases.get(lease.id) is not lease or lease.clone is not clone:
+        return  # ended or reset meanwhile: its clone is being destroyed, after this restart
+    clone.endpoint = endpoint
+    st.dead_leases.discard(lease.id)
+    log.info("lease.database_restarted", lease_id=lease.id, clone=clone.name)
+
+
+async def protect_clone(st: PoolState, clone: CloneEntry) -> None:
+    restartable = st.restartable
+    assert restartable is not None, st.provider
+    try:
+        await restartable.protect(clone.name)
+    except ProviderError:
+        st.protected.discard(clone.name)  # the next health check tries again
+        raise
 
 
 async def retry_doomed(st: PoolState) -> None:

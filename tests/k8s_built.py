@@ -20,21 +20,29 @@ CLONE = "clone-0123456789"
 VERIFY = "verify-0123456789"
 
 
+def _as_created(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` as the API server answers its create: with a uid."""
+    return {**obj, "metadata": {**obj["metadata"], "uid": "5e1f2d3c-4b5a-4968-8776-a5b4c3d2e1f0"}}
+
+
 def built_objects(settings: KubernetesSettings) -> list[dict[str, Any]]:
     """One of every object the provider sends, built by the same functions it calls."""
     address = Endpoint(host="10.0.0.7", port=5432, user="aldaas", database="app").environ()
     backup = Backup(key="logical/appdb/2026-11-26.sql.gz", etag="e", size=10, modified=0.0)
     snapshot_name = manifests.object_name(settings, SNAPSHOT)
     meta = {"status": "verifying", "deadline": "1764115200.0", "reason": "x" * 3000}
+    volume_claim = manifests.pvc(settings, Kind.VOLUME, VOLUME, {"status": "restoring"})
+    clone_claim = manifests.pvc(
+        settings, Kind.CLONE, CLONE, {"state": "warm"}, snapshot_name, restore_size="20Gi"
+    )
     return [
-        manifests.pvc(settings, Kind.VOLUME, VOLUME, {"status": "restoring"}),
-        manifests.database_pod(settings, Kind.VOLUME, VOLUME),
+        volume_claim,
+        manifests.database_pod(settings, Kind.VOLUME, VOLUME, _as_created(volume_claim)),
         manifests.restore_job(settings, VOLUME, backup, Command(argv=["psql"]), address),
         manifests.volume_snapshot(settings, VOLUME, SNAPSHOT, meta),
-        manifests.pvc(
-            settings, Kind.CLONE, CLONE, {"state": "warm"}, snapshot_name, restore_size="20Gi"
-        ),
-        manifests.database_pod(settings, Kind.CLONE, CLONE),
+        clone_claim,
+        manifests.database_pod(settings, Kind.CLONE, CLONE, _as_created(clone_claim)),
+        manifests.disruption_budget(settings, CLONE),
         manifests.check_job(settings, VERIFY, Command(argv=["psql", "-c", "select 1"]), address),
         manifests.failed_snapshot_record(settings, SNAPSHOT, {"status": "failed", **meta}),
         manifests.lease(

@@ -7,7 +7,7 @@ label and field selectors, merge patches, and chunked watch streams that honour
 
 The store is generic over the resources aldaas uses (core/v1 pods, PVCs,
 services, secrets; batch/v1 jobs; snapshot.storage.k8s.io/v1 volumesnapshots;
-coordination.k8s.io/v1 leases). A controller thread plays the cluster's part:
+coordination.k8s.io/v1 leases; policy/v1 poddisruptionbudgets). A controller thread plays the cluster's part:
 PVCs bind, snapshots become ``readyToUse``, pods become Running/Ready with a
 127.0.0.x IP, Jobs run a pod that succeeds or fails by a rule the test sets.
 
@@ -50,8 +50,15 @@ KINDS: dict[tuple[str, str], str] = {
     ("batch", "jobs"): "Job",
     ("snapshot.storage.k8s.io", "volumesnapshots"): "VolumeSnapshot",
     ("coordination.k8s.io", "leases"): "Lease",
+    ("policy", "poddisruptionbudgets"): "PodDisruptionBudget",
 }
-VERSIONS = {"": "v1", "batch": "v1", "snapshot.storage.k8s.io": "v1", "coordination.k8s.io": "v1"}
+VERSIONS = {
+    "": "v1",
+    "batch": "v1",
+    "snapshot.storage.k8s.io": "v1",
+    "coordination.k8s.io": "v1",
+    "policy": "v1",
+}
 
 _PATH = re.compile(
     r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
@@ -210,7 +217,9 @@ class FakeKubernetes:
         self.controllers_enabled = True
         self.kubelet: Any = None
         """A LocalKubelet (k8s_local_kubelet.py) makes pods, snapshots and Jobs real, or None."""
-        self._done: set[tuple[str, str, str]] = set()  # (plural, ns, name) started by a controller
+        # (plural, ns, name, uid) started by a controller: an object made again under the same
+        # name (a database pod started again on its PVC) is a new object, acted on again.
+        self._done: set[tuple[str, str, str, str]] = set()
         self._queue: list[tuple[str, str, Obj, int]] = []  # (plural, type, object, watch mark)
         self.watches_by_plural: dict[str, int] = {}
         self.act_when_watched = False
@@ -657,7 +666,8 @@ class FakeKubernetes:
             self._crashed(f"kubelet, on deleted {plural}", exc)
 
     def _first_time(self, plural: str, obj: Obj) -> bool:
-        key = (plural, obj["metadata"]["namespace"], obj["metadata"]["name"])
+        metadata = obj["metadata"]
+        key = (plural, metadata["namespace"], metadata["name"], metadata.get("uid", ""))
         if key in self._done:
             return False
         self._done.add(key)

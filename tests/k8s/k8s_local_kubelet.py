@@ -6,6 +6,8 @@ only ever talks to the (fake) Kubernetes API:
 
 - a database pod on a fresh PVC → ``LocalProvider.create_volume(pvc)``;
   on a PVC whose dataSource is a VolumeSnapshot → ``LocalProvider.clone``;
+  a pod made again on a PVC that had one (after an eviction) → that PVC's
+  server, still running on the same data (the PVC's data is the server's);
   the pod's IP (127.0.0.x) and the application port are forwarded to the
   local server's 127.0.0.1 port by a small TCP proxy, as a pod network would;
   like the application image (POSTGRES_USER/POSTGRES_PASSWORD), the database
@@ -106,6 +108,8 @@ class LocalKubelet:
         self._token = token
         self._workdir = workdir
         self._forwarders: dict[str, _Forwarder] = {}
+        self._started: dict[str, tuple[str, int]] = {}
+        """PVC uid → its local server: a pod made again on a PVC finds that PVC's data there."""
         self.failures: list[str] = []
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -119,16 +123,17 @@ class LocalKubelet:
     def start_pod(self, pod: Obj, pvc: Obj, ip: str) -> None:
         """Start (or clone) the pod's database and forward ip:containerPort to it."""
         name = pvc["metadata"]["name"]
-        source = pvc["spec"].get("dataSource")
-        if source:
-            endpoint = self._run(self._local.clone, source["name"], name, {})
-        else:
-            endpoint = self._run(self._local.create_volume, name, {})
-        self._as_image(endpoint)
+        target = self._started.get(pvc["metadata"]["uid"])
+        if target is None:
+            source = pvc["spec"].get("dataSource")
+            if source:
+                endpoint = self._run(self._local.clone, source["name"], name, {})
+            else:
+                endpoint = self._run(self._local.create_volume, name, {})
+            self._as_image(endpoint)
+            target = self._started[pvc["metadata"]["uid"]] = (endpoint.host, endpoint.port)
         port = pod["spec"]["containers"][0]["ports"][0]["containerPort"]
-        self._forwarders[pod["metadata"]["name"]] = _Forwarder(
-            ip, port, (endpoint.host, endpoint.port)
-        )
+        self._forwarders[pod["metadata"]["name"]] = _Forwarder(ip, port, target)
 
     def _as_image(self, endpoint: Endpoint) -> None:
         """Give the database the image's superuser and password (as admin, or as the login)."""
@@ -155,6 +160,7 @@ class LocalKubelet:
             forwarder.close()
 
     def deleted_pvc(self, pvc: Obj) -> None:
+        self._started.pop(pvc["metadata"]["uid"], None)
         kind = Kind(pvc["metadata"]["labels"]["aldaas.io/kind"])
         self._run(self._local.destroy, kind, pvc["metadata"]["name"])
 

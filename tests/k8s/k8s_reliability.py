@@ -136,6 +136,10 @@ async def leftovers(fake: FakeKubernetes, pool: Pool, provider: KubernetesProvid
     problems += [f"pod without PVC {name}" for name in pods if name not in pvcs]
     problems += [f"PVC without pod {name}" for name in pvcs if name not in pods]
     problems += [f"Job {name}" for name in objects(fake, "jobs")]
+    budgets = objects(fake, "poddisruptionbudgets")
+    problems += [
+        f"PodDisruptionBudget {n}" for n in budgets if n.removeprefix("aldaas-") not in leased
+    ]
     warm = stats.clones["warm"]
     for name, r in clones.items():
         status = r.meta.get("status")

@@ -1,4 +1,5 @@
-"""End to end on the Kubernetes provider: a backup in S3 becomes warm pods that answer queries.
+"""End to end on the Kubernetes provider: a backup in S3 becomes warm pods that answer queries,
+and a leased one keeps its data when its pod is deleted.
 
 The pool logic drives the Kubernetes provider, which only talks to the fake
 API server; the fake's kubelet (k8s_local_kubelet.py) turns pods, snapshots
@@ -25,6 +26,7 @@ from pg_query import query
 
 from aldaas.pool import (
     Kind,
+    Lease,
     LocalProvider,
     LocalSettings,
     Pool,
@@ -89,7 +91,8 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernete
     data_dir: pathlib.Path,
     tmp_path: pathlib.Path,
 ) -> None:
-    """If a .sql.gz arrives in S3, then the pool restores, snapshots and hands out a pod with its rows."""
+    """If a .sql.gz arrives in S3, then the pool restores, snapshots and hands out a pod with its
+    rows; if that pod is then deleted, then the lease answers at its new pod with what was written."""
     local = LocalProvider(LocalSettings(data_dir=data_dir), lease_superuser=True)
     source = S3Source(s3)
     fake.kubelet = LocalKubelet(
@@ -111,7 +114,7 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernete
     provider = KubernetesProvider(kube_settings, api_client)
     pool_settings = attrs.evolve(
         PoolSettings(),
-        pool=WarmPoolSettings(size=2, max_provisioning=1),
+        pool=WarmPoolSettings(size=2, max_provisioning=1, health_check_interval=0.5),
         source=SourceSettings(kind="s3", poll_interval=3600.0),
         s3=s3,
     )
@@ -141,6 +144,18 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernete
             assert jobs[1].endswith("-check")
             clones = await provider.list(Kind.CLONE)
             assert lease.clone in {c.name for c in clones}
+
+            # The developer's data outlives the pod: evicted or deleted, it comes back on its PVC.
+            await trio.to_thread.run_sync(
+                query, lease.endpoint, "INSERT INTO items VALUES (-1, 'written during the lease')"
+            )
+            fake.remove("pods", "test", f"aldaas-{lease.clone}")
+            await wait_until(lambda: _moved(pool, lease), seconds=120)
+            moved = pool.lease(lease.id).endpoint
+            rows = await trio.to_thread.run_sync(
+                query, moved, "SELECT name FROM items WHERE id < 0"
+            )
+            assert rows == [("written during the lease",)]
             await pool.release(lease.id)
             nursery.cancel_scope.cancel()
     finally:
@@ -148,3 +163,8 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernete
         fake.kubelet.close()
         await local.aclose()
     assert fake.kubelet.failures == []
+
+
+def _moved(pool: Pool, lease: Lease) -> bool:
+    now = pool.lease(lease.id).endpoint
+    return now is not None and lease.endpoint is not None and now.host != lease.endpoint.host

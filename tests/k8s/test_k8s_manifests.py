@@ -260,6 +260,7 @@ def test_if_a_manifest_is_built_then_kubernetes_accepts_it_strictly(
         "Lease",
         "PersistentVolumeClaim",
         "Pod",
+        "PodDisruptionBudget",
         "VolumeSnapshot",
     ]
     for obj in objects:

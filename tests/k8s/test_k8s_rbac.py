@@ -43,6 +43,21 @@ async def test_if_every_provider_step_runs_then_it_needs_exactly_the_documented_
     fake.put("batch", "jobs", "test", job)  # left by a broker that died mid-check: adopted
     await provider.check("c", Command(argv=["true"]))
     assert await provider.is_healthy("c")
+    await provider.protect("c")
+    await provider.protect("c")  # a new leader protects it again: adopted
+    fake.remove("pods", "test", "aldaas-c")  # evicted or deleted: the lease's pod comes back
+    await provider.restart("c")
+    fake.update_status(
+        "pods",
+        "test",
+        "aldaas-c",
+        {
+            "phase": "Failed",
+            "reason": "Evicted",
+            "conditions": [{"type": "Ready", "status": "False"}],
+        },
+    )
+    await provider.restart("c")
     await provider.set_meta(Kind.CLONE, "c", {"state": "warm"})
     failed = await provider.record_failed_snapshot("f", {"status": "failed"})
     await provider.set_meta(Kind.SNAPSHOT, "f", {"status": "failed", "seen": "1"})

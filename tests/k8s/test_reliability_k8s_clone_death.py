@@ -49,12 +49,60 @@ def info(pool: Pool, lease: Lease) -> LeaseInfo:
     return found
 
 
-async def test_if_a_leased_pod_dies_then_the_lease_is_unhealthy_until_reset_and_warm_ones_are_replaced(
+def evict(fake: FakeKubernetes, clone: str) -> None:
+    """The kubelet evicts the pod (node pressure): it stays, stopped, as phase Failed."""
+    fake.update_status(
+        "pods",
+        NS,
+        f"aldaas-{clone}",
+        {
+            "phase": "Failed",
+            "reason": "Evicted",
+            "message": "The node was low on resource: ephemeral-storage.",
+            "conditions": [{"type": "Ready", "status": "False"}],
+        },
+    )
+
+
+def uid(fake: FakeKubernetes, plural: str, clone: str) -> str | None:
+    found = fake.get(plural, NS, f"aldaas-{clone}")
+    return None if found is None else str(found["metadata"]["uid"])
+
+
+def pod_ip(fake: FakeKubernetes, clone: str) -> str | None:
+    found = fake.get("pods", NS, f"aldaas-{clone}")
+    return None if found is None else (found.get("status") or {}).get("podIP")
+
+
+def pvc_deletions(fake: FakeKubernetes, clone: str) -> list[int]:
+    return [
+        rv
+        for rv, plural, kind, obj in fake.events
+        if plural == "persistentvolumeclaims"
+        and kind == "DELETED"
+        and obj["metadata"]["name"] == f"aldaas-{clone}"
+    ]
+
+
+def running_again(fake: FakeKubernetes, pool: Pool, lease: Lease, old_pod: str | None) -> bool:
+    """The lease's clone has a new pod, Ready, and the pool gives the lease its address."""
+    now = pool.lease(lease.id).endpoint
+    new_pod = uid(fake, "pods", lease.clone)
+    return (
+        new_pod not in (None, old_pod)
+        and now is not None
+        and now.host == pod_ip(fake, lease.clone)
+        and info(pool, lease).healthy
+    )
+
+
+async def test_if_a_leased_pod_is_deleted_or_evicted_then_the_lease_gets_a_pod_on_the_same_pvc(
     fake: FakeKubernetes, settings: KubernetesSettings
 ) -> None:
-    """If one leased pod is deleted and another's container crashes, then both leases show
-    unhealthy, reset gives each a working pod under the same id, and a deleted warm pod is
-    replaced; nothing is left behind."""
+    """If one leased pod is deleted (node loss, `kubectl delete pod`) and another is evicted,
+    then each lease gets a new pod on the same PVC, never deleted, at the new pod's address,
+    under the same id, secret and clone, without a reset; and each leased pod is covered by a
+    PodDisruptionBudget of its own, gone with its lease."""
     api = api_client(fake.url)
     provider = KubernetesProvider(settings, api)
     await seed_ready_snapshot(provider, "snap-old", OLD)
@@ -62,23 +110,74 @@ async def test_if_a_leased_pod_dies_then_the_lease_is_unhealthy_until_reset_and_
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run)
-            deleted, crashed = await pool.acquire(timeout=30), await pool.acquire(timeout=30)
+            deleted, evicted = await pool.acquire(timeout=30), await pool.acquire(timeout=30)
+            pvcs = {
+                lease.clone: uid(fake, "persistentvolumeclaims", lease.clone)
+                for lease in (deleted, evicted)
+            }
+            old_pods = {lease.clone: uid(fake, "pods", lease.clone) for lease in (deleted, evicted)}
             fake.remove("pods", NS, f"aldaas-{deleted.clone}")
-            crash(fake, crashed.clone)
-            await until(lambda: not info(pool, deleted).healthy and not info(pool, crashed).healthy)
-            for lease in (deleted, crashed):
-                reset = await pool.reset(lease.id, timeout=30)
-                assert (reset.id, info(pool, lease).healthy) == (lease.id, True)
-                assert reset.clone != lease.clone
+            evict(fake, evicted.clone)
+            for lease in (deleted, evicted):
+                await until(
+                    lambda lease=lease: running_again(fake, pool, lease, old_pods[lease.clone])
+                )
+                assert uid(fake, "persistentvolumeclaims", lease.clone) == pvcs[lease.clone]
+                assert pvc_deletions(fake, lease.clone) == []
+                assert pool.lease(lease.id).clone == lease.clone
+                assert info(pool, lease).resets == 0
                 assert pool.verify_secret(lease.id, lease.secret or "")
+
+            pods = objects(fake, "pods")
+            for lease in (deleted, evicted):
+                await until(
+                    lambda lease=lease: uid(fake, "poddisruptionbudgets", lease.clone) is not None
+                )
+                budget = fake.get("poddisruptionbudgets", NS, f"aldaas-{lease.clone}")
+                assert budget is not None
+                assert budget["spec"]["minAvailable"] == 1
+                wanted = budget["spec"]["selector"]["matchLabels"]
+                covered = [n for n, labels in pods.items() if wanted.items() <= labels.items()]
+                assert covered == [f"aldaas-{lease.clone}"]
+            for lease in (deleted, evicted):
+                await pool.release(lease.id)
+            await assert_nothing_leaked(fake, pool, provider, warm=2)
+            nursery.cancel_scope.cancel()
+    finally:
+        await provider.aclose()
+        api.close()
+
+
+async def test_if_a_leased_database_crashes_then_the_lease_is_unhealthy_until_reset(
+    fake: FakeKubernetes, settings: KubernetesSettings
+) -> None:
+    """If a leased pod's container crash-loops (the pod stays, its data is fine), then the lease
+    shows unhealthy and the broker leaves the pod to the kubelet; reset gives a working pod under
+    the same id, and a deleted warm pod is replaced; nothing is left behind."""
+    api = api_client(fake.url)
+    provider = KubernetesProvider(settings, api)
+    await seed_ready_snapshot(provider, "snap-old", OLD)
+    pool = Pool(pool_settings(size=2), provider, Backups([OLD]))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            crashed = await pool.acquire(timeout=30)
+            pod = uid(fake, "pods", crashed.clone)
+            crash(fake, crashed.clone)
+            await until(lambda: not info(pool, crashed).healthy)
+            assert pool.lease(crashed.id).endpoint is None  # no new connection to a dead address
+            assert uid(fake, "pods", crashed.clone) == pod
+            reset = await pool.reset(crashed.id, timeout=30)
+            assert (reset.id, info(pool, crashed).healthy) == (crashed.id, True)
+            assert reset.clone != crashed.clone
+            assert pool.verify_secret(crashed.id, crashed.secret or "")
 
             await until(lambda: pool.statistics().clones["warm"] == 2)
             (victim, *_) = (r for r in objects(fake, "pods") if r not in _leased_pods(pool))
             fake.remove("pods", NS, victim)
             await until(lambda: victim not in objects(fake, "persistentvolumeclaims"))
             await assert_nothing_leaked(fake, pool, provider, warm=2)
-            for old in (deleted.clone, crashed.clone):
-                assert f"aldaas-{old}" not in objects(fake, "persistentvolumeclaims")
+            assert f"aldaas-{crashed.clone}" not in objects(fake, "persistentvolumeclaims")
             nursery.cancel_scope.cancel()
     finally:
         await provider.aclose()
@@ -92,8 +191,10 @@ def _leased_pods(pool: Pool) -> set[str]:
 async def test_if_a_pod_leased_on_a_follower_dies_then_the_follower_reports_it_too(
     fake: FakeKubernetes, settings: KubernetesSettings
 ) -> None:
-    """If the pod of a lease handed out by a follower replica dies, then the follower (which the
-    lease's client talks to) shows the lease unhealthy, not only the leader, and reset heals it."""
+    """If the database of a lease handed out by a follower replica crashes, then the follower
+    (which the lease's client talks to) shows the lease unhealthy, not only the leader, and reset
+    heals it; if another such lease's pod is deleted, then the leader starts it again and the
+    follower sends the lease's connections to the new pod's address."""
     settings = attrs.evolve(
         settings,
         leader_election=LeaderElectionSettings(
@@ -114,12 +215,18 @@ async def test_if_a_pod_leased_on_a_follower_dies_then_the_follower_reports_it_t
             await nursery.start(follower.serve)
             nursery.start_soon(elector.serve, leader.lead)
             await until(lambda: follower.statistics().clones["warm"] == 2)
-            lease = await follower.acquire(timeout=30)
-            fake.remove("pods", NS, f"aldaas-{lease.clone}")
+            lease, moved = await follower.acquire(timeout=30), await follower.acquire(timeout=30)
+            crash(fake, lease.clone)
             await until(lambda: not info(follower, lease).healthy)
             reset = await follower.reset(lease.id, timeout=30)
             assert reset.clone != lease.clone
             await until(lambda: info(follower, lease).healthy)
+
+            old_pod = uid(fake, "pods", moved.clone)
+            fake.remove("pods", NS, f"aldaas-{moved.clone}")
+            await until(lambda: running_again(fake, follower, moved, old_pod))
+            assert running_again(fake, leader, moved, old_pod)
+            assert pvc_deletions(fake, moved.clone) == []
             nursery.cancel_scope.cancel()
     finally:
         for provider in providers:
@@ -150,6 +257,84 @@ async def test_if_a_warm_pod_vanishes_before_a_health_check_then_a_view_refresh_
             await pool.refresh_view()
             await until(lambda: victim not in objects(fake, "persistentvolumeclaims"), 10)
             await assert_nothing_leaked(fake, pool, provider, warm=2)
+            nursery.cancel_scope.cancel()
+    finally:
+        await provider.aclose()
+        api.close()
+
+
+async def _leased_then_pod_gone(
+    fake: FakeKubernetes, settings: KubernetesSettings
+) -> tuple[Lease, str | None, str | None]:
+    """A broker hands out a lease and stops (crash, upgrade) with the lease alive; then the
+    lease's pod is deleted while no broker runs. Returns the lease and its PVC's and pod's uids."""
+    api = api_client(fake.url)
+    provider = KubernetesProvider(settings, api)
+    await seed_ready_snapshot(provider, "snap-old", OLD)
+    pool = Pool(pool_settings(size=1), provider, Backups([OLD]))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            lease = await pool.acquire(timeout=30)
+            nursery.cancel_scope.cancel()
+    finally:
+        await provider.aclose()
+        api.close()
+    pvc, pod = uid(fake, "persistentvolumeclaims", lease.clone), uid(fake, "pods", lease.clone)
+    fake.remove("pods", NS, f"aldaas-{lease.clone}")
+    return lease, pvc, pod
+
+
+async def test_if_the_broker_restarts_while_a_leased_pod_is_gone_then_the_lease_and_its_pvc_live(
+    fake: FakeKubernetes, settings: KubernetesSettings
+) -> None:
+    """If a broker restarts while a lease lives and the lease's pod is gone, then the new broker
+    adopts the lease (same id and secret), never deletes its PVC, and gives it a pod again."""
+    lease, pvc, pod = await _leased_then_pod_gone(fake, settings)
+    api = api_client(fake.url)
+    provider = KubernetesProvider(settings, api)
+    pool = Pool(pool_settings(size=1), provider, Backups([OLD]))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            assert pool.verify_secret(lease.id, lease.secret or "")
+            await until(lambda: running_again(fake, pool, lease, pod))
+            assert uid(fake, "persistentvolumeclaims", lease.clone) == pvc
+            assert pvc_deletions(fake, lease.clone) == []
+            await pool.release(lease.id)
+            await assert_nothing_leaked(fake, pool, provider, warm=1)
+            nursery.cancel_scope.cancel()
+    finally:
+        await provider.aclose()
+        api.close()
+
+
+async def test_if_a_new_leader_takes_over_while_a_leased_pod_is_gone_then_the_pvc_lives(
+    fake: FakeKubernetes, settings: KubernetesSettings
+) -> None:
+    """If a replica starts and takes the leadership over while a lease lives and its pod is gone,
+    then its take-over does not destroy the lease's PVC as "leased, nobody holds": the lease is
+    kept and gets its pod again."""
+    settings = attrs.evolve(
+        settings,
+        leader_election=LeaderElectionSettings(
+            lease_duration_seconds=1.0, renew_deadline_seconds=0.5, retry_period_seconds=0.1
+        ),
+    )
+    lease, pvc, pod = await _leased_then_pod_gone(fake, settings)
+    api = api_client(fake.url)
+    provider = KubernetesProvider(attrs.evolve(settings, identity="broker-b"), api)
+    elector = LeaderElector(settings, api, identity="broker-b")
+    pool = Pool(pool_settings(size=1), provider, Backups([OLD]))
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.serve)
+            nursery.start_soon(elector.serve, pool.lead)
+            await until(lambda: pool.leading)
+            await until(lambda: running_again(fake, pool, lease, pod))
+            assert pool.verify_secret(lease.id, lease.secret or "")
+            assert uid(fake, "persistentvolumeclaims", lease.clone) == pvc
+            assert pvc_deletions(fake, lease.clone) == []
             nursery.cancel_scope.cancel()
     finally:
         await provider.aclose()

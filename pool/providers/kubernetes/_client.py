@@ -45,6 +45,7 @@ JOBS = "jobs"
 SNAPSHOTS = "volumesnapshots"
 LEASES = "leases"
 CONFIGMAPS = "configmaps"
+BUDGETS = "poddisruptionbudgets"
 MERGE_PATCH = "application/merge-patch+json"
 
 _SINGULAR = {
@@ -53,6 +54,7 @@ _SINGULAR = {
     JOBS: "job",
     LEASES: "lease",
     CONFIGMAPS: "config_map",
+    BUDGETS: "pod_disruption_budget",
 }
 WHAT = {
     PVCS: "PVC",
@@ -61,6 +63,7 @@ WHAT = {
     SNAPSHOTS: "VolumeSnapshot",
     LEASES: "Lease",
     CONFIGMAPS: "ConfigMap",
+    BUDGETS: "PodDisruptionBudget",
 }
 
 
@@ -72,6 +75,7 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("batch", "jobs", ("get", "list", "watch", "create", "delete")),
     (SNAPSHOT_GROUP, "volumesnapshots", ("get", "list", "watch", "create", "patch", "delete")),
     ("coordination.k8s.io", "leases", ("get", "create", "patch")),
+    ("policy", "poddisruptionbudgets", ("get", "create", "delete")),
 )
 """(apiGroup, resource, verbs) of every call this module makes: the Role the broker needs."""
 
@@ -221,6 +225,7 @@ class Client:
         self.batch = k8s.BatchV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
         self.coordination = k8s.CoordinationV1Api(api_client)
+        self.policy = k8s.PolicyV1Api(api_client)
         self.namespace = settings.namespace
         self.watch_threads = 0
         """Watch reader threads running now (0 once every watch has been stopped)."""
@@ -245,6 +250,7 @@ class Client:
             CONFIGMAPS: self.core,
             JOBS: self.batch,
             LEASES: self.coordination,
+            BUDGETS: self.policy,
         }[plural]
         return getattr(api, f"{verb}_namespaced_{_SINGULAR[plural]}"), {"namespace": self.namespace}
 

@@ -307,8 +307,15 @@ def pvc(
     }
 
 
-def database_pod(settings: KubernetesSettings, kind: Kind, name: str) -> Obj:
-    """The pod running the database on PVC ``name`` (a volume being restored, or a clone)."""
+def database_pod(
+    settings: KubernetesSettings, kind: Kind, name: str, claim: Obj | None = None
+) -> Obj:
+    """The pod running the database on PVC ``name`` (a volume being restored, or a clone).
+
+    ``claim`` is that PVC as the API returned it: the pod names it its
+    controller (``ownerReferences``), so ``kubectl drain`` evicts it without
+    ``--force`` and the garbage collector deletes the pod with its PVC.
+    """
     app = settings.application
     if app.readiness_command:
         probe: Obj = {"exec": {"command": list(app.readiness_command)}}
@@ -347,11 +354,39 @@ def database_pod(settings: KubernetesSettings, kind: Kind, name: str) -> Obj:
     }
     if app.service_account:
         spec["serviceAccountName"] = app.service_account
+    meta = metadata(settings, kind.value, name, {})
+    if claim is not None:
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "name": claim["metadata"]["name"],
+                "uid": claim["metadata"]["uid"],
+                "controller": True,
+            }
+        ]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": _pod_spec(settings, spec)}
+
+
+def disruption_budget(settings: KubernetesSettings, name: str) -> Obj:
+    """The PodDisruptionBudget that keeps drains from evicting leased clone ``name``'s pod.
+
+    ``minAvailable: 1`` over its one pod refuses every eviction (HTTP 429,
+    which ``kubectl drain`` reports and retries) while the pod is Ready; an
+    integer ``minAvailable`` is the form Kubernetes allows for pods without a
+    scalable controller. A pod that is not Ready may still be evicted
+    (``unhealthyPodEvictionPolicy: AlwaysAllow``): a broken database should
+    not block a drain, and the broker starts it again elsewhere.
+    """
     return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": metadata(settings, kind.value, name, {}),
-        "spec": _pod_spec(settings, spec),
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(settings, Kind.CLONE.value, name, {}),
+        "spec": {
+            "minAvailable": 1,
+            "selector": {"matchLabels": system_labels(settings, Kind.CLONE.value, name)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
     }
 
 

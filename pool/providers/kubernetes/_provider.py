@@ -32,12 +32,14 @@ from ..._provider import (
     Provider,
     ProviderError,
     Resource,
+    Restartable,
     RestoreProgress,
     Source,
     TemporaryProviderError,
 )
 from . import _manifests as manifests
 from ._client import (
+    BUDGETS,
     CONFIGMAPS,
     JOBS,
     MERGE_PATCH,
@@ -108,7 +110,7 @@ class KubernetesProvider:
         self._seen: dict[tuple[str, str], Obj] = {}
         """Last state seen of each meta-holding object, so a compare-and-set needs no read first."""
         self._endpoints: dict[str, Endpoint] = {}
-        """Pod endpoints seen, by object name (pods are never re-created under the same name)."""
+        """Pod endpoints seen, by object name (a leased clone's pod started again replaces its)."""
         self._not_ready: frozenset[str] = frozenset()
         """Clones (object names) whose pod was not Ready at the last list, or destroyed since."""
 
@@ -207,6 +209,15 @@ class KubernetesProvider:
                 f'database pod "{object_name}" failed to start ({exc.reason}); log tail: {tail or "(empty)"}'
             ) from None
 
+    async def _wait_pod_gone(self, object_name: str, grace: int) -> None:
+        await self._wait_for(
+            PODS,
+            object_name,
+            lambda pod: True if pod is None else None,
+            timeout=grace + 60,
+            waiting_for="deleted",
+        )
+
     async def _create(self, plural: str, body: Obj) -> Obj:
         """Create ``body``; an object of that name already there is adopted (idempotent steps)
         if it is this instance's own, of the same kind and name, and refused otherwise."""
@@ -263,8 +274,8 @@ class KubernetesProvider:
     # Provider ----------------------------------------------------------------------------------
     async def create_volume(self, name: str, meta: Mapping[str, str]) -> Endpoint:
         log.info("kubernetes.create_volume", volume=name)
-        await self._create(PVCS, manifests.pvc(self._settings, Kind.VOLUME, name, meta))
-        await self._create(PODS, manifests.database_pod(self._settings, Kind.VOLUME, name))
+        claim = await self._create(PVCS, manifests.pvc(self._settings, Kind.VOLUME, name, meta))
+        await self._create(PODS, manifests.database_pod(self._settings, Kind.VOLUME, name, claim))
         return await self._endpoint(self._object_name(name))
 
     async def restore(
@@ -401,13 +412,7 @@ class KubernetesProvider:
                     f"volume {volume!r} does not exist, so it cannot be sealed into {snapshot!r}."
                 ) from None
         await self._delete(PODS, volume_name, grace=self._settings.stop_grace_seconds)
-        await self._wait_for(
-            PODS,
-            volume_name,
-            lambda pod: True if pod is None else None,
-            timeout=self._settings.stop_grace_seconds + 60,
-            waiting_for="deleted",
-        )
+        await self._wait_pod_gone(volume_name, self._settings.stop_grace_seconds)
         body = manifests.volume_snapshot(self._settings, volume, snapshot, meta)
         await self._create(SNAPSHOTS, body)
 
@@ -444,11 +449,43 @@ class KubernetesProvider:
             snapshot=snap["metadata"]["name"],
             restore_size=str(restore_size) if restore_size else None,
         )
-        await self._create(PVCS, body)
-        await self._create(PODS, manifests.database_pod(self._settings, Kind.CLONE, name))
+        claim = await self._create(PVCS, body)
+        await self._create(PODS, manifests.database_pod(self._settings, Kind.CLONE, name, claim))
         endpoint = await self._endpoint(self._object_name(name))
         self._not_ready -= {self._object_name(name)}
         return endpoint
+
+    async def restart(self, name: str) -> Endpoint:
+        """Give clone ``name`` a database pod again on its PVC, if its pod is gone or stopped.
+
+        An evicted pod stays as phase ``Failed`` and a pod on a lost node is
+        deleted: either way the PVC (the data) remains. A stopped pod is
+        deleted and waited for; a pod still running is only waited for.
+        """
+        object_name = self._object_name(name)
+        claim = await self._read_kind(PVCS, Kind.CLONE, object_name)  # NotFoundError: data gone
+        try:
+            pod: Obj | None = await self._client.call("read", PODS, object_name)
+        except NotFoundError:
+            pod = None
+        if pod is not None and manifests.is_ours(self._settings, pod, Kind.CLONE.value):
+            stopped = (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+            if stopped:
+                await self._delete(PODS, object_name)
+            if stopped or pod["metadata"].get("deletionTimestamp"):
+                await self._wait_pod_gone(object_name, self._settings.destroy_grace_seconds)
+                pod = None
+        if pod is None:
+            log.info("kubernetes.restart", clone=name)
+            body = manifests.database_pod(self._settings, Kind.CLONE, name, claim)
+            await self._create(PODS, body)
+        endpoint = await self._endpoint(object_name)
+        self._not_ready -= {object_name}
+        return endpoint
+
+    async def protect(self, name: str) -> None:
+        """A PodDisruptionBudget for clone ``name``'s pod, so that drains do not evict it."""
+        await self._create(BUDGETS, manifests.disruption_budget(self._settings, name))
 
     async def check(self, name: str, command: Command) -> None:
         endpoint = await self._endpoint(self._object_name(name))
@@ -598,6 +635,8 @@ class KubernetesProvider:
             await self._delete(JOBS, self._object_name(name, f"-{step}"))
         await self._delete(PODS, object_name, grace=self._settings.destroy_grace_seconds)
         await self._delete(PVCS, object_name)
+        if kind is Kind.CLONE:
+            await self._delete(BUDGETS, object_name)
 
     async def _check_not_restoring(self, snapshot_name: str) -> None:
         """Refuse to delete a VolumeSnapshot a PVC is still being provisioned from."""
@@ -688,3 +727,7 @@ def _implements_provider(provider: KubernetesProvider) -> Provider:
 
 def _implements_liveness(provider: KubernetesProvider) -> Liveness:
     return provider  # ... and the optional Liveness one
+
+
+def _implements_restartable(provider: KubernetesProvider) -> Restartable:
+    return provider  # ... and Restartable: a leased clone's PVC outlives its pod
