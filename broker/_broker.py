@@ -571,7 +571,9 @@ def make_pool(settings: Settings) -> tuple[pool.Pool, pool.Provider]:
                 "The kubernetes provider restores backups from S3 (its restore Job downloads "
                 f"them), but source.kind is {settings.source.kind!r}; set source.kind: s3."
             )
-        provider = pool.KubernetesProvider(settings.kubernetes)
+        provider = pool.KubernetesProvider(
+            settings.kubernetes, lease_superuser=settings.lease.superuser
+        )
     else:
         provider = pool.LocalProvider(settings.local, lease_superuser=settings.lease.superuser)
     source: pool.Source

@@ -295,17 +295,33 @@ def login_sql(*, login: str, password: str, superuser: bool = False) -> str:
     The login is created when missing (a snapshot sealed without a restore has
     none); normally the seal step made it.
     """
+    return "\n".join(
+        login_statements(login=login, verifier=scram_verifier(password), superuser=superuser)
+    )
+
+
+def login_statements(*, login: str, verifier: str, superuser: bool = False) -> list[str]:
+    """:func:`login_sql` as separate statements, with the password already a SCRAM verifier.
+
+    The Kubernetes provider runs them in the clone pod's init container
+    (``postgres --single``, one statement per entry), where the verifier is a
+    placeholder the container fills from the clone's Secret.
+    """
     bit = "SUPERUSER" if superuser else "NOSUPERUSER"
     lit = quote_literal(login)
-    return (
+    return [
         "DO $aldaas$ BEGIN\n"
         f"    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = {lit}) THEN\n"
         f"        CREATE ROLE {quote_ident(login)} WITH CREATEDB;\n"
         "    END IF;\n"
-        "END $aldaas$;\n"
-        f"ALTER ROLE {quote_ident(login)} WITH LOGIN {bit} "
-        f"PASSWORD {quote_literal(scram_verifier(password))};\n"
-    )
+        "END $aldaas$;",
+        f"ALTER ROLE {quote_ident(login)} WITH LOGIN {bit} PASSWORD {quote_literal(verifier)};\n",
+    ]
+
+
+def admin_password_sql(*, verifier: str, admin: str = ADMIN) -> str:
+    """The admin's password (a SCRAM verifier): each Kubernetes clone gives its admin a new one."""
+    return f"ALTER ROLE {quote_ident(admin)} WITH PASSWORD {quote_literal(verifier)};\n"
 
 
 DATABASES_SQL = (

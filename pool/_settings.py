@@ -53,10 +53,12 @@ class LeaseSettings:
     refill.
     """
     superuser: bool = False
-    """Whether the lease login is a PostgreSQL superuser (local provider); off, because a superuser
-    can run programs and read or write files as the PostgreSQL OS user (COPY ... TO PROGRAM,
-    pg_read_file), change server settings (ALTER SYSTEM), and from there reach every other lease's
-    database on the host. Turn it on only when every lease holder may see every other's data.
+    """Whether the lease login is a PostgreSQL superuser (local provider, and Kubernetes with
+    per-clone credentials); off, because a superuser can run programs and read or write files as
+    the PostgreSQL OS user (COPY ... TO PROGRAM, pg_read_file), change server settings (ALTER
+    SYSTEM), and from there reach every other lease's database on the host (on Kubernetes: its
+    own pod, and whatever that pod can reach). Turn it on only when every lease holder may see
+    every other's data.
     """
 
 

@@ -17,8 +17,8 @@ def test_if_the_role_is_rendered_then_it_grants_exactly_what_the_provider_uses(
 ) -> None:
     """If the chart renders its Role, then its (apiGroup, resource, verb) set equals the
     provider's RBAC_RULES (which tests/k8s/test_k8s_rbac.py proves are exactly the calls made),
-    the Lease verbs other than create are limited to the one named Lease, and no Secret is
-    readable, whichever Secrets the values name."""
+    the Lease verbs other than create are limited to the one named Lease, whichever Secrets
+    the values name (Secrets: only the verbs per-clone credentials need, never patch)."""
     for values in (None, {"existingSecret": "tokens", "s3": {"existingSecret": "backups-s3"}}):
         role = render(values).get("Role")
         assert role["metadata"]["namespace"] == "aldaas"

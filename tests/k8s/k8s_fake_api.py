@@ -680,32 +680,37 @@ class FakeKubernetes:
         ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
         ip = outcome.ip or f"127.0.0.{next(self._ips) % 250 + 2}"
         container = pod["spec"]["containers"][0]["name"]
+        failed = container  # the container the waiting reason is about (an init one, or main)
         if self.kubelet is not None:
             claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
             try:
                 self.kubelet.start_pod(pod, self.get("persistentvolumeclaims", ns, claim), ip)
             except Exception as exc:
+                failed = getattr(exc, "container", container)
                 with self.lock:
-                    self.logs[(ns, name, container)] = f"{exc}\n"
-                outcome = PodOutcome(waiting_reason="CrashLoopBackOff")
+                    self.logs[(ns, name, failed)] = f"{exc}\n"
+                reason = getattr(exc, "reason", "CrashLoopBackOff")
+                outcome = PodOutcome(waiting_reason=reason)
         if outcome.waiting_reason:
             state: Obj = {"waiting": {"reason": outcome.waiting_reason, "message": "simulated"}}
         else:
             state = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
         ready = "True" if outcome.ready and not outcome.waiting_reason else "False"
-        self.update_status(
-            "pods",
-            ns,
-            name,
-            {
-                "phase": "Running" if not outcome.waiting_reason else "Pending",
-                "podIP": ip,
-                "conditions": [{"type": "Ready", "status": ready}],
-                "containerStatuses": [
-                    {"name": container, "ready": ready == "True", "restartCount": 0, "state": state}
-                ],
-            },
-        )
+        status: Obj = {
+            "phase": "Running" if not outcome.waiting_reason else "Pending",
+            "podIP": ip,
+            "conditions": [{"type": "Ready", "status": ready}],
+            "containerStatuses": [
+                {"name": container, "ready": ready == "True", "restartCount": 0, "state": state}
+            ],
+        }
+        if failed != container:  # an init container failed: the database never started
+            initializing = {"waiting": {"reason": "PodInitializing"}}
+            status["containerStatuses"][0]["state"] = initializing
+            status["initContainerStatuses"] = [
+                {"name": failed, "ready": False, "restartCount": 1, "state": state}
+            ]
+        self.update_status("pods", ns, name, status)
 
     def _run_job(self, job: Obj) -> None:
         ns, name = job["metadata"]["namespace"], job["metadata"]["name"]

@@ -10,10 +10,12 @@ only ever talks to the (fake) Kubernetes API:
   server, still running on the same data (the PVC's data is the server's);
   the pod's IP (127.0.0.x) and the application port are forwarded to the
   local server's 127.0.0.1 port by a small TCP proxy, as a pod network would;
-  like the application image (POSTGRES_USER/POSTGRES_PASSWORD), the database
-  then has the application's superuser with the application's password (the
-  local provider's own role model is undone here: per-clone credentials on
-  Kubernetes are a later change);
+  like the official postgres image, a volume's database then has the
+  superuser POSTGRES_USER with the password POSTGRES_PASSWORD of the pod's
+  environment (secretKeyRef and envFrom resolved from the fake's Secrets, as
+  a kubelet does), and a clone pod's init containers really run, with the
+  server stopped, as the PostgreSQL OS user, on the clone's data folder
+  (``postgres --single`` sets the clone's passwords);
 - a VolumeSnapshot → ``LocalProvider.seal(pvc, snapshot)`` (stops the server
   cleanly, as deleting the pod did on a cluster, and keeps the data);
 - a deleted PVC or VolumeSnapshot → ``LocalProvider.destroy``;
@@ -28,7 +30,9 @@ with ``trio.from_thread.run``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import pathlib
 import socket
@@ -40,11 +44,20 @@ from typing import Any
 
 import psycopg
 import trio
-from k8s_fake_api import JobOutcome, Obj
+from k8s_fake_api import FakeKubernetes, JobOutcome, Obj
 from psycopg import sql
 
 from aldaas.pool import Backup, Endpoint, Kind, LocalProvider, S3Source
+from aldaas.pool.providers.local import _postgres as pg
 from aldaas.pool.providers.local._postgres import embedded_bin_dir
+
+
+class ContainerFailed(Exception):
+    """A container of a database pod could not start or exited non-zero (its log is the message)."""
+
+    def __init__(self, container: str, reason: str, log: str) -> None:
+        super().__init__(log)
+        self.container, self.reason = container, reason
 
 
 class _Forwarder:
@@ -99,11 +112,10 @@ class LocalKubelet:
         source: S3Source,
         token: trio.lowlevel.TrioToken,
         workdir: pathlib.Path,
-        application: tuple[str, str],
+        fake: FakeKubernetes,
     ) -> None:
-        """``local`` must make its lease login a superuser; ``application`` is (user, password)."""
         self._local = local
-        self._application = application
+        self._fake = fake
         self._source = source
         self._token = token
         self._workdir = workdir
@@ -119,30 +131,101 @@ class LocalKubelet:
             # The test's trio run ended (or cancelled the call) while the fake still worked.
             raise RuntimeError(f"the local provider is gone ({exc!r})") from None
 
+    # environment -----------------------------------------------------------------------------
+    def _env(self, pod: Obj, container: Obj) -> dict[str, str]:
+        """A container's environment as the kubelet builds it: envFrom Secrets, then env entries
+        (plain or from a Secret's key); a missing Secret or key fails the container."""
+        namespace = pod["metadata"]["namespace"]
+        name = container["name"]
+
+        def secret(secret_name: str) -> dict[str, str]:
+            found = self._fake.get("secrets", namespace, secret_name)
+            if found is None:
+                raise ContainerFailed(
+                    name, "CreateContainerConfigError", f'secret "{secret_name}" not found'
+                )
+            data = found.get("data") or {}
+            return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+        env: dict[str, str] = {}
+        for source in container.get("envFrom", []):
+            env.update(secret(source["secretRef"]["name"]))
+        for entry in container.get("env", []):
+            if "value" in entry:
+                env[entry["name"]] = entry["value"]
+                continue
+            ref = entry["valueFrom"]["secretKeyRef"]
+            values = secret(ref["name"])
+            if ref["key"] not in values:
+                raise ContainerFailed(
+                    name,
+                    "CreateContainerConfigError",
+                    f"couldn't find key {ref['key']} in Secret {namespace}/{ref['name']}",
+                )
+            env[entry["name"]] = values[ref["key"]]
+        return env
+
     # database pods ---------------------------------------------------------------------------
     def start_pod(self, pod: Obj, pvc: Obj, ip: str) -> None:
         """Start (or clone) the pod's database and forward ip:containerPort to it."""
         name = pvc["metadata"]["name"]
-        target = self._started.get(pvc["metadata"]["uid"])
+        uid = pvc["metadata"]["uid"]
+        target = self._started.get(uid)
+        database = pod["spec"]["containers"][0]
+        env = self._env(pod, database)
         if target is None:
             source = pvc["spec"].get("dataSource")
             if source:
                 endpoint = self._run(self._local.clone, source["name"], name, {})
             else:
                 endpoint = self._run(self._local.create_volume, name, {})
-            self._as_image(endpoint)
-            target = self._started[pvc["metadata"]["uid"]] = (endpoint.host, endpoint.port)
-        port = pod["spec"]["containers"][0]["ports"][0]["containerPort"]
+                if "POSTGRES_PASSWORD" in env:
+                    self._as_image(name, endpoint, env)
+            target = (endpoint.host, endpoint.port)
+        inits = pod["spec"].get("initContainers", [])
+        if inits:  # on every start of a pod, a recreated one too (the server then restarts)
+            init_env = {c["name"]: self._env(pod, c) for c in inits}
+            endpoint = self._run(self._run_init_containers, name, inits, init_env)
+            target = (endpoint.host, endpoint.port)
+        self._started[uid] = target
+        port = database["ports"][0]["containerPort"]
         self._forwarders[pod["metadata"]["name"]] = _Forwarder(ip, port, target)
 
-    def _as_image(self, endpoint: Endpoint) -> None:
-        """Give the database the image's superuser and password (as admin, or as the login)."""
-        user, password = self._application
+    async def _run_init_containers(
+        self, name: str, inits: list[Obj], envs: dict[str, dict[str, str]]
+    ) -> Endpoint:
+        """Stop the clone's server, run each init container as the PostgreSQL OS user on its
+        data folder (PGDATA), start the server again; the admin's endpoint (its new port)."""
+        local = self._local
+        setup = await local._ready()
+        folder = local._dir(Kind.CLONE, name)
+        await local._servers.stop(folder)
+        for init in inits:
+            env = {**envs[init["name"]], "PGDATA": str(folder / "pgdata")}
+            done = await pg.run_command(
+                init["command"],
+                env=pg.command_env(setup.bin_dir, env),
+                run_user=setup.run_user,
+                timeout_seconds=60,
+                what=f"init container {init['name']} of clone {name!r}",
+                cwd=folder,
+            )
+            if done.returncode != 0:
+                raise ContainerFailed(init["name"], "CrashLoopBackOff", done.tail)
+        await local._servers.start(setup, folder, f"clone {name!r}", durable=False)
+        endpoint = local._servers.endpoint(folder, admin=True)
+        assert endpoint is not None
+        return endpoint
+
+    def _as_image(self, volume: str, endpoint: Endpoint, env: dict[str, str]) -> None:
+        """What the official image's first start makes: the superuser POSTGRES_USER with the
+        password POSTGRES_PASSWORD, and the database POSTGRES_DB (the local admin does it)."""
+        user = env.get("POSTGRES_USER", "postgres")
         with psycopg.connect(
             host=endpoint.host,
             port=endpoint.port,
             user=endpoint.user,
-            dbname=endpoint.database,
+            dbname="postgres",
             password=endpoint.password,
             autocommit=True,
         ) as conn:
@@ -150,9 +233,18 @@ class LocalKubelet:
             verb = "ALTER" if exists else "CREATE"
             conn.execute(
                 sql.SQL("{} ROLE {} WITH LOGIN SUPERUSER PASSWORD {}").format(
-                    sql.SQL(verb), sql.Identifier(user), password
+                    sql.SQL(verb), sql.Identifier(user), env["POSTGRES_PASSWORD"]
                 )
             )
+            if user == endpoint.user:  # the local admin: its state must know the new password
+                folder = self._local._dir(Kind.VOLUME, volume)
+                state = json.loads((folder / "state.json").read_text())
+                state["admin_password"] = env["POSTGRES_PASSWORD"]
+                (folder / "state.json").write_text(json.dumps(state))
+            database = env.get("POSTGRES_DB", user)
+            found = conn.execute("SELECT FROM pg_database WHERE datname = %s", [database])
+            if not found.fetchall():
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
 
     def stop_pod(self, pod: Obj) -> None:
         forwarder = self._forwarders.pop(pod["metadata"]["name"], None)
@@ -184,7 +276,7 @@ class LocalKubelet:
                 self._run(self._download, key, local)
                 mounts[target] = str(local)
             container = spec["containers"][0]
-            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            env = self._env(job["spec"]["template"] | {"metadata": job["metadata"]}, container)
             env = {k: mounts.get(v, v) for k, v in env.items()}
             env["PATH"] = f"{embedded_bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}"
             env["LC_ALL"] = "C"

@@ -77,12 +77,17 @@ async def test_if_a_request_times_out_then_it_is_retried(
 async def test_if_the_object_already_exists_then_create_adopts_it(
     provider: KubernetesProvider, fake: FakeKubernetes
 ) -> None:
-    """If create_volume runs again after a restart, then the 409 AlreadyExists adopts the objects."""
+    """If create_volume runs again after a restart, then the 409 AlreadyExists adopts the objects
+    (the volume's Secret too: the endpoint keeps its admin password)."""
     first = await provider.create_volume("v", {"status": "restoring"})
     with capture_logs() as logs:
         again = await provider.create_volume("v", {"status": "restoring"})
     assert again == first
-    assert [e["what"] for e in logs if e["event"] == "kubernetes.adopted"] == ["PVC", "pod"]
+    assert [e["what"] for e in logs if e["event"] == "kubernetes.adopted"] == [
+        "PVC",
+        "Secret",
+        "pod",
+    ]
 
 
 async def test_if_a_conflict_answer_was_for_our_own_lost_write_then_set_meta_succeeds(

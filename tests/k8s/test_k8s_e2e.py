@@ -10,12 +10,14 @@ provider, and the restore Job downloads the backup from moto's S3 server.
 from __future__ import annotations
 
 import gzip
+import json
 import pathlib
 import socket
 from collections.abc import Iterator
 
 import attrs
 import boto3
+import psycopg
 import pytest
 import trio
 from k8s_fake_api import FakeKubernetes, wait_until
@@ -25,6 +27,7 @@ from moto.server import ThreadedMotoServer
 from pg_query import query
 
 from aldaas.pool import (
+    Endpoint,
     Kind,
     Lease,
     LocalProvider,
@@ -36,12 +39,12 @@ from aldaas.pool import (
     SourceSettings,
     WarmPoolSettings,
 )
+from aldaas.pool.providers.kubernetes import _manifests as manifests
 from aldaas.pool.providers.kubernetes._provider import KubernetesProvider
 from aldaas.pool.providers.kubernetes._settings import ApplicationSettings, KubernetesSettings
 
 pytestmark = pytest.mark.slow
 
-PASSWORD = "e2e-password-not-secret"
 ROWS = 2000
 BUCKET = "k8s-e2e-backups"
 
@@ -70,7 +73,11 @@ def s3() -> Iterator[S3Settings]:
     )
     s3.create_bucket(Bucket=BUCKET)
     rows = b"".join(b"%d\titem-%d\n" % (i, i) for i in range(ROWS))
-    dump = b"CREATE TABLE items (id int PRIMARY KEY, name text);\nCOPY items FROM stdin;\n"
+    # As pg_dump writes it: the table belongs to a role of the original's (the dump's role).
+    dump = (
+        b"CREATE ROLE app_owner;\nCREATE TABLE items (id int PRIMARY KEY, name text);\n"
+        b"ALTER TABLE items OWNER TO app_owner;\nCOPY items FROM stdin;\n"
+    )
     s3.put_object(
         Bucket=BUCKET, Key="nightly/app.sql.gz", Body=gzip.compress(dump + rows + b"\\.\n")
     )
@@ -83,7 +90,7 @@ def s3() -> Iterator[S3Settings]:
         server.stop()
 
 
-async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernetes(
+async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_each_lease_with_its_password(
     fake: FakeKubernetes,
     api_client: client.ApiClient,
     settings: KubernetesSettings,
@@ -91,13 +98,15 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernete
     data_dir: pathlib.Path,
     tmp_path: pathlib.Path,
 ) -> None:
-    """If a .sql.gz arrives in S3, then the pool restores, snapshots and hands out a pod with its
-    rows; if that pod is then deleted, then the lease answers at its new pod with what was written."""
-    local = LocalProvider(LocalSettings(data_dir=data_dir), lease_superuser=True)
+    """If a .sql.gz arrives in S3, then the pool restores, snapshots and hands out pods with its
+    rows; if a leased pod is then deleted, then the lease answers at its new pod with what was
+    written, with the same password. Each lease logs in with its own password (kept in its
+    clone's Secret, not a superuser, acting as the dump's roles), which opens no other clone, not
+    even a later one, and which a restarted broker finds again; a destroyed clone leaves no
+    Secret behind."""
+    local = LocalProvider(LocalSettings(data_dir=data_dir))
     source = S3Source(s3)
-    fake.kubelet = LocalKubelet(
-        local, source, trio.lowlevel.current_trio_token(), tmp_path, ("aldaas", PASSWORD)
-    )
+    fake.kubelet = LocalKubelet(local, source, trio.lowlevel.current_trio_token(), tmp_path, fake)
     # Pod IPs are 127.0.0.x, all on the application port: take one that is free on every
     # address, so that another process on the host (or a second test run) cannot hold it.
     with socket.socket() as probe:
@@ -107,9 +116,7 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernete
         settings,
         ready_timeout_seconds=120.0,
         snapshot_timeout_seconds=120.0,
-        application=ApplicationSettings(
-            port=port, user="aldaas", database="aldaas", password=PASSWORD
-        ),
+        application=ApplicationSettings(port=port, user="aldaas", database="aldaas"),
     )
     provider = KubernetesProvider(kube_settings, api_client)
     pool_settings = attrs.evolve(
@@ -156,7 +163,9 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernete
                 query, moved, "SELECT name FROM items WHERE id < 0"
             )
             assert rows == [("written during the lease",)]
-            await pool.release(lease.id)
+            assert moved is not None
+            assert moved.password == lease.endpoint.password  # the init container ran again
+            await _check_credentials(pool, fake, kube_settings, api_client, pool.lease(lease.id))
             nursery.cancel_scope.cancel()
     finally:
         fake.controllers_enabled = False
@@ -168,3 +177,56 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_through_kubernete
 def _moved(pool: Pool, lease: Lease) -> bool:
     now = pool.lease(lease.id).endpoint
     return now is not None and lease.endpoint is not None and now.host != lease.endpoint.host
+
+
+def _refused(endpoint: Endpoint, password: str | None) -> bool:
+    """Whether ``endpoint``'s database refuses its login with ``password`` (a wrong password,
+    not another failure)."""
+    try:
+        query(attrs.evolve(endpoint, password=password), "SELECT 1")
+    except psycopg.OperationalError as exc:
+        return "password authentication failed" in str(exc)
+    return False
+
+
+async def _check_credentials(
+    pool: Pool,
+    fake: FakeKubernetes,
+    settings: KubernetesSettings,
+    api_client: client.ApiClient,
+    first: Lease,
+) -> None:
+    second = await pool.acquire(labels={"test": "e2e"})
+    one, two = first.endpoint, second.endpoint
+    assert one.password
+    assert two.password
+    assert one.password != two.password
+    assert (one.user, two.user) == ("aldaas", "aldaas")
+    assert await trio.to_thread.run_sync(_refused, two, one.password)
+    assert await trio.to_thread.run_sync(_refused, one, two.password)
+    # The login is not a superuser, yet acts as the dump's role that owns the table.
+    login = "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+    assert await trio.to_thread.run_sync(query, one, login) == [(False,)]
+    await trio.to_thread.run_sync(query, one, "ALTER TABLE items ADD COLUMN note text")
+    # Only Secrets hold the passwords: no pod, Job or claim spec the API server stored.
+    for plural, obj in fake.created:
+        if plural != "secrets":
+            text = json.dumps(obj)
+            assert one.password not in text, plural
+            assert two.password not in text, plural
+    # A restarted broker finds each clone's password again in its Secret.
+    restarted = KubernetesProvider(settings, api_client)
+    try:
+        found = {r.name: r.endpoint for r in await restarted.list(Kind.CLONE)}
+    finally:
+        await restarted.aclose()
+    assert found[second.clone] == two
+    # A released lease's clone goes with its Secret; its password opens no later clone.
+    secret = manifests.object_name(settings, first.clone)
+    assert fake.get("secrets", "test", secret) is not None
+    await pool.release(first.id)
+    await wait_until(lambda: fake.get("secrets", "test", secret) is None, seconds=60)
+    await wait_until(lambda: pool.statistics().clones["warm"] == 2, seconds=180)
+    later = await pool.acquire(labels={"test": "e2e"})
+    assert await trio.to_thread.run_sync(_refused, later.endpoint, one.password)
+    assert await trio.to_thread.run_sync(query, later.endpoint, "SELECT 1") == [(1,)]

@@ -81,7 +81,15 @@ async def test_if_the_provider_runs_the_pipeline_then_every_object_it_creates_is
     assert await elector._try_take() is True
 
     kinds = {obj["kind"] for plural, obj in fake.created}
-    assert kinds == {"PersistentVolumeClaim", "Pod", "Job", "VolumeSnapshot", "ConfigMap", "Lease"}
+    assert kinds == {
+        "PersistentVolumeClaim",
+        "Pod",
+        "Job",
+        "VolumeSnapshot",
+        "ConfigMap",
+        "Lease",
+        "Secret",
+    }
     for plural, obj in fake.created:
         if plural == "pods" and "job-name" in obj["metadata"].get("labels", {}):
             continue  # made by the fake's Job controller, not by the provider
@@ -113,11 +121,14 @@ async def test_if_the_original_restore_values_are_used_then_the_job_runs_them_ve
     (fetch,) = spec["initContainers"]
     assert fetch["command"][-2:] == ["--to", "/backup/backup.sql.gz"]
     (restore,) = spec["containers"]
-    assert restore["command"] == [
+    # As given, then (per-clone credentials) the seal step in the same shell.
+    assert restore["command"][3:] == [
+        "aldaas-restore",
         "sh",
         "-c",
         "gunzip -c /backup.sql.gz | psql -h $ALDAAS_HOST_DAEMON -U $POSTGRES_USER",
     ]
+    assert restore["command"][:3] == ["sh", "-c", f'set -eu\n"$@"\n{manifests.SEAL_SCRIPT}']
     assert restore["volumeMounts"] == [
         {
             "name": "backup",
@@ -126,7 +137,7 @@ async def test_if_the_original_restore_values_are_used_then_the_job_runs_them_ve
             "readOnly": True,
         }
     ]
-    env = {e["name"]: e["value"] for e in restore["env"]}
+    env = {e["name"]: e.get("value") for e in restore["env"]}
     assert env["ALDAAS_BACKUP_FILE"] == "/backup.sql.gz"
     assert [r.kind for r in await provider.list()] == [Kind.VOLUME]
 
@@ -166,7 +177,10 @@ async def test_if_the_s3_secret_has_other_key_names_then_the_download_maps_them_
     ]
     (restore,) = spec["containers"]
     assert "envFrom" not in restore
-    assert not any("valueFrom" in e for e in restore["env"])
+    secret_refs = [
+        e["valueFrom"]["secretKeyRef"]["name"] for e in restore["env"] if "valueFrom" in e
+    ]
+    assert "backups-s3" not in secret_refs
 
 
 # -- the pure builders, validated without running anything ----------------------------------

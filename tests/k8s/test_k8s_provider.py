@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 
 import attrs
@@ -31,10 +32,18 @@ BACKUP = Backup(key="dumps/2026-11-26.sql.gz", etag="etag-1", size=1000, modifie
 async def test_if_a_backup_goes_through_the_whole_pipeline_then_every_object_appears_and_goes(
     provider: KubernetesProvider, fake: FakeKubernetes, source: object
 ) -> None:
-    """If a volume is restored, sealed, cloned, checked and destroyed, then the cluster ends empty."""
+    """If a volume is restored, sealed, cloned, checked and destroyed, then the cluster ends empty
+    (Secrets included); each step logs in with the passwords of its volume's or clone's Secret."""
     endpoint = await provider.create_volume("v1", {"status": "restoring", "backup": "nightly"})
     assert endpoint.host.startswith("127.0.0.")
-    assert (endpoint.port, endpoint.user, endpoint.database) == (5432, "aldaas", "app")
+    assert (endpoint.port, endpoint.user, endpoint.database) == (5432, "aldaas_admin", "app")
+    volume_secret = secret_values(fake, "aldaas-v1")
+    assert endpoint.password == volume_secret["admin-password"]
+    database = fake.get("pods", NS, "aldaas-v1")
+    assert database is not None
+    assert {"name": "POSTGRES_USER", "value": "aldaas_admin"} in database["spec"]["containers"][0][
+        "env"
+    ]
     pvc = fake.get("persistentvolumeclaims", NS, "aldaas-v1")
     assert pvc is not None
     assert pvc["spec"]["storageClassName"] == "fast"
@@ -57,7 +66,9 @@ async def test_if_a_backup_goes_through_the_whole_pipeline_then_every_object_app
     ]
     restore = spec["containers"][0]
     assert restore["command"][-3:] == ["psql", "-v", "ON_ERROR_STOP=1"]
-    env = {e["name"]: e["value"] for e in restore["env"]}
+    env = {e["name"]: e.get("value") or e["valueFrom"] for e in restore["env"]}
+    assert env["PGUSER"] == "aldaas_admin"
+    assert env["PGPASSWORD"] == {"secretKeyRef": {"name": "aldaas-v1", "key": "admin-password"}}
     assert env["ALDAAS_HOST_DAEMON"] == endpoint.host
     assert env["ALDAAS_BACKUP_FILE"] == "/backup/2026-11-26.sql.gz"
     assert env["EXTRA"] == "1"
@@ -72,6 +83,7 @@ async def test_if_a_backup_goes_through_the_whole_pipeline_then_every_object_app
     assert snapshot.size_bytes == 1024**3
     assert fake.get("persistentvolumeclaims", NS, "aldaas-v1") is None
     assert fake.get("pods", NS, "aldaas-v1") is None
+    assert fake.get("secrets", NS, "aldaas-v1") is None
     snap = fake.get("volumesnapshots", NS, "aldaas-s1")
     assert snap is not None
     assert snap["spec"] == {
@@ -88,6 +100,19 @@ async def test_if_a_backup_goes_through_the_whole_pipeline_then_every_object_app
         "kind": "VolumeSnapshot",
         "name": "aldaas-s1",
     }
+    clone_secret = fake.get("secrets", NS, "aldaas-c1")
+    assert clone_secret is not None
+    assert clone_secret["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "name": "aldaas-c1",
+            "uid": clone_pvc["metadata"]["uid"],
+        }
+    ]
+    passwords = secret_values(fake, "aldaas-c1")
+    assert (clone_endpoint.user, clone_endpoint.password) == ("aldaas", passwords["password"])
+    assert passwords["admin-password"] != volume_secret["admin-password"]
     assert await provider.is_healthy("c1") is True
     await provider.check("c1", Command(argv=["psql", "-c", "select 1"]))
 
@@ -107,6 +132,7 @@ async def test_if_a_backup_goes_through_the_whole_pipeline_then_every_object_app
     await provider.destroy(Kind.CLONE, "c1")  # a second destroy is not an error
     assert await provider.list() == []
     assert await provider.is_healthy("c1") is False
+    assert fake.all("secrets") == []
 
 
 async def test_if_two_replicas_claim_the_same_warm_clone_then_exactly_one_wins(
@@ -413,3 +439,10 @@ async def test_if_a_pvc_of_the_same_name_is_someone_elses_then_it_is_never_adopt
     await provider.destroy(Kind.CLONE, "c")
     assert fake.get("persistentvolumeclaims", NS, "aldaas-c") is not None
     assert fake.get("pods", NS, "aldaas-c") is not None
+
+
+def secret_values(fake: FakeKubernetes, name: str) -> dict[str, str]:
+    """The decoded data of Secret ``name`` in the test namespace (which must exist)."""
+    secret = fake.get("secrets", NS, name)
+    assert secret is not None, name
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}

@@ -46,6 +46,7 @@ SNAPSHOTS = "volumesnapshots"
 LEASES = "leases"
 CONFIGMAPS = "configmaps"
 BUDGETS = "poddisruptionbudgets"
+SECRETS = "secrets"
 MERGE_PATCH = "application/merge-patch+json"
 
 _SINGULAR = {
@@ -55,6 +56,7 @@ _SINGULAR = {
     LEASES: "lease",
     CONFIGMAPS: "config_map",
     BUDGETS: "pod_disruption_budget",
+    SECRETS: "secret",
 }
 WHAT = {
     PVCS: "PVC",
@@ -64,6 +66,7 @@ WHAT = {
     LEASES: "Lease",
     CONFIGMAPS: "ConfigMap",
     BUDGETS: "PodDisruptionBudget",
+    SECRETS: "Secret",
 }
 
 
@@ -72,6 +75,7 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "pods", ("get", "list", "watch", "create", "delete")),
     ("", "pods/log", ("get",)),
     ("", "configmaps", ("get", "list", "create", "patch", "delete")),
+    ("", "secrets", ("get", "list", "create", "delete")),
     ("batch", "jobs", ("get", "list", "watch", "create", "delete")),
     (SNAPSHOT_GROUP, "volumesnapshots", ("get", "list", "watch", "create", "patch", "delete")),
     ("coordination.k8s.io", "leases", ("get", "create", "patch")),
@@ -248,6 +252,7 @@ class Client:
             PODS: self.core,
             PVCS: self.core,
             CONFIGMAPS: self.core,
+            SECRETS: self.core,
             JOBS: self.batch,
             LEASES: self.coordination,
             BUDGETS: self.policy,

@@ -7,6 +7,8 @@ Object mapping (docs/kubernetes-provider.md has the full table):
 - clone   = PVC with ``dataSource`` the snapshot + database pod;
 - restore and check = batch/v1 Jobs ``<instance>-<name>-restore`` / ``-check``;
 - a failed snapshot's record = ConfigMap ``<instance>-<name>`` holding only its meta;
+- a volume's or clone's credentials = Secret ``<instance>-<name>``, owned by its PVC
+  (:func:`credentials_secret`, ``application.credentials: per-clone``);
 - leader election = one coordination.k8s.io/v1 Lease.
 
 A name longer than a DNS label (63 characters, e.g. under a long Helm release
@@ -19,6 +21,7 @@ and the snapshot CRD.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import re
@@ -28,6 +31,7 @@ from typing import Any
 import attrs
 from kubernetes.utils.quantity import parse_quantity
 
+from ... import _roles as roles
 from ..._provider import Backup, Command, Kind, ProviderError
 from ._settings import KubernetesSettings, ResourceSettings
 
@@ -112,6 +116,12 @@ def check_settings(settings: KubernetesSettings) -> None:
                 f"kubernetes setting {setting} is {shown!r} ({len(value)} characters), which is "
                 f"not valid in Kubernetes names and labels; use {rule}."
             )
+    if settings.application.credentials not in CREDENTIALS_MODES:
+        raise ProviderError(
+            "kubernetes setting application.credentials is "
+            f"{settings.application.credentials!r}; use 'per-clone' (each clone its own "
+            "passwords) or 'static' (application.user and application.password, shared)."
+        )
 
 
 def object_name(settings: KubernetesSettings, name: str, suffix: str = "") -> str:
@@ -257,6 +267,143 @@ def _env(values: Mapping[str, str]) -> list[Obj]:
     return [{"name": k, "value": v} for k, v in sorted(values.items())]
 
 
+# -- credentials (application.credentials: per-clone) -----------------------------------------
+
+CREDENTIALS_MODES = ("per-clone", "static")
+LOGIN_PASSWORD = "password"  # noqa: S105 - a key's name
+"""Key of a clone's Secret: the lease login's password (what the DSN carries)."""
+LOGIN_VERIFIER = "password-verifier"
+"""Key of a clone's Secret: the SCRAM verifier of that password (what the database stores)."""
+ADMIN_PASSWORD = "admin-password"  # noqa: S105 - a key's name
+"""Key of a volume's or clone's Secret: the admin's password (restore, masking and check Jobs)."""
+ADMIN_VERIFIER = "admin-password-verifier"
+"""Key of a clone's Secret: the SCRAM verifier of the clone's admin password."""
+
+_VERIFIER_PLACEHOLDERS = {
+    LOGIN_VERIFIER: "@ALDAAS_LOGIN_VERIFIER@",
+    ADMIN_VERIFIER: "@ALDAAS_ADMIN_VERIFIER@",
+}
+_VERIFIER_ENV = {LOGIN_VERIFIER: "ALDAAS_LOGIN_VERIFIER", ADMIN_VERIFIER: "ALDAAS_ADMIN_VERIFIER"}
+
+CREDENTIALS_SCRIPT = """\
+set -eu
+: "${ALDAAS_LOGIN_VERIFIER:?is empty: the clone's Secret lacks password-verifier}"
+: "${ALDAAS_ADMIN_VERIFIER:?is empty: the clone's Secret lacks admin-password-verifier}"
+sql=$(printf '%s\\n' "$ALDAAS_CREDENTIALS_SQL" | awk '{
+    gsub(/@ALDAAS_LOGIN_VERIFIER@/, ENVIRON["ALDAAS_LOGIN_VERIFIER"])
+    gsub(/@ALDAAS_ADMIN_VERIFIER@/, ENVIRON["ALDAAS_ADMIN_VERIFIER"])
+    print
+}')
+as=""
+if [ "$(id -u)" = 0 ]; then as="gosu postgres"; fi
+printf '%s\\n\\n' "$sql" | $as postgres --single -j -D "${PGDATA:-$ALDAAS_DATA}" \\
+    -c exit_on_error=on -c log_min_error_statement=panic template1 >/dev/null
+"""
+"""The clone's init container: sets the login's and the admin's passwords from the clone's
+Secret with the image's own ``postgres --single`` (no server runs yet, so no connection and
+no password is needed). Only SCRAM verifiers reach the database and the container, never the
+passwords, and no statement is echoed (``log_min_error_statement=panic``), so the pod log that
+a failure quotes holds none of them. Running it again sets the same passwords (a recreated
+pod reads the same Secret)."""
+
+
+def per_clone(settings: KubernetesSettings) -> bool:
+    """Whether lease holders get per-clone credentials (the role model) rather than static ones."""
+    return settings.application.credentials == "per-clone"
+
+
+def credentials_secret(
+    settings: KubernetesSettings, kind: Kind, name: str, owner: Obj, values: Mapping[str, str]
+) -> Obj:
+    """The Secret of volume or clone ``name``: its passwords, owned by (deleted with) its PVC."""
+    meta = metadata(settings, kind.value, name, {})
+    owner_meta = owner["metadata"]
+    meta["ownerReferences"] = [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "name": owner_meta["name"],
+            "uid": owner_meta["uid"],
+        }
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta,
+        "type": "Opaque",
+        "data": {
+            key: base64.b64encode(value.encode()).decode() for key, value in sorted(values.items())
+        },
+    }
+
+
+def secret_values(secret: Obj) -> dict[str, str]:
+    """A Secret's ``data`` decoded (what :func:`credentials_secret` put there)."""
+    values: dict[str, str] = {}
+    for key, value in (secret.get("data") or {}).items():
+        try:
+            values[str(key)] = base64.b64decode(str(value), validate=True).decode()
+        except ValueError:
+            continue  # not ours to read (binascii.Error and UnicodeDecodeError are ValueErrors)
+    return values
+
+
+def _secret_env(env_name: str, settings: KubernetesSettings, name: str, key: str) -> Obj:
+    secret = object_name(settings, name)
+    return {"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def credentials_sql(settings: KubernetesSettings, *, lease_superuser: bool) -> str:
+    """What the clone's init container runs: one statement per paragraph (``postgres -j``),
+    with the verifiers as placeholders it fills from the Secret."""
+    statements = [
+        *roles.login_statements(
+            login=settings.application.user,
+            verifier=_VERIFIER_PLACEHOLDERS[LOGIN_VERIFIER],
+            superuser=lease_superuser,
+        ),
+        roles.admin_password_sql(verifier=_VERIFIER_PLACEHOLDERS[ADMIN_VERIFIER]),
+    ]
+    return "\n\n".join(statement.strip() for statement in statements)
+
+
+SEAL_SCRIPT = """\
+psql -X -q -v ON_ERROR_STOP=1 -c "$ALDAAS_SEAL_ROLES_SQL"
+databases=$(psql -X -A -t -v ON_ERROR_STOP=1 -c "$ALDAAS_SEAL_DATABASES_SQL")
+printf '%s\\n' "$databases" | while IFS= read -r database; do
+    [ -n "$database" ] || continue
+    case "$database" in
+        postgres|template1) sql=$ALDAAS_SEAL_SYSTEM_DATABASE_SQL ;;
+        *) sql=$ALDAAS_SEAL_DATABASE_SQL ;;
+    esac
+    PGDATABASE=$database psql -X -q -v ON_ERROR_STOP=1 -c "$sql"
+done
+"""
+"""After the restore command, in the same container and as the admin: the role model's seal step (:mod:`pool._roles`) on the cluster's roles, then in every database."""
+
+
+def _seal_env(settings: KubernetesSettings) -> dict[str, str]:
+    login = settings.application.user
+    return {
+        "ALDAAS_SEAL_ROLES_SQL": roles.seal_roles_sql(login=login),
+        "ALDAAS_SEAL_DATABASES_SQL": (
+            "SELECT datname FROM pg_catalog.pg_database WHERE datallowconn ORDER BY 1"
+        ),
+        "ALDAAS_SEAL_DATABASE_SQL": roles.seal_database_sql(login=login, own_database=True),
+        "ALDAAS_SEAL_SYSTEM_DATABASE_SQL": roles.seal_database_sql(login=login, own_database=False),
+    }
+
+
+def _step_env(settings: KubernetesSettings, name: str, values: Mapping[str, str]) -> list[Obj]:
+    """A Job's environment; with per-clone credentials it logs in as the admin, whose password
+    the kubelet reads from volume or clone ``name``'s Secret (it is never in the Job's spec)."""
+    if not per_clone(settings):
+        return _env(values)
+    admin = {"PGUSER": roles.ADMIN, "POSTGRES_USER": roles.ADMIN}
+    plain = {k: v for k, v in {**values, **admin}.items() if k != "PGPASSWORD"}
+    return [*_env(plain), _secret_env("PGPASSWORD", settings, name, ADMIN_PASSWORD)]
+
+
 def _pod_spec(settings: KubernetesSettings, spec: Obj) -> Obj:
     """``spec`` with the security context and scheduling of :class:`PodSettings` added."""
     pods = settings.pods
@@ -308,13 +455,24 @@ def pvc(
 
 
 def database_pod(
-    settings: KubernetesSettings, kind: Kind, name: str, claim: Obj | None = None
+    settings: KubernetesSettings,
+    kind: Kind,
+    name: str,
+    claim: Obj | None = None,
+    *,
+    lease_superuser: bool = False,
 ) -> Obj:
     """The pod running the database on PVC ``name`` (a volume being restored, or a clone).
 
     ``claim`` is that PVC as the API returned it: the pod names it its
     controller (``ownerReferences``), so ``kubectl drain`` evicts it without
     ``--force`` and the garbage collector deletes the pod with its PVC.
+
+    With per-clone credentials a volume's image makes the admin its bootstrap
+    superuser (POSTGRES_USER/POSTGRES_PASSWORD, the password from the volume's
+    Secret), and a clone's init container gives the login and the admin the
+    passwords of the clone's Secret (:data:`CREDENTIALS_SCRIPT`) before the
+    database starts; ``lease_superuser`` makes the login a superuser.
     """
     app = settings.application
     if app.readiness_command:
@@ -325,11 +483,19 @@ def database_pod(
     mount: Obj = {"name": "data", "mountPath": app.mount}
     if app.sub_path:
         mount["subPath"] = app.sub_path
+    env = _env(app.env)
+    if per_clone(settings) and kind is Kind.VOLUME:
+        bootstrap = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
+        env = [e for e in env if e["name"] not in bootstrap]
+        env += [
+            *_env({"POSTGRES_USER": roles.ADMIN, "POSTGRES_DB": app.database}),
+            _secret_env("POSTGRES_PASSWORD", settings, name, ADMIN_PASSWORD),
+        ]
     container: Obj = {
         "name": "database",
         "image": app.image,
         "ports": [{"name": "database", "containerPort": app.port}],
-        "env": _env(app.env),
+        "env": env,
         "volumeMounts": [mount],
         "resources": _resources(app.resources),
         "readinessProbe": probe,
@@ -352,6 +518,32 @@ def database_pod(
             {"name": "data", "persistentVolumeClaim": {"claimName": object_name(settings, name)}}
         ],
     }
+    if per_clone(settings) and kind is Kind.CLONE:
+        credentials: Obj = {
+            "name": "credentials",
+            "image": app.image,
+            "command": ["sh", "-c", CREDENTIALS_SCRIPT],
+            "env": [
+                *_env(
+                    {
+                        **app.env,
+                        "ALDAAS_DATA": app.mount,
+                        "ALDAAS_CREDENTIALS_SQL": credentials_sql(
+                            settings, lease_superuser=lease_superuser
+                        ),
+                    }
+                ),
+                *(
+                    _secret_env(env_name, settings, name, key)
+                    for key, env_name in sorted(_VERIFIER_ENV.items())
+                ),
+            ],
+            "volumeMounts": [dict(mount)],
+            "resources": _resources(app.resources),
+        }
+        if app.pull_policy:
+            credentials["imagePullPolicy"] = app.pull_policy
+        spec["initContainers"] = [credentials]
     if app.service_account:
         spec["serviceAccountName"] = app.service_account
     meta = metadata(settings, kind.value, name, {})
@@ -405,8 +597,8 @@ def _job(
         image=step_settings.image or settings.application.image,
         resources=_resources(step_settings.resources),
     )
-    if step_settings.command or step_settings.args:  # the original's values: run exactly as given
-        container["command"] = [*step_settings.command, *step_settings.args]
+    if step == "check" and (step_settings.command or step_settings.args):
+        container["command"] = [*step_settings.command, *step_settings.args]  # as given
     if settings.application.pull_policy and not step_settings.image:
         container["imagePullPolicy"] = settings.application.pull_policy
     if step_settings.env_from_secret:
@@ -461,9 +653,15 @@ def restore_job(
     restore = settings.restore
     basename, fetched, path = backup_file(settings, backup)
     argv = list(command.argv)
-    if restore.stdin_from_backup:
-        argv = ["sh", "-c", 'exec "$@" < "$ALDAAS_BACKUP_FILE"', "aldaas-restore", *argv]
+    run = '"$@" < "$ALDAAS_BACKUP_FILE"' if restore.stdin_from_backup else '"$@"'
+    if restore.command or restore.args:  # the original's values: run exactly as given
+        argv, run = [*restore.command, *restore.args], '"$@"'
     env = {**address, **restore.env, **command.env, "ALDAAS_BACKUP_FILE": path}
+    if per_clone(settings):  # the restore, then the seal step, in one container
+        argv = ["sh", "-c", f"set -eu\n{run}\n{SEAL_SCRIPT}", "aldaas-restore", *argv]
+        env.update(_seal_env(settings))
+    elif run != '"$@"':
+        argv = ["sh", "-c", f"exec {run}", "aldaas-restore", *argv]
     mount: Obj = {"name": "backup", "mountPath": restore.backup_dir}
     volumes: list[Obj] = [{"name": "backup", "emptyDir": {}}]
     fetch_env = dict(restore.fetch_env)
@@ -494,7 +692,7 @@ def restore_job(
         mount = {"name": "backup", "mountPath": restore.backup_path, "subPath": basename}
     container: Obj = {
         "command": argv,
-        "env": _env(env),
+        "env": _step_env(settings, name, env),
         "volumeMounts": [{**mount, "readOnly": True}],
     }
     if restore.backup_size_limit:
@@ -523,7 +721,7 @@ def check_job(
 ) -> Obj:
     """The Job that runs the check command against clone ``name`` (at ``address``)."""
     env = {**address, **settings.check.env, **command.env}
-    container: Obj = {"command": list(command.argv), "env": _env(env)}
+    container: Obj = {"command": list(command.argv), "env": _step_env(settings, name, env)}
     return _job(settings, "check", name, container, {}, command.timeout_seconds, {})
 
 

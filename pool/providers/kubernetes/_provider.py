@@ -20,6 +20,8 @@ import structlog
 import trio
 from kubernetes.utils.quantity import parse_quantity
 
+from ... import _roles as roles
+from ..._meta import STATUS
 from ..._provider import (
     Backup,
     Command,
@@ -37,6 +39,7 @@ from ..._provider import (
     Source,
     TemporaryProviderError,
 )
+from ..._states import CloneState
 from . import _manifests as manifests
 from ._client import (
     BUDGETS,
@@ -45,6 +48,7 @@ from ._client import (
     MERGE_PATCH,
     PODS,
     PVCS,
+    SECRETS,
     SNAPSHOTS,
     WHAT,
     Client,
@@ -103,8 +107,17 @@ def _size(quantity: Any) -> int | None:
 class KubernetesProvider:
     """:class:`pool.Provider` on a Kubernetes cluster (PVCs, VolumeSnapshots, pods, Jobs)."""
 
-    def __init__(self, settings: KubernetesSettings, api_client: Any | None = None) -> None:
+    def __init__(
+        self,
+        settings: KubernetesSettings,
+        api_client: Any | None = None,
+        *,
+        lease_superuser: bool = False,
+    ) -> None:
+        """``lease_superuser`` (setting ``lease.superuser``) makes every clone's login a superuser."""
         self._settings = settings
+        self._lease_superuser = lease_superuser
+        self._per_clone = manifests.per_clone(settings)
         self._client = Client(settings, api_client)
         self._codec = MetaCodec.of(settings)
         self._seen: dict[tuple[str, str], Obj] = {}
@@ -113,6 +126,8 @@ class KubernetesProvider:
         """Pod endpoints seen, by object name (a leased clone's pod started again replaces its)."""
         self._not_ready: frozenset[str] = frozenset()
         """Clones (object names) whose pod was not Ready at the last list, or destroyed since."""
+        self._credentials: dict[str, dict[str, str]] = {}
+        """The Secret of each volume and clone seen (per-clone credentials), by object name."""
 
     @property
     def name(self) -> str:
@@ -184,7 +199,11 @@ class KubernetesProvider:
             status = pod.get("status") or {}
             if status.get("phase") in ("Failed", "Succeeded"):
                 raise _PodFailed(f"it stopped (phase {status['phase']})", "database")
-            for container in status.get("containerStatuses") or []:
+            containers = [
+                *(status.get("initContainerStatuses") or []),  # e.g. credentials, on a clone
+                *(status.get("containerStatuses") or []),
+            ]
+            for container in containers:
                 waiting = (container.get("state") or {}).get("waiting") or {}
                 if waiting.get("reason") in _FATAL_WAITING:
                     raise _PodFailed(
@@ -262,19 +281,60 @@ class KubernetesProvider:
 
     async def _endpoint(self, object_name: str) -> Endpoint:
         ip = await self._wait_pod_ready(object_name)
-        self._endpoints[object_name] = self._endpoint_at(ip)
+        self._endpoints[object_name] = self._endpoint_at(ip, object_name)
         return self._endpoints[object_name]
 
-    def _endpoint_at(self, ip: str) -> Endpoint:
+    def _endpoint_at(self, ip: str, object_name: str) -> Endpoint:
+        """How to log in to ``object_name``'s database at ``ip``: a clone's lease login with the
+        password of its Secret, a volume's admin (per-clone), or the static login."""
         app = self._settings.application
-        return Endpoint(
-            host=ip, port=app.port, user=app.user, database=app.database, password=app.password
-        )
+        if not self._per_clone:
+            return Endpoint(
+                host=ip, port=app.port, user=app.user, database=app.database, password=app.password
+            )
+        secret = self._credentials.get(object_name, {})
+        user, password = app.user, secret.get(manifests.LOGIN_PASSWORD)
+        if password is None and manifests.ADMIN_PASSWORD in secret:  # a volume's
+            user, password = roles.ADMIN, secret[manifests.ADMIN_PASSWORD]
+        return Endpoint(host=ip, port=app.port, user=user, database=app.database, password=password)
+
+    async def _make_secret(
+        self, kind: Kind, name: str, pvc: Obj, keys: Sequence[tuple[str, str | None]]
+    ) -> None:
+        """Create ``name``'s Secret of fresh passwords (``(password key, verifier key or None)``),
+        owned by its PVC; one made before (an interrupted step) is adopted as it is."""
+        values: dict[str, str] = {}
+        for password_key, verifier_key in keys:
+            values[password_key] = roles.new_password()
+            if verifier_key is not None:
+                values[verifier_key] = roles.scram_verifier(values[password_key])
+        body = manifests.credentials_secret(self._settings, kind, name, pvc, values)
+        secret = manifests.secret_values(await self._create(SECRETS, body))
+        missing = [key for pair in keys for key in pair if key and key not in secret]
+        if missing:
+            raise ProviderError(
+                f'Secret "{body["metadata"]["name"]}" lacks {", ".join(missing)}; delete it '
+                f"and destroy {kind.value} {name!r} so that both are made again."
+            )
+        self._credentials[body["metadata"]["name"]] = secret
+
+    async def _read_credentials(self, object_name: str) -> None:
+        """Learn ``object_name``'s Secret if not known yet (none: its clone predates it)."""
+        if not self._per_clone or object_name in self._credentials:
+            return
+        try:
+            secret = await self._client.call("read", SECRETS, object_name)
+        except NotFoundError:
+            return
+        if manifests.is_ours(self._settings, secret):
+            self._credentials[object_name] = manifests.secret_values(secret)
 
     # Provider ----------------------------------------------------------------------------------
     async def create_volume(self, name: str, meta: Mapping[str, str]) -> Endpoint:
         log.info("kubernetes.create_volume", volume=name)
         claim = await self._create(PVCS, manifests.pvc(self._settings, Kind.VOLUME, name, meta))
+        if self._per_clone:
+            await self._make_secret(Kind.VOLUME, name, claim, [(manifests.ADMIN_PASSWORD, None)])
         await self._create(PODS, manifests.database_pod(self._settings, Kind.VOLUME, name, claim))
         return await self._endpoint(self._object_name(name))
 
@@ -434,6 +494,7 @@ class KubernetesProvider:
             )
         except _PodFailed as exc:
             raise ProviderError(f'VolumeSnapshot "{snapshot_name}" failed: {exc.reason}.') from None
+        await self._delete_secret(volume_name)
         await self._delete(PVCS, volume_name)
         return self._resource(Kind.SNAPSHOT, sealed, None)
 
@@ -450,7 +511,16 @@ class KubernetesProvider:
             restore_size=str(restore_size) if restore_size else None,
         )
         claim = await self._create(PVCS, body)
-        await self._create(PODS, manifests.database_pod(self._settings, Kind.CLONE, name, claim))
+        if self._per_clone:  # the pod's init container sets these passwords before it starts
+            keys = [
+                (manifests.LOGIN_PASSWORD, manifests.LOGIN_VERIFIER),
+                (manifests.ADMIN_PASSWORD, manifests.ADMIN_VERIFIER),
+            ]
+            await self._make_secret(Kind.CLONE, name, claim, keys)
+        pod = manifests.database_pod(
+            self._settings, Kind.CLONE, name, claim, lease_superuser=self._lease_superuser
+        )
+        await self._create(PODS, pod)
         endpoint = await self._endpoint(self._object_name(name))
         self._not_ready -= {self._object_name(name)}
         return endpoint
@@ -477,8 +547,11 @@ class KubernetesProvider:
                 pod = None
         if pod is None:
             log.info("kubernetes.restart", clone=name)
-            body = manifests.database_pod(self._settings, Kind.CLONE, name, claim)
-            await self._create(PODS, body)
+            body = manifests.database_pod(
+                self._settings, Kind.CLONE, name, claim, lease_superuser=self._lease_superuser
+            )
+            await self._create(PODS, body)  # its init container sets the Secret's passwords again
+        await self._read_credentials(object_name)
         endpoint = await self._endpoint(object_name)
         self._not_ready -= {object_name}
         return endpoint
@@ -615,7 +688,8 @@ class KubernetesProvider:
         ip = _ready_ip(pod)
         if not ip:
             return None
-        self._endpoints[object_name] = self._endpoint_at(ip)
+        await self._read_credentials(object_name)
+        self._endpoints[object_name] = self._endpoint_at(ip, object_name)
         return self._endpoints[object_name]
 
     async def destroy(self, kind: Kind, name: str) -> None:
@@ -634,9 +708,17 @@ class KubernetesProvider:
         for step in ("restore", "check"):
             await self._delete(JOBS, self._object_name(name, f"-{step}"))
         await self._delete(PODS, object_name, grace=self._settings.destroy_grace_seconds)
+        await self._delete_secret(object_name)
         await self._delete(PVCS, object_name)
         if kind is Kind.CLONE:
             await self._delete(BUDGETS, object_name)
+
+    async def _delete_secret(self, object_name: str) -> None:
+        """Delete a volume's or clone's Secret, before its PVC: the PVC owns it, so the garbage
+        collector would delete it too, but only once the PVC is gone, at its own pace."""
+        self._credentials.pop(object_name, None)
+        if self._per_clone:
+            await self._delete(SECRETS, object_name)
 
     async def _check_not_restoring(self, snapshot_name: str) -> None:
         """Refuse to delete a VolumeSnapshot a PVC is still being provisioned from."""
@@ -659,12 +741,18 @@ class KubernetesProvider:
         if kind is None:  # forget what others deleted; everything listed is remembered again
             self._seen.clear()
             self._endpoints.clear()
+            self._credentials.clear()
         kind_label = f"{self._settings.label_prefix}kind"
         if kind in (None, Kind.VOLUME, Kind.CLONE):
             selector = manifests.selector(self._settings, kind.value if kind is not None else None)
             pvcs = await self._client.call("list", PVCS, label_selector=selector)
             pods = await self._client.call("list", PODS, label_selector=selector)
             ips = {p["metadata"]["name"]: _ready_ip(p) for p in _live(pods)}
+            secrets: dict[str, dict[str, str]] = {}
+            if self._per_clone:
+                listed = await self._client.call("list", SECRETS, label_selector=selector)
+                for secret in _live(listed):
+                    secrets[secret["metadata"]["name"]] = manifests.secret_values(secret)
             not_ready: set[str] = set()
             for pvc in _live(pvcs):
                 pvc_kind = (pvc["metadata"].get("labels") or {}).get(kind_label)
@@ -672,9 +760,18 @@ class KubernetesProvider:
                     continue
                 object_name = pvc["metadata"]["name"]
                 ip = ips.get(object_name)
+                if object_name in secrets:
+                    self._credentials[object_name] = secrets[object_name]
+                else:
+                    self._credentials.pop(object_name, None)
                 if pvc_kind == Kind.CLONE.value and not ip:
                     not_ready.add(object_name)
-                endpoint = self._endpoint_at(ip) if ip else None
+                endpoint = self._endpoint_at(ip, object_name) if ip else None
+                if endpoint is not None and endpoint.password is None and self._per_clone:
+                    # A clone made before per-clone credentials (no Secret): a live lease keeps
+                    # its address; as a warm clone it is not offered (replaced).
+                    status = self._codec.decode(pvc).get(STATUS)
+                    endpoint = endpoint if status == CloneState.LEASED.value else None
                 if endpoint is not None:
                     self._endpoints[object_name] = endpoint
                 self._remember(PVCS, pvc)

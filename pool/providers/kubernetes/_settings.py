@@ -50,12 +50,22 @@ class ApplicationSettings:
     """Name of a Secret whose keys become environment (e.g. POSTGRES_PASSWORD); none by default."""
     resources: ResourceSettings = ResourceSettings()
     """Requests and limits of every database pod."""
-    user: str = "postgres"
-    """Database user the Endpoint (and restore/check environment) names."""
+    credentials: str = "per-clone"
+    """How lease holders log in. ``per-clone`` (the role model, docs/security.md): the volume's
+    bootstrap superuser is the admin ``aldaas_admin`` with a random password in the volume's
+    Secret (the image's POSTGRES_USER/POSTGRES_PASSWORD), the restore Job seals the roles, and
+    each clone gets its own random passwords in its own Secret, set by an init container running
+    the image's ``postgres --single`` before the database starts. ``static``: every clone logs in
+    as ``user`` with ``password`` as the image made it (for images that are not PostgreSQL's); all
+    leases then share that password."""
+    user: str = "aldaas"
+    """The lease login the Endpoint names (``per-clone``: made by the restore's seal step, not a
+    superuser unless ``lease.superuser``; ``static``: the image's user)."""
     database: str = "postgres"
-    """Database name the Endpoint names."""
+    """Database name the Endpoint names (``per-clone``: also the volume's POSTGRES_DB)."""
     password: str | None = attrs.field(default=None, repr=False)
-    """Password the restore/check steps get as PGPASSWORD; never logged."""
+    """``static`` only: the password of ``user``, which the restore/check steps get as
+    PGPASSWORD; never logged. ``per-clone`` ignores it."""
     readiness_command: tuple[str, ...] = ()
     """Exec readiness probe (e.g. ``pg_isready -U postgres``); empty means TCP on ``port``."""
     service_account: str | None = None
