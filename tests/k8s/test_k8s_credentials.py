@@ -251,3 +251,26 @@ async def test_if_a_restore_job_runs_then_it_seals_the_roles_as_the_admin(
         "key": "admin-password",
     }
     assert 'ALTER ROLE "aldaas" WITH LOGIN' in env["ALDAAS_SEAL_ROLES_SQL"]["value"]
+
+
+async def test_if_a_snapshot_predates_per_clone_credentials_then_it_is_listed_for_deletion(
+    settings: KubernetesSettings,
+    provider: KubernetesProvider,
+    fake: FakeKubernetes,
+    api_client: client.ApiClient,
+) -> None:
+    """If a VolumeSnapshot was made before per-clone credentials (its only login the image's
+    superuser, the shared password), then it is listed with a status the pool does not know, so
+    the pool deletes it and restores its backup again; a new one is listed as it is."""
+    static = attrs.evolve(settings, application=ApplicationSettings(credentials="static"))
+    old = KubernetesProvider(static, api_client)
+    await old.create_volume("v", {})
+    await old.seal("v", "old", {"status": "ready"})
+    await old.aclose()
+    await provider.create_volume("w", {})
+    await provider.seal("w", "new", {"status": "ready"})
+    listed = {r.name: r.meta["status"] for r in await provider.list(Kind.SNAPSHOT)}
+    assert listed == {"old": "made-before-per-clone-credentials", "new": "ready"}
+    await provider.set_meta(Kind.SNAPSHOT, "new", {"status": "ready", "seen": "1"})
+    (new,) = [r for r in await provider.list(Kind.SNAPSHOT) if r.name == "new"]
+    assert new.meta == {"status": "ready", "seen": "1"}

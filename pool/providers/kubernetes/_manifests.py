@@ -45,7 +45,7 @@ _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)
 _META_KEY = re.compile(r"^[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 _SUBDOMAIN = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
-_RESERVED_META = frozenset({"kind", "name", "instance", "created-by"})
+_RESERVED_META = frozenset({"kind", "name", "instance", "created-by", "credentials"})
 _DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 _HASH_LENGTH = 10
 _RULE_LABEL = (
@@ -305,6 +305,11 @@ no password is needed). Only SCRAM verifiers reach the database and the containe
 passwords, and no statement is echoed (``log_min_error_statement=panic``), so the pod log that
 a failure quotes holds none of them. Running it again sets the same passwords (a recreated
 pod reads the same Secret)."""
+
+
+def credentials_annotation(settings: KubernetesSettings) -> str:
+    """The annotation that marks a VolumeSnapshot made under per-clone credentials."""
+    return f"{settings.label_prefix}credentials"
 
 
 def per_clone(settings: KubernetesSettings) -> bool:
@@ -732,10 +737,13 @@ def volume_snapshot(
     spec: Obj = {"source": {"persistentVolumeClaimName": object_name(settings, volume)}}
     if settings.snapshot_class:
         spec["volumeSnapshotClassName"] = settings.snapshot_class
+    snapshot_metadata = metadata(settings, Kind.SNAPSHOT.value, snapshot, meta)
+    if per_clone(settings):  # its roles were sealed: clones of it can get per-clone passwords
+        snapshot_metadata["annotations"][credentials_annotation(settings)] = "per-clone"
     return {
         "apiVersion": f"{SNAPSHOT_GROUP}/v1",
         "kind": "VolumeSnapshot",
-        "metadata": metadata(settings, Kind.SNAPSHOT.value, snapshot, meta),
+        "metadata": snapshot_metadata,
         "spec": spec,
     }
 

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import attrs
 import structlog
 import trio
 from kubernetes.utils.quantity import parse_quantity
@@ -58,6 +59,9 @@ from ._manifests import MetaCodec, Obj, label_value_ok
 from ._settings import KubernetesSettings
 
 log = structlog.get_logger()
+
+LEGACY_SNAPSHOT_STATUS = "made-before-per-clone-credentials"
+"""The status :meth:`KubernetesProvider.list` reports for such a snapshot (the pool deletes it)."""
 
 T = TypeVar("T")
 
@@ -791,11 +795,27 @@ class KubernetesProvider:
                     snapshot["metadata"]["name"] not in records
                 ):  # a failed record wins over leftovers
                     self._remember(SNAPSHOTS, snapshot)
-                    resources.append(self._resource(Kind.SNAPSHOT, snapshot, None))
+                    resources.append(self._snapshot_resource(snapshot))
             for record in records.values():
                 self._remember(CONFIGMAPS, record)
                 resources.append(self._resource(Kind.SNAPSHOT, record, None))
         return resources
+
+    def _snapshot_resource(self, snapshot: Obj) -> Resource:
+        """A listed VolumeSnapshot; one made before per-clone credentials gets a status the pool
+        does not know, so that it is deleted and its backup restored again under the role model
+        (its only login is the image's superuser, with the password every clone shared)."""
+        resource = self._resource(Kind.SNAPSHOT, snapshot, None)
+        annotations = snapshot["metadata"].get("annotations") or {}
+        if not self._per_clone or manifests.credentials_annotation(self._settings) in annotations:
+            return resource
+        log.warning(
+            "kubernetes.snapshot_before_per_clone_credentials",
+            snapshot=resource.name,
+            status=resource.meta.get(STATUS),
+        )
+        meta = {**resource.meta, STATUS: LEGACY_SNAPSHOT_STATUS}
+        return attrs.evolve(resource, meta=meta)
 
     def _resource(self, kind: Kind, obj: Obj, endpoint: Endpoint | None) -> Resource:
         metadata = obj["metadata"]
