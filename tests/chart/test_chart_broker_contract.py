@@ -282,8 +282,22 @@ def test_if_image_pull_secrets_are_set_then_the_providers_pods_get_them(
 def test_if_defaults_are_installed_then_the_broker_loads_each_steps_env_secret(
     render: Render, tmp_path: pathlib.Path
 ) -> None:
-    """If installed as is, then the provider's pods read the passwords from the chart's Secrets."""
+    """If installed as is, then credentials are per-clone and no step reads a password from the
+    chart; with static credentials, the pods read them from the chart's Secrets."""
     kube = load_broker_settings(render(None), tmp_path).kubernetes
+    assert kube.application.logins == "per-clone"
+    assert (kube.application.user, kube.application.database) == ("aldaas", "my_db_name")
+    assert kube.application.password is None
+    steps = (kube.application, kube.restore, kube.check)
+    assert [step.env_from_secret for step in steps] == [None, None, None]
+    static = {
+        "application": {
+            "logins": "static",
+            "env": [{"name": "POSTGRES_PASSWORD", "value": "pw"}],
+        },
+        "restore": {"env": [{"name": "PGPASSWORD", "value": "pw"}]},
+    }
+    kube = load_broker_settings(render(static), tmp_path).kubernetes
     assert kube.application.env_from_secret == f"{RELEASE}-aldaas-application"
     assert kube.restore.env_from_secret == f"{RELEASE}-aldaas-restore"
     assert kube.check.env_from_secret == f"{RELEASE}-aldaas-restore"

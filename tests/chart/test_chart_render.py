@@ -115,7 +115,8 @@ def test_if_rendered_with_any_value_set_then_every_manifest_validates_strictly(
 
 
 def test_if_defaults_are_rendered_then_exactly_the_base_objects_exist(render: Render) -> None:
-    """If nothing is set, then the broker's base objects render and the optional ones do not."""
+    """If nothing is set, then the broker's base objects render and the optional ones do not
+    (no step Secret either: per-clone credentials need no password in values)."""
     assert render(None).kinds() == [
         "ConfigMap",
         "Deployment",
@@ -123,8 +124,6 @@ def test_if_defaults_are_rendered_then_exactly_the_base_objects_exist(render: Re
         "NetworkPolicy",
         "Role",
         "RoleBinding",
-        "Secret",
-        "Secret",
         "Secret",
         "Service",
         "ServiceAccount",
@@ -145,8 +144,6 @@ def test_if_monitoring_is_enabled_then_ingress_servicemonitor_and_dashboard_rend
         "NetworkPolicy",
         "Role",
         "RoleBinding",
-        "Secret",
-        "Secret",
         "Secret",
         "Service",
         "ServiceAccount",
@@ -201,7 +198,7 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
         "requests": {"cpu": "100m", "memory": "1Gi"},
         "limits": {"cpu": "1000m", "memory": "1Gi"},
     }
-    restore_env = {"POSTGRES_USER": "aldaas", "POSTGRES_DB": "my_db_name"}
+    restore_env: dict[str, str] = {}
     assert config == {
         "provider": "kubernetes",
         "kubernetes": {
@@ -243,9 +240,10 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                 "command": [],
                 "args": [],
                 "env": {"POSTGRES_USER": "aldaas", "POSTGRES_DB": "my_db_name"},
-                "env_from_secret": "demo-aldaas-application",
+                "env_from_secret": None,
                 "service_account": None,
                 "resources": resources,
+                "logins": "per-clone",
                 "user": "aldaas",
                 "database": "my_db_name",
             },
@@ -257,7 +255,7 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                     " -U $POSTGRES_USER -d $POSTGRES_DB"
                 ],
                 "env": restore_env,
-                "env_from_secret": "demo-aldaas-restore",
+                "env_from_secret": None,
                 "service_account": None,
                 "backup_size_limit": None,
                 "resources": resources,
@@ -278,7 +276,7 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                     'psql -h $ALDAAS_HOST_DAEMON -p 5432 -U $POSTGRES_USER -d $POSTGRES_DB -c "\\l"'
                 ],
                 "env": restore_env,
-                "env_from_secret": "demo-aldaas-restore",
+                "env_from_secret": None,
                 "resources": resources,
             },
         },
@@ -379,7 +377,6 @@ def test_if_s3_keys_are_given_then_they_are_in_the_secret_and_not_the_configmap(
         "ALDAAS_ADMIN_TOKEN",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
-        "ALDAAS_KUBERNETES_APPLICATION_PASSWORD",
     ]
     assert env[3]["valueFrom"] == {"secretKeyRef": {"name": "demo-aldaas", "key": "accesskey"}}
     assert rendered.broker_config()["kubernetes"]["s3_credentials_secret"] == "demo-aldaas"
@@ -431,7 +428,6 @@ def test_if_no_s3_credentials_are_given_then_the_broker_gets_no_aws_keys(render:
         "ALDAAS_KUBERNETES_IDENTITY",
         "ALDAAS_GATEWAY_INSTANCE_TOKEN",
         "ALDAAS_ADMIN_TOKEN",
-        "ALDAAS_KUBERNETES_APPLICATION_PASSWORD",
     ]
 
 

@@ -45,9 +45,21 @@ def _decoded(secret: dict[str, Any]) -> dict[str, str]:
 
 
 CHECK_ENV = {"check": {"env": [{"name": "PGPASSWORD", "value": "check-pw"}]}}
+STATIC = {
+    "application": {
+        "logins": "static",
+        "env": [
+            {"name": "POSTGRES_PASSWORD", "value": "app-pw"},
+            {"name": "POSTGRES_USER", "value": "app"},
+        ],
+    },
+    "restore": {"env": [{"name": "PGPASSWORD", "value": "app-pw"}]},
+}
 
 
-@pytest.mark.parametrize("values", [None, CHECK_ENV], ids=["defaults", "check-env"])
+@pytest.mark.parametrize(
+    "values", [None, CHECK_ENV, {**STATIC, **CHECK_ENV}], ids=["defaults", "check-env", "static"]
+)
 def test_if_the_chart_renders_then_no_configmap_holds_a_password_or_secret(
     render: Render, values: dict[str, Any] | None
 ) -> None:
@@ -59,6 +71,7 @@ def test_if_the_chart_renders_then_no_configmap_holds_a_password_or_secret(
         for text in configmap.get("data", {}).values():
             assert "passw0rd" not in text
             assert "check-pw" not in text
+            assert "app-pw" not in text
             assert _secret_like_keys(yaml.safe_load(text)) == []
 
 
@@ -66,11 +79,11 @@ def test_if_env_has_passwords_then_each_steps_secret_holds_them_and_pods_read_it
     render: Render,
 ) -> None:
     """If application/restore env carry passwords, then per-step Secrets hold them for envFrom."""
-    rendered = render(CHECK_ENV)
+    rendered = render({**STATIC, **CHECK_ENV})
     assert _decoded(rendered.get("Secret", "demo-aldaas-application")) == {
-        "POSTGRES_PASSWORD": "passw0rd"
+        "POSTGRES_PASSWORD": "app-pw"
     }
-    assert _decoded(rendered.get("Secret", "demo-aldaas-restore")) == {"PGPASSWORD": "passw0rd"}
+    assert _decoded(rendered.get("Secret", "demo-aldaas-restore")) == {"PGPASSWORD": "app-pw"}
     assert _decoded(rendered.get("Secret", "demo-aldaas-check")) == {"PGPASSWORD": "check-pw"}
     kube = rendered.broker_config()["kubernetes"]
     assert kube["application"]["env_from_secret"] == "demo-aldaas-application"
@@ -86,11 +99,28 @@ def test_if_a_session_token_is_given_then_the_s3_secret_holds_it(render: Render)
     assert secret["sessiontoken"] == "st-789"
 
 
+def test_if_the_chart_is_installed_as_is_then_no_password_is_rendered_anywhere(
+    render: Render,
+) -> None:
+    """If installed with the defaults, then credentials are per-clone: no step Secret, no
+    password in any manifest, and the broker reads no database password."""
+    rendered = render(None)
+    assert rendered.broker_config()["kubernetes"]["application"]["logins"] == "per-clone"
+    secrets = {m["metadata"]["name"] for m in rendered.manifests if m["kind"] == "Secret"}
+    assert secrets == {"demo-aldaas"}
+    for manifest in rendered.manifests:
+        text = yaml.safe_dump(manifest)
+        assert "passw0rd" not in text
+        assert "POSTGRES_PASSWORD" not in text
+        assert "PGPASSWORD" not in text
+
+
 def test_if_the_broker_starts_then_the_database_password_comes_from_the_secret(
     render: Render,
 ) -> None:
-    """If POSTGRES_PASSWORD is a secret entry, then the broker reads it from the Secret's key."""
-    env = {e["name"]: e for e in render(None).container()["env"]}
+    """If credentials are static and POSTGRES_PASSWORD is a secret entry, then the broker reads
+    it from the Secret's key."""
+    env = {e["name"]: e for e in render(STATIC).container()["env"]}
     assert env["ALDAAS_KUBERNETES_APPLICATION_PASSWORD"]["valueFrom"] == {
         "secretKeyRef": {
             "name": "demo-aldaas-application",
@@ -107,6 +137,7 @@ def test_if_existing_secrets_are_named_then_the_chart_renders_none_and_uses_them
     rendered = render(
         {
             "application": {
+                "logins": "static",
                 "existingSecret": "db-env",
                 "env": [{"name": "POSTGRES_USER", "value": "app"}],
             },
@@ -133,4 +164,4 @@ def test_if_an_existing_secret_and_a_password_entry_are_both_given_then_install_
     with pytest.raises(
         helm_python.HelmError, match=r"application\.env has the secret entry POSTGRES_PASSWORD"
     ):
-        render({"application": {"existingSecret": "db-env"}})
+        render({**STATIC, "application": {**STATIC["application"], "existingSecret": "db-env"}})

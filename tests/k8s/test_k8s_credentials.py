@@ -196,9 +196,9 @@ async def test_if_the_credentials_init_container_fails_then_the_clone_fails_quot
 async def test_if_credentials_are_static_then_no_secret_and_every_clone_shares_the_login(
     settings: KubernetesSettings, fake: FakeKubernetes, api_client: client.ApiClient
 ) -> None:
-    """If application.credentials is static (an image that is not PostgreSQL's), then no Secret or
+    """If application.logins is static (an image that is not PostgreSQL's), then no Secret or
     init container is made and endpoints carry application.user/password, as configured."""
-    app = ApplicationSettings(credentials="static", user="app", database="app", password="pw")
+    app = ApplicationSettings(logins="static", user="app", database="app", password="pw")
     provider = KubernetesProvider(attrs.evolve(settings, application=app), api_client)
     await _clone(provider)
     await provider.clone("s", "d", {})
@@ -214,10 +214,10 @@ async def test_if_credentials_are_static_then_no_secret_and_every_clone_shares_t
 def test_if_the_credentials_mode_is_unknown_then_the_provider_refuses_in_one_sentence(
     settings: KubernetesSettings,
 ) -> None:
-    """If application.credentials is neither per-clone nor static, then the provider does not
+    """If application.logins is neither per-clone nor static, then the provider does not
     start, naming the value and both choices."""
-    app = ApplicationSettings(credentials="perclone")
-    with pytest.raises(ProviderError, match=r"application.credentials is 'perclone'; use 'per"):
+    app = ApplicationSettings(logins="perclone")
+    with pytest.raises(ProviderError, match=r"application.logins is 'perclone'; use 'per"):
         KubernetesProvider(attrs.evolve(settings, application=app))
 
 
@@ -262,7 +262,7 @@ async def test_if_a_snapshot_predates_per_clone_credentials_then_it_is_listed_fo
     """If a VolumeSnapshot was made before per-clone credentials (its only login the image's
     superuser, the shared password), then it is listed with a status the pool does not know, so
     the pool deletes it and restores its backup again; a new one is listed as it is."""
-    static = attrs.evolve(settings, application=ApplicationSettings(credentials="static"))
+    static = attrs.evolve(settings, application=ApplicationSettings(logins="static"))
     old = KubernetesProvider(static, api_client)
     await old.create_volume("v", {})
     await old.seal("v", "old", {"status": "ready"})

@@ -8,7 +8,7 @@ Object mapping (docs/kubernetes-provider.md has the full table):
 - restore and check = batch/v1 Jobs ``<instance>-<name>-restore`` / ``-check``;
 - a failed snapshot's record = ConfigMap ``<instance>-<name>`` holding only its meta;
 - a volume's or clone's credentials = Secret ``<instance>-<name>``, owned by its PVC
-  (:func:`credentials_secret`, ``application.credentials: per-clone``);
+  (:func:`credentials_secret`, ``application.logins: per-clone``);
 - leader election = one coordination.k8s.io/v1 Lease.
 
 A name longer than a DNS label (63 characters, e.g. under a long Helm release
@@ -116,10 +116,10 @@ def check_settings(settings: KubernetesSettings) -> None:
                 f"kubernetes setting {setting} is {shown!r} ({len(value)} characters), which is "
                 f"not valid in Kubernetes names and labels; use {rule}."
             )
-    if settings.application.credentials not in CREDENTIALS_MODES:
+    if settings.application.logins not in CREDENTIALS_MODES:
         raise ProviderError(
-            "kubernetes setting application.credentials is "
-            f"{settings.application.credentials!r}; use 'per-clone' (each clone its own "
+            "kubernetes setting application.logins is "
+            f"{settings.application.logins!r}; use 'per-clone' (each clone its own "
             "passwords) or 'static' (application.user and application.password, shared)."
         )
 
@@ -267,7 +267,7 @@ def _env(values: Mapping[str, str]) -> list[Obj]:
     return [{"name": k, "value": v} for k, v in sorted(values.items())]
 
 
-# -- credentials (application.credentials: per-clone) -----------------------------------------
+# -- credentials (application.logins: per-clone) -----------------------------------------
 
 CREDENTIALS_MODES = ("per-clone", "static")
 LOGIN_PASSWORD = "password"  # noqa: S105 - a key's name
@@ -314,7 +314,7 @@ def credentials_annotation(settings: KubernetesSettings) -> str:
 
 def per_clone(settings: KubernetesSettings) -> bool:
     """Whether lease holders get per-clone credentials (the role model) rather than static ones."""
-    return settings.application.credentials == "per-clone"
+    return settings.application.logins == "per-clone"
 
 
 def credentials_secret(

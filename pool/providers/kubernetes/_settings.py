@@ -50,7 +50,7 @@ class ApplicationSettings:
     """Name of a Secret whose keys become environment (e.g. POSTGRES_PASSWORD); none by default."""
     resources: ResourceSettings = ResourceSettings()
     """Requests and limits of every database pod."""
-    credentials: str = "per-clone"
+    logins: str = "per-clone"
     """How lease holders log in. ``per-clone`` (the role model, docs/security.md): the volume's
     bootstrap superuser is the admin ``aldaas_admin`` with a random password in the volume's
     Secret (the image's POSTGRES_USER/POSTGRES_PASSWORD), the restore Job seals the roles, and
