@@ -18,11 +18,17 @@ meta-command from the backup). On the way it
   ``ALTER DEFAULT PRIVILEGES`` or ``SET SESSION AUTHORIZATION`` names that
   neither the cluster nor the dump created;
 - drops the dump's role passwords (they are never what a lease holder gets);
+- drops tablespaces (``CREATE``/``ALTER``/``COMMENT``/``GRANT`` on a
+  tablespace, ``SET default_tablespace``, ``CREATE DATABASE ... TABLESPACE``):
+  a tablespace is a folder on the source's server, so its objects land in the
+  clone's default tablespace, and each tablespace is listed as tolerated;
 - checks the ``Dumped from database version`` header against the server.
 
-Only whole lines outside ``COPY ... FROM stdin`` data are looked at; COPY
-data (the bulk of a dump) is passed on with one ``bytes.find`` per chunk, so
-the filter does not slow a restore down.
+Only whole lines outside ``COPY ... FROM stdin`` data are looked at. COPY
+data (the bulk of a dump) is passed on as the very chunk it came in (no copy,
+no per-line work): its end marker is found with ``memchr`` for backslashes, and
+lines are counted with one ``bytes.count``, so the filter costs about a tenth
+of a CPU second per 100 MB.
 """
 
 from __future__ import annotations
@@ -51,6 +57,17 @@ _ALTER_ROLE = re.compile(rf"ALTER\s+(?:ROLE|USER|GROUP)\s+({_IDENT})", re.I)
 _PASSWORD = re.compile(r"\s+(?:ENCRYPTED\s+)?PASSWORD\s+(?:'(?:[^']|'')*'|NULL)", re.I)
 _CREATE_DATABASE = re.compile(rf"CREATE\s+DATABASE\s+({_IDENT})", re.I)
 _CREATE_PUBLIC = re.compile(r"CREATE\s+SCHEMA\s+public\s*;\s*$", re.I)
+_TABLESPACE_STATEMENT = re.compile(
+    rf"(?:(?:CREATE|ALTER)\s+TABLESPACE|COMMENT\s+ON\s+TABLESPACE|(?:GRANT|REVOKE)\s.*?\sON\s+"
+    rf"TABLESPACE|SECURITY\s+LABEL\s.*?\sON\s+TABLESPACE)\s+({_IDENT})",
+    re.S | re.I,
+)
+_DEFAULT_TABLESPACE = re.compile(
+    rf"SET\s+default_tablespace\s*(?:=|TO)\s*({_IDENT}|'(?:[^']|'')*')", re.I
+)
+_EVERY_CLUSTER_HAS = frozenset({"''", '""', "pg_default", "'pg_default'", '"pg_default"'})
+"""``default_tablespace`` values every cluster can take: the database's own, ``pg_default``."""
+_DATABASE_TABLESPACE = re.compile(rf"\s+TABLESPACE\s*=\s*({_IDENT})(?=[\s;])", re.I)
 _MEMBERSHIP_GRANTOR = re.compile(
     rf"(GRANT\s+{_IDENT}\s+TO\s+{_IDENT}.*?)\s+GRANTED\s+BY\s+({_IDENT})(\s*;\s*)$", re.S | re.I
 )
@@ -70,6 +87,8 @@ _ROLE_REFERENCES = (
         rf"CREATE\s+POLICY\s.*?\sTO\s+({_LIST})(?:\s+USING|\s+WITH\s+CHECK|\s*;)", re.S | re.I
     ),
 )
+_BACKSLASH_TRIES = 32
+"""Backslashes looked at one by one in COPY data before searching for its end marker instead."""
 _INTERESTING = tuple(b"\\CAGRS-")
 """First bytes of the lines the filter looks at; every other line passes untouched."""
 
@@ -123,32 +142,32 @@ class ScriptFilter:
     dump_databases: list[str] = attrs.field(factory=list)
     """Databases the dump creates or connects to, in order."""
     dump_major: int | None = None
+    tablespaces: list[str] = attrs.field(factory=list)
+    """Tablespaces the dump creates or puts objects in; their objects land in the default one."""
 
     _carry: bytes = b""
     _in_copy: bool = False
+    _copy_tail: bytes = b""
+    """The last bytes of COPY data passed on (``\\n`` at its start): the end marker may straddle."""
     _line_no: int = 0
 
     def feed(self, data: bytes) -> list[Piece]:
         """What psql should read for ``data``; a :class:`Connect` starts the next session."""
         buf = self._carry + data if self._carry else data
+        self._carry = b""
         out = _Pieces()
         pos = 0
         size = len(buf)
         while pos < size:
             if self._in_copy:
-                if buf.startswith(b"\\.\n", pos):
-                    end = pos + 3
-                else:
-                    found = buf.find(b"\n\\.\n", pos)
-                    if found < 0:
-                        # Pass on every whole line; keep the last partial one (it may be "\.").
-                        cut = buf.rfind(b"\n", pos) + 1
-                        if cut > pos:
-                            self._line_no += buf.count(b"\n", pos, cut)
-                            out.add(buf[pos:cut])
-                            pos = cut
-                        break
-                    end = found + 4
+                end = self._copy_end(buf, pos)
+                if end < 0:
+                    # COPY data to the end of the chunk: passed on whole, never copied.
+                    self._line_no += buf.count(b"\n", pos)
+                    self._copy_tail = (self._copy_tail + buf[max(pos, size - 3) :])[-3:]
+                    out.add(buf if pos == 0 else buf[pos:])
+                    pos = size
+                    break
                 self._line_no += buf.count(b"\n", pos, end)
                 out.add(buf[pos:end])
                 pos = end
@@ -167,6 +186,29 @@ class ScriptFilter:
                 out.add(line)
         self._carry = buf[pos:]
         return out.done()
+
+    def _copy_end(self, buf: bytes, pos: int) -> int:
+        """Where the COPY data from ``pos`` ends (just past its ``\\.`` line); -1 if not in ``buf``.
+
+        The end marker is a line ``\\.``: ``\\n\\.\\n`` in the stream, of which up
+        to three bytes may have been passed on with the previous chunk.
+        """
+        joined = self._copy_tail + buf[pos : pos + 3]
+        found = joined.find(b"\n\\.\n")
+        if found >= 0:
+            return pos + found + 4 - len(self._copy_tail)
+        # memchr for a backslash is many times faster than a search for four bytes; data with
+        # many backslashes (escapes) falls back to that search after a few misses.
+        at = pos
+        for _ in range(_BACKSLASH_TRIES):
+            at = buf.find(b"\\", at)
+            if at < 0:
+                return -1
+            if buf[at - 1 : at] == b"\n" and buf[at + 1 : at + 3] == b".\n" and at > pos:
+                return at + 3
+            at += 1
+        found = buf.find(b"\n\\.\n", at - 1)
+        return found + 4 if found >= 0 else -1
 
     def finish(self) -> list[Piece]:
         """What is left after the last chunk (a last line without a newline)."""
@@ -197,7 +239,17 @@ class ScriptFilter:
             )
         if _COPY_STDIN.match(line):
             self._in_copy = True
+            self._copy_tail = b"\n"
             yield raw
+            return
+        if m := _TABLESPACE_STATEMENT.match(line):
+            # A tablespace is a folder on the source's server: the clone has no such folder.
+            self._tablespace(unquote(m.group(1)))
+            return
+        if (m := _DEFAULT_TABLESPACE.match(line)) and m.group(1) not in _EVERY_CLUSTER_HAS:
+            value = m.group(1)
+            self._tablespace(value[1:-1].replace("''", "'") if value[0] == "'" else unquote(value))
+            yield b"SET default_tablespace = '';\n"
             return
         if m := _CREATE_ROLE.match(line):
             name = unquote(m.group(1))
@@ -217,6 +269,10 @@ class ScriptFilter:
             return
         if m := _CREATE_DATABASE.match(line):
             name = unquote(m.group(1))
+            if space := _DATABASE_TABLESPACE.search(line):
+                self._tablespace(unquote(space.group(1)))
+                line = line[: space.start()] + line[space.end() :]
+                raw = line.encode("utf-8", "surrogateescape")
             self._note_database(name)
             if name in SYSTEM_DATABASES or (name in self.databases and name != self.fresh_database):
                 self.tolerated.append(f"CREATE DATABASE {name} (the cluster already has it)")
@@ -258,6 +314,14 @@ class ScriptFilter:
             self.roles.add(name)
             self.created_roles.append(name)
             yield f"CREATE ROLE {quote(name)} NOLOGIN;\n".encode("utf-8", "surrogateescape")
+
+    def _tablespace(self, name: str) -> None:
+        if name not in self.tablespaces:
+            self.tablespaces.append(name)
+            self.tolerated.append(
+                f"tablespace {name} (its statements dropped; its objects are in the default "
+                "tablespace)"
+            )
 
     def _note_database(self, name: str) -> None:
         if name not in self.dump_databases:

@@ -11,6 +11,7 @@ import gzip
 import io
 import os
 import pathlib
+import shutil
 import subprocess
 import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -298,6 +299,64 @@ async def test_if_a_backup_is_no_dump_then_the_error_names_its_first_bytes(
             await provider.restore("junk", source.backup, source, BUILTIN, ignore)
     finally:
         await provider.destroy(Kind.VOLUME, "junk")
+
+
+TABLESPACE_SQL = """
+CREATE TABLE orders (id int PRIMARY KEY, item text);
+INSERT INTO orders SELECT g, 'item ' || g FROM generate_series(1, 50) g;
+CREATE TABLE old_orders (id int PRIMARY KEY USING INDEX TABLESPACE archive_space)
+  TABLESPACE archive_space;
+INSERT INTO old_orders SELECT generate_series(1, 7);
+"""
+
+
+async def test_if_a_dump_has_tablespaces_then_its_objects_land_in_the_default_one(
+    target: LocalSettings, module_data_dir: pathlib.Path
+) -> None:
+    """If a cluster with two tablespaces (its database in one, a table and its index in the
+    other) is dumped by pg_dumpall and by pg_dump -Fc, then both restore with default settings,
+    every object sits in the default tablespace and the snapshot's info names both."""
+    provider = LocalProvider(target)
+    source = await provider.create_volume("ts-source", {})
+    bin_dir = await provider.bin_dir()
+    psql = [str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"]
+    try:
+        for space in ("fast", "archive_space"):
+            folder = module_data_dir / f"tablespace-{space}"
+            folder.mkdir(mode=0o700)
+            if os.geteuid() == 0:  # PostgreSQL runs as aldaas: the folder must be its own
+                shutil.chown(folder, "aldaas", "aldaas")
+            run([*psql, f"CREATE TABLESPACE {space} LOCATION '{folder}'"], source, "postgres")
+        run([*psql, "CREATE DATABASE shop TABLESPACE fast"], source, "postgres")
+        run([*psql, TABLESPACE_SQL], source, "shop")
+        files = {
+            "all.sql.gz": gzip.compress(
+                run([str(bin_dir / "pg_dumpall"), f"--exclude-database={source.database}"], source)
+            ),
+            "shop.dump": run([str(bin_dir / "pg_dump"), "-Fc", "-d", "shop"], source),
+        }
+    finally:
+        await provider.destroy(Kind.VOLUME, "ts-source")
+    assert b"CREATE TABLESPACE fast" in gzip.decompress(files["all.sql.gz"])
+    for key, data in files.items():
+        name = "ts-" + key.replace(".", "-")
+        provider, endpoint, meta = await restore(target, name, key, data)
+        try:
+            assert await aquery(endpoint, "SELECT count(*) FROM orders") == [(50,)]
+            assert await aquery(endpoint, "SELECT count(*) FROM old_orders") == [(7,)]
+            placed = await aquery(
+                endpoint,
+                "SELECT count(*) FROM pg_class WHERE reltablespace <> 0 AND relnamespace = "
+                "'public'::regnamespace",
+            )
+            assert placed == [(0,)]
+            assert await aquery(endpoint, "SELECT count(*) FROM pg_tablespace") == [(2,)]
+            assert "tablespace archive_space" in meta["restore_tolerated"]
+            if key == "all.sql.gz":
+                assert meta["restore_database"] == "shop"
+                assert "tablespace fast" in meta["restore_tolerated"]
+        finally:
+            await provider.destroy(Kind.VOLUME, name)
 
 
 MASKING_SQL = pathlib.Path(__file__).parents[2] / "examples" / "masking.sql"

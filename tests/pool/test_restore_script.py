@@ -129,6 +129,55 @@ def test_if_copy_data_looks_like_commands_then_it_passes_untouched() -> None:
     assert out[-1] == Connect("app")
 
 
+COPY_BLOCK = (
+    b"SET x = 1;\nCOPY public.t (a) FROM stdin;\n"
+    + b"a\\\\.b\n\\\\.\nc\\.\n\\N\n\\\\\\\\\n" * 20  # escaped backslashes: no end marker
+    + b"\\.\nCOPY public.u (a) FROM stdin;\n\\.\nSELECT 1;\n\\connect app\nSELECT 2;\n"
+)
+
+
+def test_if_copy_data_is_cut_anywhere_then_its_end_is_still_found() -> None:
+    """If a script with COPY data full of backslashes arrives in two chunks cut at any byte,
+    then what psql gets is the script up to the \\connect, the Connect and the rest."""
+    before = COPY_BLOCK[: COPY_BLOCK.index(b"\\connect")]
+    for cut in range(1, len(COPY_BLOCK)):
+        f = flt()
+        out = [*f.feed(COPY_BLOCK[:cut]), *f.feed(COPY_BLOCK[cut:]), *f.finish()]
+        split = out.index(Connect("app"))
+        assert b"".join(out[:split]) == before, cut  # type: ignore[arg-type]
+        assert b"".join(out[split + 1 :]) == b"SELECT 2;\n", cut  # type: ignore[arg-type]
+
+
+def test_if_a_chunk_is_all_copy_data_then_it_is_passed_on_without_a_copy() -> None:
+    """If a whole chunk is COPY data, then psql gets that very chunk (no per-line work, no copy)."""
+    f = flt()
+    f.feed(b"COPY public.t (a) FROM stdin;\n")
+    chunk = b"".join(b"%d\tsome text\n" % i for i in range(50000))
+    assert f.feed(chunk)[0] is chunk
+    assert f.feed(b"\\.\nSELECT 1;\n") == [b"\\.\nSELECT 1;\n"]
+
+
+def test_if_a_pg_dumpall_has_tablespaces_then_they_are_dropped_and_listed() -> None:
+    """If a script creates a tablespace, grants on it, creates a database in it and sets it as
+    default_tablespace, then all of that goes and the tolerated list names the tablespace."""
+    f = flt()
+    out = f.feed(
+        b"CREATE TABLESPACE fast OWNER postgres LOCATION '/mnt/fast';\n"
+        b"GRANT CREATE ON TABLESPACE fast TO app;\n"
+        b"COMMENT ON TABLESPACE \"Slow Disk\" IS 'x';\n"
+        b"CREATE DATABASE app WITH TEMPLATE = template0 ENCODING = 'UTF8' TABLESPACE = fast;\n"
+        b"SET default_tablespace = '';\n"
+        b"SET default_tablespace = fast;\n"
+        b"CREATE TABLE t (a int);\n"
+    )
+    assert out == [
+        b"CREATE DATABASE app WITH TEMPLATE = template0 ENCODING = 'UTF8';\n"
+        b"SET default_tablespace = '';\nSET default_tablespace = '';\nCREATE TABLE t (a int);\n"
+    ]
+    assert f.tablespaces == ["fast", "Slow Disk"]
+    assert [t.split(" (")[0] for t in f.tolerated] == ["tablespace fast", "tablespace Slow Disk"]
+
+
 def test_if_a_pg_dumpall_runs_on_a_fresh_cluster_then_what_exists_is_tolerated() -> None:
     """If a pg_dumpall creates the admin, alters it and creates existing databases, then those
     are dropped (listed as tolerated), the fresh target is replaced and passwords are gone."""

@@ -7,11 +7,13 @@ layout (plain script, custom archive, tar) are read from its first bytes.
 - A script goes through :class:`~aldaas.pool.sources._script.ScriptFilter`
   into one psql per database (``\\connect`` starts the next one), each in
   psql 18's restricted mode with a key the backup cannot know and with
-  ``ON_ERROR_STOP``: the first real error ends the restore.
+  ``ON_ERROR_STOP``: the first real error ends the restore. Reading,
+  decompressing and filtering run a few MiB ahead of psql in a task of their
+  own, and psql's stdin pipe holds 1 MiB, so psql reads on while the next chunk is prepared.
 - An archive is spooled into the volume's folder (a directory dump packed
   with tar is unpacked), the roles its schema names are created NOLOGIN
   when missing, and pg_restore runs with parallel jobs where the format
-  allows (custom and directory; tar cannot).
+  allows (custom and directory; tar cannot) and without tablespaces.
 
 Both run as the volume's superuser (the restore's admin) and report what
 they tolerated, the roles they created and the database a lease gets.
@@ -20,6 +22,7 @@ they tolerated, the roles they created and the database a lease gets.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pathlib
 import re
@@ -49,6 +52,12 @@ _SNIFF_BYTES = 8192
 """Decompressed bytes looked at before choosing how to restore (tar needs 262, a script 4 KiB)."""
 
 _SPOOL_BYTES = 1 << 20
+
+_AHEAD_PIECES = 4
+"""Pieces of script (about a MiB each) read and filtered ahead of psql."""
+
+_PIPE_BYTES = 1 << 20
+"""psql's stdin pipe holds this much (Linux's default unprivileged maximum), not 64 KiB."""
 
 
 @attrs.frozen(kw_only=True)
@@ -213,10 +222,28 @@ class LocalRestore:
             for piece in script.finish():
                 yield piece
 
-        stream = pieces()
-        database = self.endpoint.database
-        async with contextlib.aclosing(stream):
-            await self._sessions(stream, database, restricted)
+        # Reading, decompressing and filtering run ahead of psql in their own task, so psql's
+        # pipe is refilled while the next chunk is prepared instead of after.
+        send, receive = trio.open_memory_channel[bytes | Connect | Exception](_AHEAD_PIECES)
+
+        async def produce() -> None:
+            async with send, contextlib.aclosing(pieces()) as stream:
+                try:
+                    async for piece in stream:
+                        await send.send(piece)
+                except Exception as exc:
+                    await send.send(exc)
+
+        failed: list[ProviderError] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            try:
+                await self._sessions(receive, self.endpoint.database, restricted)
+            except ProviderError as exc:
+                failed.append(exc)  # raised below as itself, not inside an ExceptionGroup
+                nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
         chosen = choose_database(
             self.key, self.named_database, script.dump_databases, self.endpoint.database
         )
@@ -229,20 +256,28 @@ class LocalRestore:
         )
 
     async def _sessions(
-        self, stream: AsyncIterator[bytes | Connect], database: str, restricted: bool
+        self,
+        stream: trio.MemoryReceiveChannel[bytes | Connect | Exception],
+        database: str,
+        restricted: bool,
     ) -> None:
         """One psql per database of the script, each fed until the next ``\\connect``."""
         next_database: list[str] = []
+        ended: list[bool] = []
 
         async def feed(stdin: trio.abc.SendStream) -> None:
+            _widen_pipe(stdin)
             if restricted:
                 # Only this process knows the key: no line of the backup can lift it.
                 await stdin.send_all(f"\\restrict {secrets.token_hex(24)}\n".encode())
             async for piece in stream:
+                if isinstance(piece, Exception):
+                    raise piece
                 if isinstance(piece, Connect):
                     next_database.append(piece.database)
                     return
                 await stdin.send_all(piece)
+            ended.append(True)
 
         psql = [str(self.bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null"]
         while True:
@@ -258,6 +293,12 @@ class LocalRestore:
             if result.returncode != 0:
                 raise self._stopped(result, f"psql, in database {database!r}")
             if not next_database:
+                if not ended:
+                    raise ProviderError(
+                        f"restore of {self.key!r} stopped: psql, in database {database!r}, "
+                        f"exited before reading the whole backup ({result.tail}); restore it "
+                        "by hand to see why"
+                    )
                 return
             database = next_database.pop()
 
@@ -280,13 +321,15 @@ class LocalRestore:
                     spool.unlink()
                     path, fmt = unpacked / toc, "d"
             await self._check_archive(path, fmt)
-            created = await self._create_archive_roles(path, fmt, roles)
+            created, tablespaces = await self._create_archive_roles(path, fmt, roles)
             database = self.named_database or self.endpoint.database
             argv = [
                 str(self.bin_dir / "pg_restore"),
                 f"--format={fmt}",
                 "--exit-on-error",
                 "--no-password",
+                # A tablespace is a folder on the source's server; the clone has none of them.
+                "--no-tablespaces",
                 f"--jobs={jobs}",
                 f"--dbname={database}",
                 str(path),
@@ -306,7 +349,11 @@ class LocalRestore:
             await trio.to_thread.run_sync(_remove, unpacked)
         return RestoreOutcome(
             database=database,
-            tolerated=(),
+            tolerated=tuple(
+                f"tablespace {name} (pg_restore --no-tablespaces: its objects are in the "
+                "default tablespace)"
+                for name in tablespaces
+            ),
             created_roles=tuple(created),
             layout=layout,
             compression=Compression.NONE,
@@ -370,8 +417,11 @@ class LocalRestore:
 
     async def _create_archive_roles(
         self, path: pathlib.Path, fmt: str, roles: set[str]
-    ) -> list[str]:
-        """Create, NOLOGIN, the roles the archive's schema and grants name that the volume lacks."""
+    ) -> tuple[list[str], list[str]]:
+        """Create, NOLOGIN, the roles the archive's schema and grants name that the volume lacks.
+
+        Returns them, and the tablespaces the schema puts objects in.
+        """
         schema = self.folder / "schema.sql"
         try:
             await self._pg_restore(
@@ -394,7 +444,20 @@ class LocalRestore:
         if reader.created_roles:
             sql = "".join(f"CREATE ROLE {quote(r)} NOLOGIN;\n" for r in reader.created_roles)
             await self._query(sql)
-        return reader.created_roles
+        return reader.created_roles, reader.tablespaces
+
+
+def _widen_pipe(stream: trio.abc.SendStream) -> None:
+    """Let psql's stdin pipe hold :data:`_PIPE_BYTES`, so psql reads on while Python works.
+
+    Linux only (``F_SETPIPE_SZ``); elsewhere, or if refused, the pipe keeps its size.
+    """
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    fileno = getattr(stream, "fileno", None)
+    if setsize is None or fileno is None:
+        return
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fileno(), setsize, _PIPE_BYTES)
 
 
 def _feed_all(decompressor: Decompressor, chunk: bytes) -> list[bytes]:
