@@ -333,6 +333,22 @@ def archive_versions(toc: bytes) -> tuple[str, str] | None:
         return None
 
 
+_ARCHIVE_COMPRESSIONS = {1: "gzip", 2: "lz4", 3: "zstd"}
+"""pg_dump's ``pg_compress_algorithm`` values, as archive 1.15+ headers store them."""
+
+
+def archive_compression(toc: bytes) -> str | None:
+    """How a pg_dump archive's data is compressed (``gzip``, ``lz4``, ``zstd``), from its header;
+    ``None`` when uncompressed or unreadable. Before archive 1.15 only gzip existed (a level)."""
+    if not toc.startswith(CUSTOM_MAGIC) or len(toc) < 17:
+        return None
+    if (toc[5], toc[6]) >= (1, 15):
+        return _ARCHIVE_COMPRESSIONS.get(toc[11])
+    int_size = toc[8]
+    level = int.from_bytes(toc[12 : 12 + int_size], "little") if 1 <= int_size <= 8 else 0
+    return "gzip" if level else None  # -1 (sign byte set) is zlib's default level
+
+
 def check_major(key: str, dump_major: int, server_major: int) -> None:
     """Raise one sentence naming both versions when a dump comes from a newer server."""
     if dump_major > server_major:

