@@ -141,6 +141,14 @@ async def main(scale: int, runs: int, jobs: int) -> None:
             runs_text = ", ".join(f"{v:.1f}" for v in values)
             cpu_text = f"{statistics.median(python_cpu[label]):.1f}" if label in python_cpu else ""
             print(f"| {label} | {med:.1f} | {size / 1e6 / med:.1f} | {runs_text} | {cpu_text} |")
+        # On a shared machine the load moves between runs; a pair ran back to back.
+        labels = list(seconds)
+        for builtin, by_hand in zip(labels[::2], labels[1::2], strict=True):
+            ratios = [a / b for a, b in zip(seconds[builtin], seconds[by_hand], strict=True)]
+            shown = ", ".join(f"{r:.2f}" for r in ratios)
+            print(
+                f"# {builtin} / by hand, per run: median {statistics.median(ratios):.2f} ({shown})"
+            )
         await provider.aclose()
 
 
