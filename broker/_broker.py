@@ -470,8 +470,8 @@ def _running(lease: pool.Lease) -> pool.Endpoint:
     """The lease's database address; refused while its database is being started again."""
     if lease.endpoint is None:
         raise tunnel.SessionRefused(
-            f"the database of lease {lease.id} is being started again on its data (its "
-            "server was lost, e.g. evicted); connect again in a few seconds."
+            f"the database of lease {lease.id} is being started again on its data after its "
+            "server was lost (an eviction, a node failure); connect again in a few seconds."
         )
     return lease.endpoint
 

@@ -402,6 +402,7 @@ async def destroy_listed_clone(st: PoolState, r: Resource, why: str) -> None:
 def step_down(st: PoolState) -> None:
     """Leadership ended: forget leader-only work in flight; the next leader cleans it up."""
     st.to_verify.clear()
+    st.protected.clear()  # a later term protects again what may have changed meanwhile
     st.pipeline_snapshot = None
     st.restore = None
     for name, snap in list(st.snapshots.items()):

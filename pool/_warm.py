@@ -264,6 +264,10 @@ async def check_leased(st: PoolState) -> None:
     again on the same data, and healthy leases are protected from drains.
     """
     restartable = st.restartable if st.leading else None
+    held = {lease.clone.name for lease in st.leases.values()}
+    st.protected &= held  # leases ended or moved on other replicas
+    for name in st.restart_not_before.keys() - held:
+        del st.restart_not_before[name]
     for lease in list(st.leases.values()):
         clone = lease.clone
         try:

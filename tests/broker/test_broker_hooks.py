@@ -9,7 +9,15 @@ from contextlib import asynccontextmanager
 import attrs
 import pytest
 import trio
-from pool_fakes import FakeSource, FakeWorld, Harness, running_pool, settings, wait_for
+from pool_fakes import (
+    FakeSource,
+    FakeWorld,
+    Harness,
+    RestartableFakeProvider,
+    running_pool,
+    settings,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from trio.testing import MockClock
 
@@ -88,6 +96,7 @@ class Wired:
     h: Harness
     broker: Broker
     gateway: FakeGateway
+    provider: RestartableFakeProvider | None = None
 
 
 def _source() -> FakeSource:
@@ -103,17 +112,19 @@ async def wired(
     size: int = 2,
     queue_timeout: float = 120.0,
     clone_seconds: float = 1.0,
+    restartable: bool = False,
 ) -> AsyncIterator[Wired]:
     pool_settings = settings(
         pool=WarmPoolSettings(size=size, max_provisioning=2),
         lease=LeaseSettings(ttl=300.0, queue_timeout=queue_timeout),
     )
     world = FakeWorld(clone_seconds=clone_seconds)
-    async with running_pool(world, source or _source(), pool_settings) as h:
+    provider = RestartableFakeProvider(world) if restartable else None
+    async with running_pool(world, source or _source(), pool_settings, provider) as h:
         broker = Broker(Settings(), h.pool)
         gateway = FakeGateway()
         broker.gateway = gateway  # type: ignore[assignment]
-        yield Wired(h=h, broker=broker, gateway=gateway)
+        yield Wired(h=h, broker=broker, gateway=gateway, provider=provider)
 
 
 async def _warm(w: Wired, n: int) -> None:
@@ -228,6 +239,38 @@ async def test_if_reset_is_asked_on_the_session_then_new_streams_reach_a_new_clo
         after = w.broker.resolve(grant.session_id)
         assert after != before
         assert _sample(w, "aldaas_lease_resets_total") == 1
+        assert w.gateway.closed == []
+
+
+async def test_if_a_leased_database_is_started_again_then_streams_wait_for_its_new_address(
+    autojump_clock: MockClock,
+) -> None:
+    """If a lease's database dies on a provider that keeps its data (Kubernetes), then new streams
+    are refused in one sentence while it is started again (never sent to the old address), and
+    then reach its new address under the same session, which stays open."""
+    async with wired(restartable=True) as w:
+        await _warm(w, 2)
+        grant = await w.broker.open_session({}, _no_progress)
+        before = w.broker.resolve(grant.session_id)
+        provider = w.provider
+        assert provider is not None
+        provider.restart_gate = trio.Event()
+        w.h.world.kill(w.h.pool.lease(grant.session_id).clone)
+        await wait_for(
+            lambda: w.h.pool.lease(grant.session_id).endpoint is None, what="address withdrawn"
+        )
+        with pytest.raises(tunnel.SessionRefused, match="is being started again") as refused:
+            w.broker.resolve(grant.session_id)
+        assert str(refused.value).count(". ") == 0
+        provider.restart_gate.set()
+        await wait_for(
+            lambda: w.h.pool.lease(grant.session_id).endpoint is not None, what="new address"
+        )
+        after = w.broker.resolve(grant.session_id)
+        assert after != before
+        clone = w.h.pool.lease(grant.session_id).clone
+        await wait_for(lambda: clone in provider.protected, what="protected from drains")
+        assert w.h.world.destroyed_leased == []
         assert w.gateway.closed == []
 
 

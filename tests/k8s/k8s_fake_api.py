@@ -128,6 +128,11 @@ def label_selector_matches(selector: str, labels: dict[str, str]) -> bool:
     return True
 
 
+def _ready(pod: Obj) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
 def field_selector_matches(selector: str, obj: Obj) -> bool:
     for req in _split_requirements(selector):
         m = re.fullmatch(r"([^!=]+)(==|=|!=)(.*)", req)
@@ -420,6 +425,8 @@ class FakeKubernetes:
             raise ApiError(
                 404, "NotFound", f"the server could not find the requested resource {plural}"
             )
+        if (plural, sub, method) == ("pods", "eviction", "POST"):
+            return self._evict(namespace, str(name), body)
         if method in ("POST", "PUT", "PATCH"):
             self._validate(group, plural, body, patch=method == "PATCH")
         with self.lock:
@@ -451,6 +458,42 @@ class FakeKubernetes:
                     )
                 return self._delete(plural, namespace, name, propagation)
         raise ApiError(405, "MethodNotAllowed", f"{method} {path} is not supported by the fake")
+
+    def _evict(self, namespace: str, name: str, body: Any) -> Obj:
+        """The Eviction API (what ``kubectl drain`` calls): 429 while a PodDisruptionBudget over
+        the pod allows no disruption (an integer ``minAvailable``, counting Ready pods, as the
+        disruption controller does for pods of any controller), else the pod is deleted."""
+        sent = {"apiVersion": "policy/v1", "kind": "Eviction", **(body or {})}
+        errors = write_errors(sent)
+        if errors or sent["kind"] != "Eviction":
+            raise ApiError(422, "Invalid", f"Eviction is invalid: {'; '.join(errors)}")
+        with self.lock:
+            pod = self.objects.get(("pods", namespace, name))
+            if pod is None:
+                raise ApiError(404, "NotFound", f'pods "{name}" not found')
+            pods = [o for (p, ns, _), o in self.objects.items() if p == "pods" and ns == namespace]
+            for (p, ns, _), budget in list(self.objects.items()):
+                if (p, ns) != ("poddisruptionbudgets", namespace):
+                    continue
+                spec = budget["spec"]
+                wanted = spec["selector"]["matchLabels"].items()
+                if not wanted <= (pod["metadata"].get("labels") or {}).items():
+                    continue
+                if not _ready(pod) and spec.get("unhealthyPodEvictionPolicy") == "AlwaysAllow":
+                    continue
+                healthy = sum(
+                    1
+                    for o in pods
+                    if wanted <= (o["metadata"].get("labels") or {}).items() and _ready(o)
+                )
+                if healthy - 1 < spec["minAvailable"]:
+                    raise ApiError(
+                        429,
+                        "TooManyRequests",
+                        "Cannot evict pod as it would violate the pod's disruption budget.",
+                    )
+            self._delete("pods", namespace, name, None)
+        return {"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201}
 
     @staticmethod
     def _validate(group: str, plural: str, body: Any, *, patch: bool) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import attrs
 import pytest
 import trio
@@ -17,6 +19,7 @@ from k8s_reliability import (
     seed_ready_snapshot,
     until,
 )
+from kubernetes import client
 
 from aldaas.pool import KubernetesProvider, LeaderElector, Lease, LeaseInfo, Pool
 from aldaas.pool.providers.kubernetes._settings import KubernetesSettings, LeaderElectionSettings
@@ -64,6 +67,20 @@ def evict(fake: FakeKubernetes, clone: str) -> None:
     )
 
 
+async def drain(api: client.ApiClient, pod: str) -> tuple[int, str] | None:
+    """Evict ``pod`` as ``kubectl drain`` does; the refusal's status and message, if refused."""
+    body = client.V1Eviction(
+        api_version="policy/v1", kind="Eviction", metadata=client.V1ObjectMeta(name=pod)
+    )
+    try:
+        await trio.to_thread.run_sync(
+            lambda: client.CoreV1Api(api).create_namespaced_pod_eviction(pod, NS, body)
+        )
+    except client.ApiException as exc:
+        return exc.status, json.loads(exc.body)["message"]
+    return None
+
+
 def uid(fake: FakeKubernetes, plural: str, clone: str) -> str | None:
     found = fake.get(plural, NS, f"aldaas-{clone}")
     return None if found is None else str(found["metadata"]["uid"])
@@ -102,7 +119,8 @@ async def test_if_a_leased_pod_is_deleted_or_evicted_then_the_lease_gets_a_pod_o
     """If one leased pod is deleted (node loss, `kubectl delete pod`) and another is evicted,
     then each lease gets a new pod on the same PVC, never deleted, at the new pod's address,
     under the same id, secret and clone, without a reset; and each leased pod is covered by a
-    PodDisruptionBudget of its own, gone with its lease."""
+    PodDisruptionBudget of its own, so a drain's eviction is refused for it (a warm pod's is
+    accepted, and the pool replaces it), gone with its lease."""
     api = api_client(fake.url)
     provider = KubernetesProvider(settings, api)
     await seed_ready_snapshot(provider, "snap-old", OLD)
@@ -139,6 +157,15 @@ async def test_if_a_leased_pod_is_deleted_or_evicted_then_the_lease_gets_a_pod_o
                 wanted = budget["spec"]["selector"]["matchLabels"]
                 covered = [n for n, labels in pods.items() if wanted.items() <= labels.items()]
                 assert covered == [f"aldaas-{lease.clone}"]
+
+            # kubectl drain: warm pods are evicted (and replaced), leased ones refused.
+            (warm, *_) = (n for n in objects(fake, "pods") if n not in _leased_pods(pool))
+            assert await drain(api, warm) is None
+            assert await drain(api, f"aldaas-{deleted.clone}") == (
+                429,
+                "Cannot evict pod as it would violate the pod's disruption budget.",
+            )
+            await until(lambda: pool.statistics().clones["warm"] == 2)
             for lease in (deleted, evicted):
                 await pool.release(lease.id)
             await assert_nothing_leaked(fake, pool, provider, warm=2)

@@ -304,6 +304,33 @@ class FakeProvider:
         await trio.lowlevel.checkpoint()
 
 
+class RestartableFakeProvider(FakeProvider):
+    """:class:`pool.Restartable` over a :class:`FakeWorld`: a clone's data outlives its database,
+    as a PVC outlives its pod; a restart starts it again at a new address."""
+
+    def __init__(self, world: FakeWorld) -> None:
+        super().__init__(world)
+        self.restart_gate: trio.Event | None = None
+        """When set, restarts wait for this event (to look at a lease while it is restarted)."""
+        self.protected: list[str] = []
+
+    async def restart(self, name: str) -> Endpoint:
+        if self.restart_gate is not None:
+            await self.restart_gate.wait()
+        await trio.lowlevel.checkpoint()
+        clone = self.world.get(Kind.CLONE, name)
+        if clone is None:
+            raise NotFoundError(f"clone {name!r} does not exist")
+        if not clone.running:
+            clone.running, clone.endpoint = True, self._endpoint()
+        assert clone.endpoint is not None
+        return clone.endpoint
+
+    async def protect(self, name: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.protected.append(name)
+
+
 class FakeSource:
     """Implements :class:`pool.Source`: backups are bytes in memory, streamed in small chunks."""
 
@@ -353,13 +380,16 @@ class Harness:
 
 @asynccontextmanager
 async def running_pool(
-    world: FakeWorld, source: FakeSource, pool_settings: PoolSettings
+    world: FakeWorld,
+    source: FakeSource,
+    pool_settings: PoolSettings,
+    provider: FakeProvider | None = None,
 ) -> AsyncIterator[Harness]:
     """Run a Pool over the world until the block ends (then cancel it, as a crash would)."""
     events: list[object] = []
     pool = Pool(
         pool_settings,
-        FakeProvider(world),
+        provider or FakeProvider(world),
         source,
         wall_clock=wall_clock,
         observers=[events.append],
