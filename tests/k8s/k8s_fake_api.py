@@ -5,6 +5,15 @@ to a kube-apiserver: JSON objects, resourceVersion preconditions (409), 404s,
 label and field selectors, merge patches, and chunked watch streams that honour
 ``timeoutSeconds`` and answer a too-old ``resourceVersion`` with 410 Gone.
 
+A DELETE does what it does on a cluster: an object with finalizers only gets a
+``deletionTimestamp`` (and can gain no new finalizer); a running pod terminates
+gracefully (the kubelet stops it, then it goes); a PVC keeps
+``kubernetes.io/pvc-protection`` while a pod uses it; a VolumeSnapshot keeps the
+snapshot controller's finalizers while a PVC is provisioned from it (and the
+source PVC keeps ``pvc-as-source-protection`` while it is being snapshotted);
+the garbage collector deletes dependents by ``ownerReferences`` (Background),
+after them (Foreground), or orphans them (the default for batch/v1 Jobs).
+
 The store is generic over the resources aldaas uses (core/v1 pods, PVCs,
 services, secrets; batch/v1 jobs; snapshot.storage.k8s.io/v1 volumesnapshots;
 coordination.k8s.io/v1 leases; policy/v1 poddisruptionbudgets). A controller thread plays the cluster's part:
@@ -60,6 +69,20 @@ VERSIONS = {
     "policy": "v1",
 }
 
+PVC_PROTECTION = "kubernetes.io/pvc-protection"
+"""Added to every PVC at creation (admission); the controller drops it once no pod uses the PVC."""
+PVC_AS_SOURCE = "snapshot.storage.kubernetes.io/pvc-as-source-protection"
+"""Kept on a PVC while a VolumeSnapshot of it is being taken (external-snapshotter)."""
+SNAPSHOT_AS_SOURCE = "snapshot.storage.kubernetes.io/volumesnapshot-as-source-protection"
+"""Kept on a VolumeSnapshot while a Pending PVC is being provisioned from it."""
+SNAPSHOT_BOUND = "snapshot.storage.kubernetes.io/volumesnapshot-bound-protection"
+"""Kept on a bound VolumeSnapshot until its content is deleted."""
+JOB_TRACKING = "batch.kubernetes.io/job-tracking"
+"""Kept on a Job's pod until the Job controller has counted it (finished or terminating)."""
+FOREGROUND = "foregroundDeletion"
+"""Kept on an owner deleted with propagationPolicy=Foreground until its dependents are gone."""
+DEFAULT_POD_GRACE = 30
+
 _PATH = re.compile(
     r"^/(?:api/v1|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
     r"/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
@@ -81,6 +104,38 @@ class ApiError(Exception):
             "reason": self.reason,
             "code": self.code,
         }
+
+
+_SERVER_OWNED = (
+    "uid",
+    "creationTimestamp",
+    "namespace",
+    "generation",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+)
+_GROUPS = {plural: group for group, plural in KINDS}
+
+
+def _now(later: int = 0) -> str:
+    moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=later)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _with(finalizers: list[str] | None, finalizer: str) -> list[str]:
+    return [*(f for f in finalizers or [] if f != finalizer), finalizer]
+
+
+def _owned_by(obj: Obj, uid: str) -> bool:
+    return any(o.get("uid") == uid for o in obj["metadata"].get("ownerReferences") or [])
+
+
+def _claims(pod: Obj) -> set[str]:
+    return {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["spec"].get("volumes") or []
+        if v.get("persistentVolumeClaim")
+    }
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -230,6 +285,11 @@ class FakeKubernetes:
         self.act_when_watched = False
         """Controllers act on a new pod, Job or snapshot only once a watch on its kind has begun
         after it was created: every wait then deterministically goes through a watch."""
+        self.kubelet_stops_pods = True
+        """False: pods being deleted stay Terminating (a kubelet slow to stop them, a lost node);
+        set it back to True and the next change anywhere lets the kubelet finish them."""
+        self.sweeps = 0
+        """How many times the finalizer controllers and the garbage collector have looked."""
         self.crashes: list[Exception] = []
         """Exceptions the controllers and the kubelet raised; :meth:`stop` raises them."""
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
@@ -314,10 +374,17 @@ class FakeKubernetes:
             self._bump(obj)
             self._emit(plural, "MODIFIED", obj)
 
-    def remove(self, plural: str, namespace: str, name: str) -> None:
-        """Delete an object directly (as another client or a node failure would)."""
+    def remove(self, plural: str, namespace: str, name: str, *, grace: int | None = None) -> None:
+        """Delete an object as another client would (``kubectl delete``, an eviction): a pod
+        terminates gracefully, an object with finalizers stays until they are removed."""
         with self.lock:
-            self._delete(plural, namespace, name, None)
+            self._delete(plural, namespace, name, None, grace)
+
+    def kick(self) -> None:
+        """Let the controllers look at everything again (after a test changed a rule)."""
+        with self.lock:
+            self._queue.append(("", "SYNC", {}, 0))
+            self.lock.notify_all()
 
     def compact(self) -> None:
         """Forget the event history, so a watch from any older resourceVersion gets 410 Gone."""
@@ -335,8 +402,13 @@ class FakeKubernetes:
         key = (plural, namespace, name)
         if key in self.objects:
             raise ApiError(409, "AlreadyExists", f'{plural} "{name}" already exists')
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        meta.update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=now, generation=1)
+        meta.pop("deletionTimestamp", None)  # the server owns these two
+        meta.pop("deletionGracePeriodSeconds", None)
+        if plural == "persistentvolumeclaims":  # the StorageObjectInUseProtection admission plugin
+            meta["finalizers"] = _with(meta.get("finalizers"), PVC_PROTECTION)
+        meta.update(
+            namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1
+        )
         obj["apiVersion"] = f"{group}/{VERSIONS[group]}" if group else "v1"
         obj["kind"] = KINDS[(group, plural)]
         self._bump(obj)
@@ -345,19 +417,101 @@ class FakeKubernetes:
         self._emit(plural, "ADDED", obj)
         return copy.deepcopy(obj)
 
-    def _delete(self, plural: str, namespace: str, name: str, propagation: str | None) -> Obj:
-        obj = self.objects.pop((plural, namespace, name), None)
+    def _delete(
+        self,
+        plural: str,
+        namespace: str,
+        name: str,
+        propagation: str | None,
+        grace: int | None = None,
+    ) -> Obj:
+        """DELETE as kube-apiserver does it: an object with finalizers (or a running pod, which
+        the kubelet must stop first) only gets a deletionTimestamp; dependents are collected
+        later by the garbage collector (Background), kept (Orphan) or first (Foreground)."""
+        key = (plural, namespace, name)
+        obj = self.objects.get(key)
         if obj is None:
             raise ApiError(404, "NotFound", f'{plural} "{name}" not found')
+        meta = obj["metadata"]
+        if meta.get("deletionTimestamp"):  # already being deleted: a pod may only shorten its grace
+            if (
+                plural == "pods"
+                and grace is not None
+                and grace < meta["deletionGracePeriodSeconds"]
+            ):
+                meta["deletionGracePeriodSeconds"] = grace
+                self._bump(obj)
+                self._emit(plural, "MODIFIED", obj)
+            return copy.deepcopy(obj)
+        if propagation is None:  # batch/v1 Jobs still default to orphaning their pods
+            propagation = "Orphan" if plural == "jobs" else "Background"
+        uid = meta["uid"]
+        dependents = [k for k, o in self.objects.items() if k[1] == namespace and _owned_by(o, uid)]
+        if propagation == "Orphan":
+            for dep in dependents:
+                child = self.objects[dep]
+                child["metadata"]["ownerReferences"] = [
+                    o for o in child["metadata"]["ownerReferences"] if o.get("uid") != uid
+                ]
+                self._bump(child)
+                self._emit(dep[0], "MODIFIED", child)
+        elif propagation == "Foreground" and dependents:
+            meta["finalizers"] = _with(meta.get("finalizers"), FOREGROUND)
+        pod_grace = self._pod_grace(obj, grace) if plural == "pods" else 0
+        if not meta.get("finalizers") and pod_grace == 0:
+            return self._remove(key)
+        meta["deletionTimestamp"] = _now(pod_grace)
+        meta["deletionGracePeriodSeconds"] = pod_grace
         self._bump(obj)
-        self._emit(plural, "DELETED", obj)
-        if propagation in ("Background", "Foreground"):
-            uid = obj["metadata"]["uid"]
-            for (p, ns, n), child in list(self.objects.items()):
-                owners = child["metadata"].get("ownerReferences", [])
-                if ns == namespace and any(o.get("uid") == uid for o in owners):
-                    self._delete(p, ns, n, propagation)
+        self._emit(plural, "MODIFIED", obj)
         return copy.deepcopy(obj)
+
+    @staticmethod
+    def _pod_grace(pod: Obj, grace: int | None) -> int:
+        """A pod no kubelet runs (unscheduled, or finished) goes at once; else after its grace."""
+        if (pod.get("status") or {}).get("phase") in (None, "Succeeded", "Failed"):
+            return 0
+        if grace is not None:
+            return grace
+        return int(pod["spec"].get("terminationGracePeriodSeconds", DEFAULT_POD_GRACE))
+
+    def _remove(self, key: tuple[str, str, str]) -> Obj:
+        obj = self.objects.pop(key)
+        self._bump(obj)
+        self._emit(key[0], "DELETED", obj)
+        return copy.deepcopy(obj)
+
+    def _drop_finalizer(self, plural: str, namespace: str, name: str, finalizer: str) -> None:
+        """A controller removes its finalizer; the last one gone completes a deletion."""
+        with self.lock:
+            key = (plural, namespace, name)
+            obj = self.objects.get(key)
+            if obj is None or finalizer not in (obj["metadata"].get("finalizers") or []):
+                return
+            obj["metadata"]["finalizers"].remove(finalizer)
+            self._bump(obj)
+            self._emit(plural, "MODIFIED", obj)
+            self._remove_if_done(key)
+
+    def _add_finalizer(self, plural: str, namespace: str, name: str, finalizer: str) -> None:
+        with self.lock:
+            obj = self.objects.get((plural, namespace, name))
+            meta = (obj or {}).get("metadata") or {}
+            if (
+                obj is None
+                or meta.get("deletionTimestamp")
+                or finalizer in meta.get("finalizers", [])
+            ):
+                return
+            meta["finalizers"] = _with(meta.get("finalizers"), finalizer)
+            self._bump(obj)
+            self._emit(plural, "MODIFIED", obj)
+
+    def _remove_if_done(self, key: tuple[str, str, str]) -> None:
+        meta = self.objects[key]["metadata"]
+        stopped = key[0] != "pods" or meta.get("deletionGracePeriodSeconds") == 0
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and stopped:
+            self._remove(key)
 
     def _patch(self, plural: str, namespace: str, name: str, patch: Obj, replace: bool) -> Obj:
         obj = self.objects.get((plural, namespace, name))
@@ -372,20 +526,31 @@ class FakeKubernetes:
                 "modified; please apply your changes to the latest version and try again",
             )
         if replace:
-            kept = {
-                k: obj["metadata"][k]
-                for k in ("uid", "creationTimestamp", "namespace", "generation")
-            }
             new = copy.deepcopy(patch)
-            new["metadata"].update(kept)
             if "status" in obj:
                 new["status"] = obj["status"]
             new["apiVersion"], new["kind"] = obj["apiVersion"], obj["kind"]
         else:
             new = merge_patch(obj, patch)
+        for field in _SERVER_OWNED:  # a client cannot set, change or clear these
+            new["metadata"].pop(field, None)
+            if field in obj["metadata"]:
+                new["metadata"][field] = obj["metadata"][field]
+        added = set(new["metadata"].get("finalizers") or []) - set(
+            obj["metadata"].get("finalizers") or []
+        )
+        if obj["metadata"].get("deletionTimestamp") and added:
+            raise ApiError(
+                422,
+                "Invalid",
+                f'{KINDS[(_GROUPS[plural], plural)]} "{name}" is invalid: metadata.finalizers: '
+                f"Forbidden: no new finalizers can be added if the object is being deleted, "
+                f"found new finalizers {sorted(added)!r}",
+            )
         self._bump(new)
         self.objects[(plural, namespace, name)] = new
         self._emit(plural, "MODIFIED", new)
+        self._remove_if_done((plural, namespace, name))
         return copy.deepcopy(new)
 
     # -- HTTP ---------------------------------------------------------------------------------
@@ -456,7 +621,10 @@ class FakeKubernetes:
                         f"Precondition failed: UID in precondition: {uid}, "
                         f"UID in object meta: {found['metadata']['uid']}",
                     )
-                return self._delete(plural, namespace, name, propagation)
+                grace = (body or {}).get("gracePeriodSeconds", query.get("gracePeriodSeconds"))
+                return self._delete(
+                    plural, namespace, name, propagation, None if grace is None else int(grace)
+                )
         raise ApiError(405, "MethodNotAllowed", f"{method} {path} is not supported by the fake")
 
     def _evict(self, namespace: str, name: str, body: Any) -> Obj:
@@ -616,6 +784,8 @@ class FakeKubernetes:
                     if self.kubelet is not None:
                         self._kubelet_deleted(plural, obj)
                     continue
+                if type_ == "SYNC" or obj["metadata"].get("deletionTimestamp"):
+                    continue
                 if self.act_when_watched and type_ == "ADDED" and self._watched_kind(plural, obj):
                     with self.lock:
                         deadline = time.monotonic() + 2.0
@@ -627,6 +797,107 @@ class FakeKubernetes:
                     self._reconcile(plural, obj)
                 except Exception as exc:  # a bug in the fake: fail the test (see stop())
                     self._crashed(f"controller, on {plural}", exc)
+            try:
+                self._sweep()
+            except Exception as exc:  # a bug in the fake: fail the test (see stop())
+                self._crashed("finalizer controllers and garbage collector", exc)
+            with self.lock:
+                self.sweeps += 1
+
+    def _sweep(self) -> None:
+        """What the kubelet, the PVC-protection, snapshot and Job controllers and the garbage
+        collector do with objects being deleted. Each change queues an event, so the sweep
+        runs again until nothing is left to do; it changes nothing it has nothing to do for."""
+        with self.lock:
+            objects = {k: copy.deepcopy(o) for k, o in self.objects.items()}
+        by_uid = {o["metadata"]["uid"]: o for o in objects.values()}
+
+        def collectable(owner_uid: str) -> bool:
+            owner = by_uid.get(owner_uid)
+            return owner is None or FOREGROUND in (owner["metadata"].get("finalizers") or [])
+
+        for (plural, ns, name), obj in objects.items():
+            meta = obj["metadata"]
+            finalizers = meta.get("finalizers") or []
+            owners = [o.get("uid") for o in meta.get("ownerReferences") or []]
+            if owners and not meta.get("deletionTimestamp") and all(map(collectable, owners)):
+                with self.lock, contextlib.suppress(ApiError):
+                    self._delete(plural, ns, name, "Background")
+            if PVC_AS_SOURCE in finalizers and not self._being_snapshotted(objects, ns, name):
+                self._drop_finalizer(plural, ns, name, PVC_AS_SOURCE)
+            if not meta.get("deletionTimestamp"):
+                continue
+            if plural == "pods" and self.kubelet_stops_pods:
+                self._terminate_pod(obj)
+            elif plural == "persistentvolumeclaims" and PVC_PROTECTION in finalizers:
+                if not self._in_use(objects, ns, name):
+                    self._drop_finalizer(plural, ns, name, PVC_PROTECTION)
+            elif plural == "volumesnapshots" and not self._restoring(objects, ns, name):
+                for finalizer in (SNAPSHOT_AS_SOURCE, SNAPSHOT_BOUND):  # content deleted first
+                    self._drop_finalizer(plural, ns, name, finalizer)
+            if FOREGROUND in finalizers and not any(
+                _owned_by(o, meta["uid"]) for o in objects.values()
+            ):
+                self._drop_finalizer(plural, ns, name, FOREGROUND)
+
+    @staticmethod
+    def _in_use(objects: dict[tuple[str, str, str], Obj], ns: str, claim: str) -> bool:
+        """Whether a pod that has not finished uses the PVC (a Terminating pod still does)."""
+        return any(
+            p == "pods"
+            and n == ns
+            and claim in _claims(pod)
+            and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+            for (p, n, _), pod in objects.items()
+        )
+
+    @staticmethod
+    def _restoring(objects: dict[tuple[str, str, str], Obj], ns: str, snapshot: str) -> bool:
+        """Whether a Pending PVC is being provisioned from the snapshot."""
+        return any(
+            p == "persistentvolumeclaims"
+            and n == ns
+            and (pvc["spec"].get("dataSource") or {}).get("name") == snapshot
+            and (pvc.get("status") or {}).get("phase") != "Bound"
+            for (p, n, _), pvc in objects.items()
+        )
+
+    @staticmethod
+    def _being_snapshotted(objects: dict[tuple[str, str, str], Obj], ns: str, pvc: str) -> bool:
+        """Whether a VolumeSnapshot of the PVC is still being taken."""
+        return any(
+            p == "volumesnapshots"
+            and n == ns
+            and snap["spec"]["source"].get("persistentVolumeClaimName") == pvc
+            and not (snap.get("status") or {}).get("readyToUse")
+            and not (snap.get("status") or {}).get("error")
+            for (p, n, _), snap in objects.items()
+        )
+
+    def _terminate_pod(self, pod: Obj) -> None:
+        """The kubelet stops a Terminating pod's containers, then deletes it with grace 0."""
+        meta = pod["metadata"]
+        if meta.get("deletionGracePeriodSeconds") == 0:
+            return  # stopped already; it waits for its finalizers
+        if self.kubelet is not None and "job-name" not in (meta.get("labels") or {}):
+            try:
+                self.kubelet.stop_pod(pod)
+            except Exception as exc:  # a bug in the fake: fail the test (see stop())
+                self._crashed("kubelet, stopping a pod", exc)
+        key = ("pods", meta["namespace"], meta["name"])
+        with self.lock:
+            current = self.objects.get(key)
+            if current is None or current["metadata"]["uid"] != meta["uid"]:
+                return
+            current_meta = current["metadata"]
+            if JOB_TRACKING in (current_meta.get("finalizers") or []):  # the Job controller
+                current_meta["finalizers"].remove(JOB_TRACKING)  # counts a terminated pod
+            current_meta["deletionGracePeriodSeconds"] = 0
+            if current_meta.get("finalizers"):
+                self._bump(current)
+                self._emit("pods", "MODIFIED", current)
+            else:
+                self._remove(key)
 
     @staticmethod
     def _watched_kind(plural: str, obj: Obj) -> bool:
@@ -643,6 +914,8 @@ class FakeKubernetes:
                 snap = self.get("volumesnapshots", ns, source["name"])
                 if snap is None or not (snap.get("status") or {}).get("readyToUse"):
                     return
+                if snap["metadata"].get("deletionTimestamp"):
+                    return  # the provisioner refuses: "snapshot is currently being deleted"
             size = ((obj["spec"].get("resources") or {}).get("requests") or {}).get(
                 "storage", "1Gi"
             )
@@ -654,11 +927,14 @@ class FakeKubernetes:
             pvc = self.get(
                 "persistentvolumeclaims", ns, obj["spec"]["source"]["persistentVolumeClaimName"]
             )
-            if pvc is None or not self.snapshot_ready(obj):
+            if pvc is None or not self.snapshot_ready(obj) or not self._first_time(plural, obj):
                 return
+            self._add_finalizer(plural, ns, name, SNAPSHOT_AS_SOURCE)
+            self._add_finalizer(plural, ns, name, SNAPSHOT_BOUND)
+            self._add_finalizer(
+                "persistentvolumeclaims", ns, pvc["metadata"]["name"], PVC_AS_SOURCE
+            )
             if self.kubelet is not None:
-                if not self._first_time(plural, obj):
-                    return
                 try:
                     self.kubelet.take_snapshot(obj)
                 except Exception as exc:
@@ -694,6 +970,8 @@ class FakeKubernetes:
                 pvc = self.get("persistentvolumeclaims", ns, claim["claimName"])
                 if pvc is None or (pvc.get("status") or {}).get("phase") != "Bound":
                     return False
+                if pvc["metadata"].get("deletionTimestamp"):
+                    return False  # the kubelet will not mount a PVC that is being deleted
         return True
 
     def _kubelet_deleted(self, plural: str, obj: Obj) -> None:
@@ -744,7 +1022,14 @@ class FakeKubernetes:
             "podIP": ip,
             "conditions": [{"type": "Ready", "status": ready}],
             "containerStatuses": [
-                {"name": container, "ready": ready == "True", "restartCount": 0, "state": state}
+                {
+                    "name": container,
+                    "image": pod["spec"]["containers"][0].get("image", ""),
+                    "imageID": "",
+                    "ready": ready == "True",
+                    "restartCount": 0,
+                    "state": state,
+                }
             ],
         }
         if failed != container:  # an init container failed: the database never started
@@ -764,6 +1049,7 @@ class FakeKubernetes:
             "generateName": f"{name}-",
             "labels": labels,
             "ownerReferences": [{"kind": "Job", "name": name, "uid": job["metadata"]["uid"]}],
+            "finalizers": [JOB_TRACKING],
         }
         with self.lock:
             pod = self._create("", "pods", ns, {"metadata": pod_meta, "spec": template["spec"]})
@@ -806,6 +1092,7 @@ class FakeKubernetes:
             self.update_status(
                 "pods", ns, pod_name, {"phase": "Failed", "initContainerStatuses": [failed]}
             )
+            self._drop_finalizer("pods", ns, pod_name, JOB_TRACKING)
             conditions = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]
             self.update_status("jobs", ns, name, {"failed": 1, "conditions": conditions})
             return
@@ -826,6 +1113,7 @@ class FakeKubernetes:
                 "containerStatuses": [{"name": main, "ready": False, "state": terminated}],
             },
         )
+        self._drop_finalizer("pods", ns, pod_name, JOB_TRACKING)
         condition = "Complete" if outcome.succeeded else "Failed"
         counts = {"succeeded": 1} if outcome.succeeded else {"failed": 1}
         self.update_status(

@@ -344,13 +344,16 @@ async def test_if_a_clone_was_listed_then_claiming_it_is_a_single_api_call(
 async def test_if_an_object_is_being_deleted_then_list_leaves_it_out(
     provider: KubernetesProvider, fake: FakeKubernetes
 ) -> None:
-    """If a PVC has a deletionTimestamp (finalizers pending), then list() no longer reports it."""
+    """If a PVC is Terminating (its pod still uses it), then list() no longer reports it."""
     await provider.create_volume("v", {})
-    pvc = fake.get("persistentvolumeclaims", NS, "aldaas-v")
+    await provider.create_volume("w", {})
+    fake.kubelet_stops_pods = False
+    fake.remove("pods", NS, "aldaas-w")
+    fake.remove("persistentvolumeclaims", NS, "aldaas-w")
+    pvc = fake.get("persistentvolumeclaims", NS, "aldaas-w")
     assert pvc is not None
-    pvc["metadata"].update(name="aldaas-w", deletionTimestamp="2026-11-26T00:00:00Z")
-    pvc["metadata"]["labels"]["aldaas.io/name"] = "w"
-    fake.put("", "persistentvolumeclaims", NS, pvc)
+    assert pvc["metadata"]["finalizers"] == ["kubernetes.io/pvc-protection"]
+    assert pvc["metadata"]["deletionTimestamp"]
     assert [r.name for r in await provider.list()] == ["v"]
 
 
@@ -386,9 +389,10 @@ async def test_if_a_clone_is_still_being_provisioned_from_a_snapshot_then_it_is_
         with pytest.raises(TemporaryProviderError, match='restored into PVC "aldaas-c"'):
             await provider.destroy(Kind.SNAPSHOT, "s")
         nursery.cancel_scope.cancel()
+    fake.controllers_enabled = True
     fake.update_status("persistentvolumeclaims", NS, "aldaas-c", {"phase": "Bound"})
     await provider.destroy(Kind.SNAPSHOT, "s")
-    assert fake.get("volumesnapshots", NS, "aldaas-s") is None
+    await wait_until(lambda: fake.get("volumesnapshots", NS, "aldaas-s") is None)
 
 
 @pytest.mark.slow

@@ -84,9 +84,15 @@ class _PodFailed(Exception):
         self.container = container
 
 
+def _terminating(obj: Obj) -> bool:
+    """Whether the object is being deleted: a DELETE only marks an object with finalizers, or a
+    pod the kubelet must stop first; it lingers, under its name, until they are done."""
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
 def _live(listing: Obj) -> list[Obj]:
     """Items of a list answer that are not being deleted."""
-    return [o for o in listing.get("items") or [] if not o["metadata"].get("deletionTimestamp")]
+    return [o for o in listing.get("items") or [] if not _terminating(o)]
 
 
 def _ready_ip(pod: Obj) -> str | None:
@@ -198,7 +204,7 @@ class KubernetesProvider:
 
     async def _wait_pod_ready(self, object_name: str) -> str:
         def check(pod: Obj | None) -> str | None:
-            if pod is None:  # it was created (or adopted) before this wait began
+            if pod is None or _terminating(pod):  # it was created (or adopted) before this wait
                 raise _PodFailed("it was deleted while starting", None)
             status = pod.get("status") or {}
             if status.get("phase") in ("Failed", "Succeeded"):
@@ -243,12 +249,20 @@ class KubernetesProvider:
 
     async def _create(self, plural: str, body: Obj) -> Obj:
         """Create ``body``; an object of that name already there is adopted (idempotent steps)
-        if it is this instance's own, of the same kind and name, and refused otherwise."""
-        try:
-            return dict(await self._client.call("create", plural, body=body))
-        except ConflictError:
-            name = body["metadata"]["name"]
-            existing = dict(await self._client.call("read", plural, name))
+        if it is this instance's own, of the same kind and name, and refused otherwise.
+
+        One that is being deleted is never adopted: it is waited out, then created anew.
+        """
+        name = body["metadata"]["name"]
+        while True:
+            try:
+                return dict(await self._client.call("create", plural, body=body))
+            except ConflictError:
+                pass
+            try:
+                existing = dict(await self._client.call("read", plural, name))
+            except NotFoundError:
+                continue  # gone between the two calls: create it again
             prefix = self._settings.label_prefix
             labels = body["metadata"]["labels"]
             kind, pool_name = labels[f"{prefix}kind"], labels[f"{prefix}name"]
@@ -258,8 +272,21 @@ class KubernetesProvider:
                     f'instance "{self._settings.instance}" (its labels do not say so); rename or '
                     "delete it, or give aldaas another kubernetes.instance."
                 ) from None
-            log.info("kubernetes.adopted", what=WHAT[plural], name=name)
-            return existing
+            if not _terminating(existing):
+                log.info("kubernetes.adopted", what=WHAT[plural], name=name)
+                return existing
+            log.info("kubernetes.waiting_for_deletion", what=WHAT[plural], name=name)
+            await self._wait_gone(plural, name, existing["metadata"]["uid"])
+
+    async def _wait_gone(self, plural: str, name: str, uid: str) -> None:
+        """Until the object ``uid`` of that name no longer exists (a new one may, already)."""
+        await self._wait_for(
+            plural,
+            name,
+            lambda obj: True if obj is None or obj["metadata"]["uid"] != uid else None,
+            timeout=max(self._settings.stop_grace_seconds, self._settings.ready_timeout_seconds),
+            waiting_for="deleted (an earlier one of that name is still being deleted)",
+        )
 
     async def _delete(self, plural: str, object_name: str, *, grace: int | None = None) -> None:
         """Delete an object of this instance; one without its labels is left alone (logged).
@@ -504,6 +531,11 @@ class KubernetesProvider:
 
     async def clone(self, snapshot: str, name: str, meta: Mapping[str, str]) -> Endpoint:
         snap = await self._client.call("read", SNAPSHOTS, self._object_name(snapshot))
+        if _terminating(snap):  # the provisioner would refuse it: the PVC would stay Pending
+            raise NotFoundError(
+                f"snapshot {snapshot!r} is being deleted, so clone {name!r} cannot be made "
+                "from it; clone a newer snapshot."
+            )
         log.info("kubernetes.clone", snapshot=snapshot, clone=name)
         restore_size = (snap.get("status") or {}).get("restoreSize")
         body = manifests.pvc(
@@ -574,7 +606,7 @@ class KubernetesProvider:
             pod = await self._client.call("read", PODS, self._object_name(name))
         except NotFoundError:
             return False
-        return _ready_ip(pod) is not None
+        return not _terminating(pod) and _ready_ip(pod) is not None
 
     def alive(self, name: str) -> bool:
         """Whether clone ``name``'s pod was ready when this provider last saw it (no API call).
@@ -676,10 +708,9 @@ class KubernetesProvider:
 
     async def _read_kind(self, plural: str, kind: Kind, object_name: str) -> Obj:
         obj = dict(await self._client.call("read", plural, object_name))
-        metadata = obj.get("metadata") or {}
         if not manifests.is_ours(self._settings, obj, kind.value):
             raise NotFoundError(f'{WHAT[plural]} "{object_name}" is not an aldaas {kind.value}.')
-        if metadata.get("deletionTimestamp"):
+        if _terminating(obj):
             raise NotFoundError(f'{WHAT[plural]} "{object_name}" is being deleted.')
         self._remember(plural, obj)
         return obj
@@ -689,7 +720,7 @@ class KubernetesProvider:
             pod = await self._client.call("read", PODS, object_name)
         except NotFoundError:
             return None
-        ip = _ready_ip(pod)
+        ip = None if _terminating(pod) else _ready_ip(pod)
         if not ip:
             return None
         await self._read_credentials(object_name)
