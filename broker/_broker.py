@@ -152,6 +152,7 @@ class Broker:
             snapshot_age_seconds=stats.snapshot_age_seconds,
             source_last_success=stats.source.last_success_at,
             leases_active=stats.leases_active,
+            leases_max_active=stats.leases_max_active,
             gateway_sessions=gw.sessions if gw else 0,
             gateway_streams=gw.streams if gw else 0,
             gateway_bytes_up=gw.bytes_up_total if gw else 0,
@@ -177,6 +178,8 @@ class Broker:
                 m.add_restore_bytes(n)
             case pool.LeaseReset():
                 m.lease_reset()
+            case pool.LeaseRefused():
+                m.lease_refused()
             case pool.LeaseEnded(lease_id=lease_id, reason=reason):
                 if reason in ("expired_idle", "expired_lifetime"):
                     m.lease_expired()
@@ -221,6 +224,7 @@ class Broker:
                 "clones": dict(stats.clones),
                 "queue_length": stats.queue_length,
                 "leases_active": stats.leases_active,
+                "leases_max_active": stats.leases_max_active,
             },
             "snapshots": [_snapshot_json(s) for s in stats.snapshots],
             "leases": [

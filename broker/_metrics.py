@@ -72,6 +72,8 @@ class Readings:
     """Wall-clock epoch seconds of the source's last successful listing; ``None`` (exported as
     0) before the first."""
     leases_active: int = 0
+    leases_max_active: int | None = None
+    """``lease.max_active``; ``None`` (exported as 0) when leases are unlimited."""
     gateway_sessions: int = 0
     gateway_streams: int = 0
     gateway_bytes_up: int = 0
@@ -150,6 +152,11 @@ def _families(r: Readings) -> list[Metric]:
             value=r.source_last_success or 0.0,
         ),
         GaugeMetricFamily("aldaas_leases_active", "Leases not yet ended.", value=r.leases_active),
+        GaugeMetricFamily(
+            "aldaas_leases_max_active",
+            "lease.max_active: hand-outs are refused at this many active leases (0: no limit).",
+            value=r.leases_max_active or 0,
+        ),
         GaugeMetricFamily(
             "aldaas_gateway_sessions", "Gateway sessions open.", value=r.gateway_sessions
         ),
@@ -233,6 +240,11 @@ class Metrics:
         self._resets = Counter(
             "aldaas_lease_resets_total", "Leases reset to a pristine clone.", registry=r
         )
+        self._refusals = Counter(
+            "aldaas_lease_refusals_total",
+            "Hand-outs refused because lease.max_active leases were active.",
+            registry=r,
+        )
         self._task_restarts = Counter(
             "aldaas_task_restarts_total",
             "Supervised background tasks restarted after a crash.",
@@ -273,6 +285,9 @@ class Metrics:
     def lease_reset(self) -> None:
         self._resets.inc()
 
+    def lease_refused(self) -> None:
+        self._refusals.inc()
+
     def task_restarted(self, task: str) -> None:
         self._task_restarts.labels(task=task).inc()
 
@@ -301,7 +316,9 @@ _NAMES = frozenset(
         "aldaas_snapshot_age_seconds",
         "aldaas_source_last_success_timestamp_seconds",
         "aldaas_leases_active",
+        "aldaas_leases_max_active",
         "aldaas_lease_expirations_total",
+        "aldaas_lease_refusals_total",
         "aldaas_lease_resets_total",
         "aldaas_gateway_sessions",
         "aldaas_gateway_streams",

@@ -112,6 +112,11 @@ def status_text(status: Mapping[str, Any], *, server: str, now: float | None = N
         f"queued {pool.get('queue_length', 0)}"
     )
     lines = [head]
+    limit = pool.get("leases_max_active")
+    if limit:
+        active = pool.get("leases_active", 0)
+        full = "; new ones are refused until one ends" if active >= limit else ""
+        lines.append(f"active leases {active} of at most {limit} (lease.max_active){full}")
     if not status.get("ready") and status.get("reason"):
         lines.append(f"  {status['reason']}")
     source = status.get("source") or {}

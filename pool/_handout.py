@@ -18,6 +18,8 @@ from ._lease import (
     InvalidRequestError,
     Lease,
     LeaseHandedOut,
+    LeaseLimitError,
+    LeaseRefused,
     LeaseReset,
     NoSnapshotReadyError,
     PoolDrainingError,
@@ -57,7 +59,9 @@ async def acquire(
 
     Raises :class:`NoSnapshotReadyError` when there is nothing to clone yet,
     :class:`QueueTimeoutError` after ``timeout`` seconds in the queue
-    (default ``lease.queue_timeout``), :class:`PoolDrainingError` while draining.
+    (default ``lease.queue_timeout``), :class:`PoolDrainingError` while draining,
+    :class:`LeaseLimitError` while ``lease.max_active`` leases are active (at once, before
+    taking a warm clone or queueing).
     """
     started = trio.current_time()
     ttl = _lease_life.checked_ttl(st, ttl)
@@ -73,34 +77,38 @@ async def acquire(
             raise
         await _adoption.refresh_quietly(st)
         check_can_hand_out(st)
-    deadline = started + (st.settings.lease.queue_timeout if timeout is None else timeout)
-    while True:
-        clone, queued = await obtain_clone(st, deadline, on_progress)
-        try:
-            lease, secret = await hand_out(st, clone, ttl, clean_labels)
-        except Lost:
-            continue
-        seconds = trio.current_time() - started
-        st.emit(
-            LeaseHandedOut(
-                lease_id=lease.id,
-                clone=clone.name,
-                snapshot=clone.snapshot,
-                seconds=seconds,
-                queued_seconds=queued,
-            )
+    if at_lease_limit(st) and st.shared:
+        await _adoption.refresh_quietly(st)  # leases other replicas ended may be gone by now
+    check_lease_limit(st)
+    st.handing_out += 1
+    try:
+        deadline = started + (st.settings.lease.queue_timeout if timeout is None else timeout)
+        lease, secret, clone, queued = await _hand_out_new(
+            st, deadline, on_progress, ttl, clean_labels
         )
-        log.info(
-            "lease.acquired",
+    finally:
+        st.handing_out -= 1
+    seconds = trio.current_time() - started
+    st.emit(
+        LeaseHandedOut(
             lease_id=lease.id,
             clone=clone.name,
             snapshot=clone.snapshot,
-            ttl=lease.ttl,
-            labels=lease.labels,
-            seconds=round(seconds, 6),
-            queued_seconds=round(queued, 6),
+            seconds=seconds,
+            queued_seconds=queued,
         )
-        return _lease_life.public_lease(st, lease, secret=secret)
+    )
+    log.info(
+        "lease.acquired",
+        lease_id=lease.id,
+        clone=clone.name,
+        snapshot=clone.snapshot,
+        ttl=lease.ttl,
+        labels=lease.labels,
+        seconds=round(seconds, 6),
+        queued_seconds=round(queued, 6),
+    )
+    return _lease_life.public_lease(st, lease, secret=secret)
 
 
 async def reset(
@@ -159,6 +167,45 @@ async def reset(
     st.spawn("destroy", _warm.retire_clone, old, "lease reset")
     st.wake(st.lease_wakeup, st.keeper_wakeup)
     return _lease_life.public_lease(st, lease)
+
+
+async def _hand_out_new(
+    st: PoolState,
+    deadline: float,
+    on_progress: QueueProgressCallback | None,
+    ttl: float,
+    labels: dict[str, str],
+) -> tuple[LeaseEntry, str, CloneEntry, float]:
+    """A warm clone (queueing for one if needed) claimed as a new lease; the next one if
+    another replica claimed it first."""
+    while True:
+        clone, queued = await obtain_clone(st, deadline, on_progress)
+        try:
+            lease, secret = await hand_out(st, clone, ttl, labels)
+        except Lost:
+            continue
+        return lease, secret, clone, queued
+
+
+def at_lease_limit(st: PoolState) -> bool:
+    limit = st.settings.lease.max_active
+    return limit is not None and len(st.leases) + st.handing_out >= limit
+
+
+def check_lease_limit(st: PoolState) -> None:
+    """Refuse a hand-out while ``lease.max_active`` leases are active or being handed out."""
+    limit = st.settings.lease.max_active
+    if limit is None or not at_lease_limit(st):
+        return
+    active = len(st.leases)
+    starting = f" and {st.handing_out} being handed out" if st.handing_out else ""
+    st.emit(LeaseRefused(active=active, limit=limit))
+    log.info("lease.refused", active=active, handing_out=st.handing_out, limit=limit)
+    leases = "lease" if active == 1 else "leases"
+    raise LeaseLimitError(
+        f"the pool already has {active} active {leases}{starting} (lease.max_active is {limit}); "
+        "end one with `aldaas release` or wait until one expires, then retry."
+    )
 
 
 def drain(st: PoolState) -> None:

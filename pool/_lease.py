@@ -34,6 +34,10 @@ class PoolDrainingError(PoolError):
     """The pool is draining and hands out nothing new."""
 
 
+class LeaseLimitError(PoolError):
+    """``lease.max_active`` leases are active: a hand-out is refused until one ends."""
+
+
 class LeaseNotFoundError(PoolError, KeyError):
     """No active lease has this id (unknown, released or expired)."""
 
@@ -179,6 +183,8 @@ class PoolStatistics:
     """Age of the newest ready snapshot, ``None`` when none is ready."""
     restore: RestoreStatus | None
     draining: bool
+    leases_max_active: int | None = None
+    """``lease.max_active``: hand-outs are refused while that many leases are active."""
     source: SourceHealth = attrs.field(factory=SourceHealth)
     """The backup source's last listing: when it last worked, and its last error."""
 
@@ -197,6 +203,14 @@ class LeaseHandedOut:
     """From the acquire call to the lease being returned."""
     queued_seconds: float
     """Part of ``seconds`` spent in the queue (0 when a warm clone was free)."""
+
+
+@attrs.frozen(kw_only=True)
+class LeaseRefused:
+    """An acquire was refused because ``lease.max_active`` leases were active."""
+
+    active: int
+    limit: int
 
 
 @attrs.frozen(kw_only=True)
@@ -282,6 +296,7 @@ class PoolErrorEvent:
 
 PoolEvent = (
     LeaseHandedOut
+    | LeaseRefused
     | QueueLeft
     | CloneProvisioned
     | CloneFailed

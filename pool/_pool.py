@@ -282,6 +282,7 @@ class Pool:
             clones=clones,
             queue_length=len(st.waiters),
             leases_active=len(st.leases),
+            leases_max_active=st.settings.lease.max_active,
             leases=tuple(_lease_life.lease_info(st, lease) for lease in st.leases.values()),
             snapshots=tuple(
                 SnapshotInfo(

@@ -52,6 +52,13 @@ class LeaseSettings:
     """Seconds an acquire waits in the queue for a clone when none is warm; 2 minutes covers a
     refill.
     """
+    max_active: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
+    """How many leases may be active at once (``None``: no limit); a hand-out beyond it is
+    refused at once, before it takes a warm clone. Unlimited by default, as the original was;
+    set it where each lease costs (a PVC per lease on Kubernetes, disk and memory locally).
+    """
     superuser: bool = False
     """Whether the lease login is a PostgreSQL superuser (local provider, and Kubernetes with
     per-clone credentials); off, because a superuser can run programs and read or write files as

@@ -121,6 +121,9 @@ class PoolState:
     warm: dict[str, CloneEntry] = attrs.Factory(dict)
     """Warm clones free for hand-out, oldest first; taking one out reserves it."""
     leases: dict[str, LeaseEntry] = attrs.Factory(dict)
+    handing_out: int = 0
+    """Acquires past the ``lease.max_active`` check that hold no lease yet (queued or claiming):
+    they count against the limit, so concurrent acquires cannot overshoot it."""
     waiters: collections.deque[Waiter] = attrs.Factory(collections.deque)
     doomed: dict[tuple[Kind, str], str] = attrs.Factory(dict)
     """Resources whose destroy failed, retried by the health loop (value: why)."""

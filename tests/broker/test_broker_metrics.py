@@ -32,7 +32,7 @@ def test_if_scraped_then_exactly_the_agreed_names_are_exported() -> None:
             continue  # the creation timestamps of counters and histograms, not metrics of their own
         names.add(family.name + "_total" if family.type == "counter" else family.name)
     assert names == set(exported_metric_names())
-    assert len(names) == 25
+    assert len(names) == 27
 
 
 def test_if_levels_change_then_the_next_scrape_reads_them() -> None:

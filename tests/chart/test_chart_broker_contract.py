@@ -55,7 +55,7 @@ FULL_FEATURED: dict[str, Any] = {
     "rook": {"storageClassName": "gp3-csi", "volumeSnapshotClassName": "ebs-snap"},
     "application": {"image": "postgres", "tag": "17", "storage": "50Gi"},
     "pool": {"size": 8, "maxProvisioning": 4},
-    "lease": {"ttl": 900, "maxTtl": 7200, "maxLifetime": 172800},
+    "lease": {"ttl": 900, "maxTtl": 7200, "maxLifetime": 172800, "maxActive": 12},
     "snapshots": {"keep": 3},
     "extraEnv": [{"name": "ALDAAS_LOG_LEVEL", "value": "debug"}],
     "metrics": {"serviceMonitor": {"enabled": True}, "dashboard": {"enabled": True}},
@@ -137,6 +137,7 @@ def test_if_the_chart_renders_then_the_broker_loads_what_it_was_given(
     assert settings.lease.ttl == given["lease"]["ttl"]
     assert settings.lease.max_ttl == given["lease"]["maxTtl"]
     assert settings.lease.max_lifetime == given["lease"]["maxLifetime"]
+    assert settings.lease.max_active == given["lease"]["maxActive"]
     assert settings.snapshots.keep == given["snapshots"]["keep"]
     assert settings.source.kind == "s3"
     assert settings.s3.bucket == given["s3"]["bucket"]

@@ -107,6 +107,10 @@ def test_if_the_schema_is_asked_directly_then_it_agrees_with_install(
     with pytest.raises(helm_python.HelmValuesError, match="/pool/size"):
         chart.validate_schema({"pool": {"size": "three"}})
     chart.validate_schema({"pool": {"size": 0}, "replicas": 3})
+    with pytest.raises(helm_python.HelmValuesError, match="/lease/maxActive"):
+        chart.validate_schema({"lease": {"maxActive": 0}})
+    chart.validate_schema({"lease": {"maxActive": None}})
+    chart.validate_schema({"lease": {"maxActive": 20}})
 
 
 def test_if_the_default_values_are_checked_then_they_satisfy_the_schema(

@@ -126,6 +126,23 @@ def test_if_others_hold_leases_then_status_counts_them_without_ids() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("active", "line"),
+    [
+        (2, "active leases 2 of at most 3 (lease.max_active)"),
+        (3, "active leases 3 of at most 3 (lease.max_active); new ones are refused until one ends"),
+    ],
+)
+def test_if_the_broker_has_a_lease_limit_then_status_shows_the_count_against_it(
+    active: int, line: str
+) -> None:
+    """If the broker reports lease.max_active, then status shows the active count against it,
+    and says so when new leases are refused."""
+    pool = {"size": 2, "leases_active": active, "leases_max_active": 3}
+    status = {"ready": True, "pool": pool, "leases": []}
+    assert status_text(status, server="s", now=0).splitlines()[1] == line
+
+
 def test_if_snapshots_are_listed_then_failed_ones_show_their_reason() -> None:
     """If snapshots are listed, then each is a row and a failed one shows its reason."""
     text = snapshots_text(
