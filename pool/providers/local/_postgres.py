@@ -26,6 +26,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import attrs
 import structlog
@@ -50,6 +51,13 @@ class RunUser:
     uid: int
     gid: int
     groups: tuple[int, ...]
+
+
+def as_run_user(run_user: RunUser | None) -> dict[str, Any]:
+    """The ``user``/``group``/``extra_groups`` keywords that start a process as ``run_user``."""
+    if run_user is None:
+        return {}
+    return {"user": run_user.uid, "group": run_user.gid, "extra_groups": run_user.groups}
 
 
 async def ensure_run_user(name: str) -> RunUser | None:
@@ -347,9 +355,7 @@ async def run_command(
             cwd=str(cwd) if cwd is not None else None,
             start_new_session=True,
             umask=0o077,
-            user=run_user.uid if run_user else None,
-            group=run_user.gid if run_user else None,
-            extra_groups=run_user.groups if run_user else None,
+            **as_run_user(run_user),
         )
     except OSError as exc:
         raise ProviderError(
@@ -497,9 +503,7 @@ async def start_postmaster(
             cwd=str(pgdata),
             start_new_session=True,
             umask=0o077,
-            user=run_user.uid if run_user else None,
-            group=run_user.gid if run_user else None,
-            extra_groups=run_user.groups if run_user else None,
+            **as_run_user(run_user),
         )
     finally:
         os.close(log_fd)

@@ -28,8 +28,9 @@ import pathlib
 import re
 import secrets
 import shutil
+import subprocess
 import tarfile
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 
 import attrs
 import trio
@@ -161,17 +162,23 @@ class LocalRestore:
             env["PGDATABASE"] = database
         return pg.command_env(self.bin_dir, env)
 
-    async def _query(self, sql: str) -> list[str]:
-        result = await trio.run_process(
-            [str(self.bin_dir / "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
-            env=self._env("postgres"),
+    async def _capture(
+        self, argv: Sequence[str], env: Mapping[str, str]
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run one of the PostgreSQL programs as the run user in the volume's folder, output kept."""
+        return await trio.run_process(
+            [str(self.bin_dir / argv[0]), *argv[1:]],
+            env=env,
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            user=self.run_user.uid if self.run_user else None,
-            group=self.run_user.gid if self.run_user else None,
-            extra_groups=self.run_user.groups if self.run_user else None,
             cwd=str(self.folder),
+            **pg.as_run_user(self.run_user),
+        )
+
+    async def _query(self, sql: str) -> list[str]:
+        result = await self._capture(
+            ["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql], self._env("postgres")
         )
         if result.returncode != 0:
             raise ProviderError(
@@ -384,17 +391,7 @@ class LocalRestore:
 
     async def _pg_restore(self, args: Sequence[str], what: str) -> tuple[bytes, str]:
         """pg_restore's output and the tail of its warnings; raise if it fails."""
-        result = await trio.run_process(
-            [str(self.bin_dir / "pg_restore"), *args],
-            env=self._env(),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            user=self.run_user.uid if self.run_user else None,
-            group=self.run_user.gid if self.run_user else None,
-            extra_groups=self.run_user.groups if self.run_user else None,
-            cwd=str(self.folder),
-        )
+        result = await self._capture(["pg_restore", *args], self._env())
         if result.returncode != 0:
             stderr = pg.tail_text(result.stderr)
             hint = "replace it with an intact backup"
