@@ -64,7 +64,11 @@ from ._settings import (
 )
 from ._states import CloneState, IllegalTransition, LeaseState, SnapshotState
 from .providers.local._files import DataFolderLock
+from .providers.local._postgres import embedded_bin_dir
 from .providers.local._provider import LocalProvider
+from .providers.local._restore import LocalRestore, RestoreOutcome
+from .providers.local._restore import describe as describe_restore
+from .providers.local._servers import run_psql, seal_roles
 from .providers.local._settings import LocalSettings
 from .sources._directory import DirectorySource
 from .sources._formats import (
@@ -104,6 +108,7 @@ __all__ = [
     "LeaseState",
     "Liveness",
     "LocalProvider",
+    "LocalRestore",
     "LocalSettings",
     "NoSnapshotReadyError",
     "NotFoundError",
@@ -125,6 +130,7 @@ __all__ = [
     "Resource",
     "Restartable",
     "RestoreFinished",
+    "RestoreOutcome",
     "RestoreProgress",
     "RestoreStatus",
     "S3Settings",
@@ -142,7 +148,11 @@ __all__ = [
     "WarmPoolSettings",
     "default_check_command",
     "default_restore_command",
+    "describe_restore",
+    "embedded_bin_dir",
     "format_of",
+    "run_psql",
+    "seal_roles",
 ]
 
 from typing import TYPE_CHECKING

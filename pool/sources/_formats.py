@@ -349,12 +349,18 @@ def archive_compression(toc: bytes) -> str | None:
     return "gzip" if level else None  # -1 (sign byte set) is zlib's default level
 
 
-def check_major(key: str, dump_major: int, server_major: int) -> None:
-    """Raise one sentence naming both versions when a dump comes from a newer server."""
+def check_major(
+    key: str, dump_major: int, server_major: int, *, bin_dir_setting: str = "local.bin_dir"
+) -> None:
+    """Raise one sentence naming both versions when a dump comes from a newer server.
+
+    ``bin_dir_setting`` is what the user sets to other binaries (``local.bin_dir``,
+    or ``--bin-dir`` of ``aldaas restore-backup``).
+    """
     if dump_major > server_major:
         raise ProviderError(
             f"backup {key!r} was dumped from PostgreSQL {dump_major}, newer than the "
-            f"PostgreSQL {server_major} it would be restored into; set local.bin_dir to "
+            f"PostgreSQL {server_major} it would be restored into; set {bin_dir_setting} to "
             f"PostgreSQL {dump_major} or newer binaries (the embedded default is the newest)"
         )
 

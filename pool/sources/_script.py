@@ -134,6 +134,8 @@ class ScriptFilter:
     fresh_database: str | None
     """The empty database made for the restore: a dump's ``CREATE DATABASE`` of it replaces it."""
     server_major: int
+    bin_dir_setting: str = "local.bin_dir"
+    """The setting a newer dump's error tells the user to point at newer binaries."""
 
     tolerated: list[str] = attrs.field(factory=list)
     """What every dump does on a fresh cluster that the filter dropped or rewrote, one line each."""
@@ -228,7 +230,9 @@ class ScriptFilter:
         if line.startswith("--"):
             if self.dump_major is None and (major := dumped_from_major(raw)) is not None:
                 self.dump_major = major
-                check_major(self.key, major, self.server_major)
+                check_major(
+                    self.key, major, self.server_major, bin_dir_setting=self.bin_dir_setting
+                )
             yield raw
             return
         if _PROGRAM.search(line) and line.upper().startswith("COPY"):
@@ -381,13 +385,19 @@ class _Pieces:
 
 
 def choose_database(
-    key: str, named: str | None, dump_databases: Iterable[str], default: str
+    key: str,
+    named: str | None,
+    dump_databases: Iterable[str],
+    default: str,
+    *,
+    setting: str = "local.database",
 ) -> str:
     """The database a lease gets after a script restore (see docs/backups.md).
 
-    ``named`` is ``local.database`` when set. A dump without ``\\connect`` was
-    restored into ``named`` or ``default``; a pg_dumpall one hands out the
-    named database, else its single non-system database.
+    ``named`` is ``setting`` (``local.database``, or ``restore.database`` on
+    Kubernetes) when set. A dump without ``\\connect`` was restored into
+    ``named`` or ``default``; a pg_dumpall one hands out the named database,
+    else its single non-system database.
     """
     listed = list(dump_databases)
     if not listed:
@@ -396,7 +406,7 @@ def choose_database(
         if named not in listed:
             raise ProviderError(
                 f"backup {key!r} has no database {named!r} (it holds {', '.join(listed)}); "
-                "set local.database to one of them"
+                f"set {setting} to one of them"
             )
         return named
     candidates = [d for d in listed if d not in SYSTEM_DATABASES]
@@ -406,5 +416,5 @@ def choose_database(
         return "postgres"
     raise ProviderError(
         f"backup {key!r} holds several databases ({', '.join(candidates)}); "
-        "set local.database to the one leases should get"
+        f"set {setting} to the one leases should get"
     )

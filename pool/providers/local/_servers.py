@@ -290,47 +290,17 @@ class Servers:
     async def seal_roles(
         self, setup: Setup, folder: pathlib.Path, endpoint: Endpoint, *, what: str
     ) -> None:
-        """The role model's seal step (:mod:`pool._roles`) on a restored database, as the admin.
-
-        Runs once for the cluster's roles, then in every connectable database:
-        the login owns the restored databases and what the admin made in them.
-        """
+        """The role model's seal step (:func:`seal_roles`) on a restored volume, as the admin."""
         login = str(_files.read_json(folder / "state.json").get("user", self._settings.user))
-        await self.admin_sql(
-            setup,
-            folder,
+        await seal_roles(
+            setup.bin_dir,
             endpoint,
-            roles.seal_roles_sql(login=login),
-            what=f"seal of the roles of {what}",
+            login=login,
+            what=what,
+            run_user=setup.run_user,
+            cwd=folder,
+            root=self._root,
         )
-        listing = await self.admin_sql(
-            setup,
-            folder,
-            endpoint,
-            roles.DATABASES_SQL,
-            what=f"listing the databases of {what}",
-            output=True,
-        )
-        try:
-            databases = json.loads(listing)
-        except ValueError:
-            databases = None
-        if not isinstance(databases, list):
-            raise ProviderError(
-                f"listing the databases of {what} gave {listing[:200]!r}, not a JSON list; "
-                "look at its postgres.log"
-            )
-        for database in databases:
-            sql = roles.seal_database_sql(
-                login=login, own_database=database not in roles.SYSTEM_DATABASES
-            )
-            await self.admin_sql(
-                setup,
-                folder,
-                attrs.evolve(endpoint, database=str(database)),
-                sql,
-                what=f"seal of database {database!r} of {what}",
-            )
 
     async def set_login(self, setup: Setup, folder: pathlib.Path, name: str) -> None:
         """Give clone ``name``'s lease login a password of its own (and the ``lease.superuser`` bit).
@@ -369,26 +339,16 @@ class Servers:
 
         Returns what it printed (unaligned, tuples only) when ``output`` is set.
         """
-        data = sql.encode()
-
-        async def feed(stdin: trio.abc.SendStream) -> None:
-            await stdin.send_all(data)
-
-        argv = [str(setup.bin_dir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"]
-        if not output:
-            argv += ["-o", "/dev/null"]
-        result = await pg.run_command(
-            argv,
-            env=pg.command_env(setup.bin_dir, endpoint.environ()),
-            run_user=setup.run_user,
-            timeout_seconds=600.0,
+        return await run_psql(
+            setup.bin_dir,
+            endpoint,
+            sql,
             what=what,
+            output=output,
+            run_user=setup.run_user,
             cwd=folder,
-            feed=feed,
+            root=self._root,
         )
-        if result.returncode != 0:
-            raise ProviderError(failure(what, result, self._root))
-        return result.tail
 
     async def cluster_state(self, setup: Setup, folder: pathlib.Path) -> str:
         """``pg_controldata``'s "Database cluster state" (``shut down`` after a clean stop)."""
@@ -432,9 +392,101 @@ class Servers:
             raise ProviderError(failure(what, result, self._root))
 
 
-def failure(what: str, result: pg.CommandResult, root: pathlib.Path) -> str:
+async def run_psql(
+    bin_dir: pathlib.Path,
+    endpoint: Endpoint,
+    sql: str,
+    *,
+    what: str,
+    output: bool = False,
+    run_user: pg.RunUser | None = None,
+    cwd: pathlib.Path | None = None,
+    root: pathlib.Path | None = None,
+) -> str:
+    """Run ``sql`` with ``bin_dir``'s psql as ``endpoint``'s role, ``ON_ERROR_STOP``.
+
+    The SQL goes on stdin, never in argv or logs. Returns what psql printed
+    (unaligned, tuples only, the tail as one line) when ``output`` is set.
+    ``root`` is the data folder a full disk's error names.
+    """
+    data = sql.encode()
+
+    async def feed(stdin: trio.abc.SendStream) -> None:
+        await stdin.send_all(data)
+
+    argv = [str(bin_dir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"]
+    if not output:
+        argv += ["-o", "/dev/null"]
+    result = await pg.run_command(
+        argv,
+        env=pg.command_env(bin_dir, endpoint.environ()),
+        run_user=run_user,
+        timeout_seconds=600.0,
+        what=what,
+        cwd=cwd,
+        feed=feed,
+    )
+    if result.returncode != 0:
+        raise ProviderError(failure(what, result, root))
+    return result.tail
+
+
+async def seal_roles(
+    bin_dir: pathlib.Path,
+    endpoint: Endpoint,
+    *,
+    login: str,
+    what: str,
+    run_user: pg.RunUser | None = None,
+    cwd: pathlib.Path | None = None,
+    root: pathlib.Path | None = None,
+) -> None:
+    """The role model's seal step (:mod:`pool._roles`) on a restored cluster, with :func:`run_psql`.
+
+    ``endpoint`` is the admin (the role that restored, and the one left alone).
+    Runs once for the cluster's roles, then in every connectable database: the
+    login owns the restored databases and what the admin made in them.
+    """
+    admin = endpoint.user
+
+    async def run_sql(on: Endpoint, sql: str, step: str, output: bool = False) -> str:
+        return await run_psql(
+            bin_dir, on, sql, what=step, output=output, run_user=run_user, cwd=cwd, root=root
+        )
+
+    await run_sql(
+        endpoint, roles.seal_roles_sql(login=login, admin=admin), f"seal of the roles of {what}"
+    )
+    listing = await run_sql(endpoint, roles.DATABASES_SQL, f"listing the databases of {what}", True)
+    try:
+        databases = json.loads(listing)
+    except ValueError:
+        databases = None
+    if not isinstance(databases, list):
+        raise ProviderError(
+            f"listing the databases of {what} gave {listing[:200]!r}, not a JSON list; "
+            "look at its server log"
+        )
+    for database in databases:
+        sql = roles.seal_database_sql(
+            login=login, admin=admin, own_database=database not in roles.SYSTEM_DATABASES
+        )
+        await run_sql(
+            attrs.evolve(endpoint, database=str(database)),
+            sql,
+            f"seal of database {database!r} of {what}",
+        )
+
+
+def failure(what: str, result: pg.CommandResult, root: pathlib.Path | None) -> str:
     """The one-sentence error for a command that failed (a full disk said as such)."""
-    if "No space left on device" in result.tail or "could not extend file" in result.tail:
+    full = "No space left on device" in result.tail or "could not extend file" in result.tail
+    if full and root is None:
+        return (
+            f"{what} failed because the database server's disk is full (exit status "
+            f"{result.returncode}: {result.tail}); give the database more space"
+        )
+    if full:
         return (
             f"{what} failed because the disk holding {root} is full (exit status "
             f"{result.returncode}: {result.tail}); free space or move local.data_dir"
