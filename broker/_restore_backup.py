@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -103,6 +104,12 @@ async def restore_backup(
             "check --file"
         ) from None
     bin_dir = request.bin_dir or pool.embedded_bin_dir()
+    for program in ("psql", "pg_restore"):
+        if not os.access(bin_dir / program, os.X_OK):
+            raise pool.ProviderError(
+                f"there is no {program} in {str(bin_dir)!r}; set --bin-dir to the bin folder of "
+                "PostgreSQL client tools as new as the server"
+            )
     work = request.work_dir or request.file.parent / "aldaas-work"
     made = not work.exists()
     try:
@@ -157,17 +164,24 @@ async def restore_backup(
 
 async def server_major(bin_dir: pathlib.Path, endpoint: pool.Endpoint, cwd: pathlib.Path) -> int:
     """The server's major version (18 for 180001), asked with ``SHOW server_version_num``."""
-    answer = await pool.run_psql(
-        bin_dir,
-        endpoint,
-        "SHOW server_version_num",
-        what=f"asking the server at {endpoint.host}:{endpoint.port} for its version",
-        output=True,
-        cwd=cwd,
-    )
+    where = f"{endpoint.host}:{endpoint.port}"
+    try:
+        answer = await pool.run_psql(
+            bin_dir,
+            endpoint,
+            "SHOW server_version_num",
+            what=f"asking the server at {where} for its version",
+            output=True,
+            cwd=cwd,
+        )
+    except pool.ProviderError as exc:
+        raise pool.ProviderError(
+            f"{exc}; check PGHOST, PGPORT, PGUSER and PGPASSWORD (the admin of the server to "
+            "restore into)"
+        ) from None
     if not answer.strip().isdigit():
         raise pool.ProviderError(
-            f"the server at {endpoint.host}:{endpoint.port} answered {answer[:80]!r} to SHOW "
+            f"the server at {where} answered {answer[:80]!r} to SHOW "
             "server_version_num; point PGHOST and PGPORT at a PostgreSQL server"
         )
     return int(answer) // 10000

@@ -283,6 +283,38 @@ async def test_if_a_libpq_variable_is_missing_then_it_is_a_usage_error_naming_it
     assert finished.stdout == ""
 
 
+@pytest.mark.slow
+async def test_if_no_server_answers_then_one_sentence_names_the_variables_to_check(
+    tmp_path: pathlib.Path,
+) -> None:
+    """If nothing listens at PGHOST:PGPORT, then the command exits 1 with one sentence naming the
+    address and the variables to check, and never prints the password."""
+    backup = tmp_path / "app.sql"
+    backup.write_bytes(b"SELECT 1;\n")
+    nowhere = Endpoint(
+        host="127.0.0.1", port=1, user="aldaas_admin", database="aldaas", password="s3cret-pw"
+    )
+    outcome = tmp_path / "outcome.json"
+    finished = await restore_backup(nowhere, backup, "--outcome", str(outcome))
+    assert_failed(finished, outcome, "server at 127.0.0.1:1", "check PGHOST, PGPORT")
+
+
+@pytest.mark.slow
+async def test_if_the_bin_dir_has_no_psql_then_one_sentence_says_to_set_bin_dir(
+    tmp_path: pathlib.Path,
+) -> None:
+    """If --bin-dir holds no PostgreSQL client tools, then the command exits 1 with one sentence
+    naming the folder and --bin-dir."""
+    backup = tmp_path / "app.sql"
+    backup.write_bytes(b"SELECT 1;\n")
+    nowhere = Endpoint(host="127.0.0.1", port=1, user="aldaas_admin", database="aldaas")
+    outcome = tmp_path / "outcome.json"
+    finished = await restore_backup(
+        nowhere, backup, "--bin-dir", str(tmp_path), "--outcome", str(outcome)
+    )
+    assert_failed(finished, outcome, f"no psql in '{tmp_path}'", "set --bin-dir")
+
+
 def outcome_of(tolerated: Sequence[str], created_roles: Sequence[str]) -> RestoreOutcome:
     return RestoreOutcome(
         database="app",
