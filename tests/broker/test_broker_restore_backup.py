@@ -48,7 +48,7 @@ def dumps(module_data_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactor
     settings = LocalSettings(
         data_dir=module_data_dir / "source", user="postgres", database="postgres"
     )
-    return make_dumps(settings, tmp_path_factory.mktemp("dumps"), directory=False)
+    return make_dumps(settings, tmp_path_factory.mktemp("dumps"))
 
 
 @pytest.fixture(scope="module")
@@ -211,30 +211,41 @@ async def test_if_a_pg_dumpall_holds_two_databases_then_restore_database_must_na
 
 
 @pytest.mark.slow
-async def test_if_the_backup_is_an_uncompressed_custom_archive_then_it_is_read_in_place(
+async def test_if_the_backup_is_an_uncompressed_archive_then_it_is_read_in_place(
     dumps: Dumps, volume: Endpoint, tmp_path: pathlib.Path
 ) -> None:
-    """If --file is an uncompressed pg_dump -Fc and no file may grow to half its size (so no copy
-    of it fits in the work folder), then it still restores with well-formed progress; the same
-    archive gzipped (which must be unpacked into the work folder) fails on that limit."""
-    data = dumps.files["app-z0.dump"]
-    limit = len(data) // 2
-    packed = tmp_path / "app.dump.gz"
-    packed.write_bytes(gzip.compress(data))
+    """If --file is an uncompressed pg_dump -Fc or -Ft and no file may grow to half its size (so
+    no copy of it fits in the work folder), then it still restores, with well-formed progress;
+    the same -Fc gzipped (which must be unpacked into the work folder) fails on that limit; a
+    packed -Fd is unpacked straight from the file."""
     outcome = tmp_path / "outcome.json"
-    finished = await restore_backup(volume, packed, "--outcome", str(outcome), fsize_limit=limit)
-    assert_failed(finished, outcome, "File too large")
-    backup = tmp_path / "app.dump"
-    backup.write_bytes(data)
+    custom = dumps.files["app-z0.dump"]
+    packed = tmp_path / "app.dump.gz"
+    packed.write_bytes(gzip.compress(custom))
     finished = await restore_backup(
-        volume, backup, "--jobs", "2", "--outcome", str(outcome), fsize_limit=limit
+        volume, packed, "--outcome", str(outcome), fsize_limit=len(custom) // 2
     )
-    assert finished.returncode == 0, finished.stderr
-    assert_progress(finished.stdout, len(data))
-    meta = json.loads(outcome.read_text())
-    assert (meta["restore_format"], meta["restore_database"]) == ("custom+none", volume.database)
-    assert await aquery(volume, "SELECT count(*) FROM items") == [(1000,)]
-    assert not (tmp_path / "aldaas-work").exists()
+    assert_failed(finished, outcome, "File too large")
+    cases = [("app-z0.dump", "custom+none", True), ("app.tar", "tar+none", True)]
+    for dump, detected, limited in [*cases, ("app-dir.tar", "tar+none", False)]:
+        # One volume, a database each: every archive restores into an empty one.
+        database = dump.replace(".", "_").replace("-", "_")
+        await aquery(volume, f"CREATE DATABASE {database}")
+        into = attrs.evolve(volume, database=database)
+        data = dumps.files[dump]
+        backup = tmp_path / dump
+        backup.write_bytes(data)
+        limit = len(data) // 2 if limited else None
+        finished = await restore_backup(
+            into, backup, "--jobs", "2", "--outcome", str(outcome), fsize_limit=limit
+        )
+        assert finished.returncode == 0, (dump, finished.stderr)
+        assert_progress(finished.stdout, len(data))
+        meta = json.loads(outcome.read_text())
+        assert (meta["restore_format"], meta["restore_database"]) == (detected, database)
+        assert await aquery(into, "SELECT count(*) FROM items") == [(1000,)], dump
+        assert not (tmp_path / "aldaas-work").exists()
+        outcome.unlink()
 
 
 @pytest.mark.slow
