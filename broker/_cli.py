@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     restore = sub.add_parser(
         "restore-backup",
         help="restore one backup file into a PostgreSQL server (the Kubernetes restore Job)",
-        description="Restore the backup in FILE (pg_dump or pg_dumpall, any format and "
+        description="Restore the backup file PATH (pg_dump or pg_dumpall, any format and "
         "compression, read from its first bytes) into the server and database that PGHOST, "
         "PGPORT, PGUSER, PGPASSWORD and PGDATABASE name, as that server's admin, as the local "
         "provider restores. Stdout carries only 'progress DONE TOTAL' lines.",
