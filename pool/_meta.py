@@ -27,6 +27,12 @@ FAILED_AT = "failed_at"
 REASON = "reason"
 RESTORE_SECONDS = "restore_seconds"
 RESTORED_BYTES = "restored_bytes"
+RESTORE_FORMAT = "restore_format"
+RESTORE_DATABASE = "restore_database"
+RESTORE_TOLERATED = "restore_tolerated"
+RESTORE_CREATED_ROLES = "restore_created_roles"
+RESTORE_OUTCOME = (RESTORE_FORMAT, RESTORE_DATABASE, RESTORE_TOLERATED, RESTORE_CREATED_ROLES)
+"""What aldaas's restore engine reports about a restore (the snapshot meta it adds)."""
 
 LEASE_ID = "lease_id"
 LEASE_SECRET_HASH = "lease_secret_hash"  # noqa: S105 - a meta key, not a secret

@@ -16,8 +16,14 @@ from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
 SNAPSHOT = "snap-20261126030000-a1b2c3"  # the pool's names: pool/_meta.py
 VOLUME = SNAPSHOT
+ENGINE_VOLUME = "snap-20261126040000-b2c3d4"
+"""A volume whose restore Job runs the built-in restore (``aldaas restore-backup``)."""
 CLONE = "clone-0123456789"
 VERIFY = "verify-0123456789"
+
+
+BUILTIN = Command(argv=(), builtin=True)
+"""The pool's restore command when ``restore.argv`` is empty: the built-in restore."""
 
 
 def _as_created(obj: dict[str, Any]) -> dict[str, Any]:
@@ -33,12 +39,19 @@ def built_objects(settings: KubernetesSettings) -> list[dict[str, Any]]:
     meta = {"status": "verifying", "deadline": "1764115200.0", "reason": "x" * 3000}
     volume_claim = manifests.pvc(settings, Kind.VOLUME, VOLUME, {"status": "restoring"})
     clone_claim = manifests.pvc(
-        settings, Kind.CLONE, CLONE, {"state": "warm"}, snapshot_name, restore_size="20Gi"
+        settings,
+        Kind.CLONE,
+        CLONE,
+        {"state": "warm"},
+        snapshot_name,
+        restore_size="20Gi",
+        database="app_production",
     )
     return [
         volume_claim,
         manifests.database_pod(settings, Kind.VOLUME, VOLUME, _as_created(volume_claim)),
         manifests.restore_job(settings, VOLUME, backup, Command(argv=["psql"]), address),
+        manifests.restore_job(settings, ENGINE_VOLUME, backup, BUILTIN, address),
         manifests.volume_snapshot(settings, VOLUME, SNAPSHOT, meta),
         clone_claim,
         manifests.database_pod(settings, Kind.CLONE, CLONE, _as_created(clone_claim)),

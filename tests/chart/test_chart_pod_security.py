@@ -79,7 +79,7 @@ def test_if_the_broker_builds_pods_from_the_charts_settings_then_they_are_restri
     settings = load_broker_settings(render(values), tmp_path).kubernetes
     objects = built_objects(settings)
     specs = pod_specs(objects)
-    assert len(specs) == 4
+    assert len(specs) == 5  # two database pods, the two kinds of restore Job, the check
     for obj in objects:
         validate_strict(obj)
     for name, spec in specs.items():
@@ -116,9 +116,11 @@ def test_if_every_pod_value_is_set_then_the_broker_and_its_pods_carry_each(
         assert spec["priorityClassName"] == "dev-databases", name
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
             assert container["securityContext"] == given["containerSecurityContext"], name
-    (restore,) = [spec for name, spec in specs.items() if name.endswith("-restore")]
-    assert restore["serviceAccountName"] == "backup-reader"
-    assert restore["volumes"][0]["emptyDir"] == {"sizeLimit": "50Gi"}
+    restores = [spec for name, spec in specs.items() if name.endswith("-restore")]
+    assert len(restores) == 2  # a configured command's and the built-in restore's
+    for restore in restores:
+        assert restore["serviceAccountName"] == "backup-reader"
+        assert restore["volumes"][0]["emptyDir"] == {"sizeLimit": "50Gi"}
     databases = [spec for name, spec in specs.items() if name.startswith("Pod ")]
     assert [spec["serviceAccountName"] for spec in databases] == ["aldaas-db", "aldaas-db"]
 

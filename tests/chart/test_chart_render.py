@@ -248,12 +248,11 @@ def test_if_defaults_are_rendered_then_the_config_carries_every_setting(render: 
                 "database": "my_db_name",
             },
             "restore": {
-                "image": "postgres:latest",
-                "command": ["sh", "-c"],
-                "args": [
-                    "gunzip -c /backup.sql.gz | psql -h $ALDAAS_HOST_DAEMON -p 5432"
-                    " -U $POSTGRES_USER -d $POSTGRES_DB"
-                ],
+                # The built-in restore, in the broker's image (helper_image).
+                "image": None,
+                "command": [],
+                "args": [],
+                "database": None,
                 "env": restore_env,
                 "env_from_secret": None,
                 "service_account": None,

@@ -241,12 +241,20 @@ class JobOutcome:
 
     succeeded: bool = True
     log: str = ""
+    message: str | None = None
+    """What the main container wrote to its terminationMessagePath (the kubelet reports at most
+    4096 bytes of it as ``state.terminated.message``). None: what the program would write on
+    success: ``aldaas restore-backup`` its outcome (the database of its PGDATABASE), others nothing."""
     fetch_log: str = ""
     """What the init container "fetch" has printed while the Job is held."""
     fetch_failed: bool = False
     """The download fails (init container exits 1 with ``fetch_log``); the command never runs."""
     hold: threading.Event | None = None
     """When set, the Job's pod stays in its init container until the event is set."""
+    restore_log: str = ""
+    """What the main container has printed while ``restore_hold`` holds it."""
+    restore_hold: threading.Event | None = None
+    """When set, the Job's pod then stays in its main container until the event is set."""
 
 
 class FakeKubernetes:
@@ -1097,13 +1105,29 @@ class FakeKubernetes:
             self.update_status("jobs", ns, name, {"failed": 1, "conditions": conditions})
             return
         main = pod["spec"]["containers"][0]["name"]
+        if outcome.restore_hold is not None:
+            with self.lock:
+                self.logs[(ns, pod_name, main)] = outcome.restore_log
+            fetched = {"name": "fetch", "state": {"terminated": {"exitCode": 0}}}
+            running = {"name": main, "ready": True, "state": {"running": {}}}
+            status = {"initContainerStatuses": [fetched], "containerStatuses": [running]}
+            self.update_status("pods", ns, pod_name, {"phase": "Running", **status})
+            while not outcome.restore_hold.wait(timeout=0.05):
+                if self.stopping:
+                    return
         with self.lock:
             self.logs[(ns, pod_name, main)] = outcome.log
         phase = "Succeeded" if outcome.succeeded else "Failed"
         code = 0 if outcome.succeeded else 1
-        terminated = {
+        terminated: Obj = {
             "terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
         }
+        message = outcome.message
+        if message is None and outcome.succeeded:
+            message = _default_message(pod["spec"]["containers"][0])
+        if message:  # as a kubelet: the file's first 4096 bytes
+            cut = message.encode()[:4096].decode("utf-8", "ignore")
+            terminated["terminated"]["message"] = cut
         self.update_status(
             "pods",
             ns,
@@ -1119,6 +1143,14 @@ class FakeKubernetes:
         self.update_status(
             "jobs", ns, name, {**counts, "conditions": [{"type": condition, "status": "True"}]}
         )
+
+
+def _default_message(container: Obj) -> str:
+    """The termination message a successful main container leaves when a test names none."""
+    if "restore-backup" not in container.get("command", []):
+        return ""
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    return json.dumps({"restore_format": "script+gzip", "restore_database": env["PGDATABASE"]})
 
 
 def rbac_verbs(calls: list[tuple[str, str, bool]]) -> set[tuple[str, str, str]]:

@@ -19,10 +19,13 @@ only ever talks to the (fake) Kubernetes API:
 - a VolumeSnapshot → ``LocalProvider.seal(pvc, snapshot)`` (stops the server
   cleanly, as deleting the pod did on a cluster, and keeps the data);
 - a deleted PVC or VolumeSnapshot → ``LocalProvider.destroy``;
-- a Job → its containers run as processes on this machine: the ``fetch`` init
+- a Job → its containers run as processes on this machine, each volume a
+  folder and every path under a mount made the folder's: the ``fetch`` init
   container's ``--key K --to P`` is served from the S3 source, then the main
   container's command runs with the pod's environment and the PostgreSQL
-  binaries on PATH; its output becomes the pod's log.
+  binaries on PATH (``aldaas ...`` is this installation's, as in the helper
+  image); its output becomes the pod's log and what it wrote to its
+  ``terminationMessagePath`` its termination message.
 
 It runs in the fake's controller threads and calls the (trio) local provider
 with ``trio.from_thread.run``.
@@ -37,6 +40,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -101,6 +105,28 @@ class _Forwarder:
             for sock in self._sockets:
                 with contextlib.suppress(OSError):
                     sock.close()
+
+
+def _mounts(container: Obj, volumes: dict[str, pathlib.Path]) -> list[tuple[str, str]]:
+    """(path in the container, local path) of each of ``container``'s volume mounts."""
+    mounts = []
+    for mount in container.get("volumeMounts", []):
+        local = volumes[mount["name"]] / mount.get("subPath", "")
+        mounts.append((mount["mountPath"].rstrip("/"), str(local)))
+    return mounts
+
+
+def _local(value: str, mounts: list[tuple[str, str]]) -> str:
+    """``value`` with a container path under one of ``mounts`` made the local one."""
+    for path, local in mounts:
+        if value == path or value.startswith(path + "/"):
+            return local + value[len(path) :]
+    return value
+
+
+def _local_argv(container: Obj, volumes: dict[str, pathlib.Path]) -> list[str]:
+    mounts = _mounts(container, volumes)
+    return [_local(arg, mounts) for arg in container["command"]]
 
 
 class LocalKubelet:
@@ -268,30 +294,40 @@ class LocalKubelet:
     def run_job(self, job: Obj) -> JobOutcome:
         spec = job["spec"]["template"]["spec"]
         with tempfile.TemporaryDirectory(dir=self._workdir) as folder:
-            mounts: dict[str, str] = {}
+            # Each volume is a folder; a path under a container's mount is that folder's.
+            volumes = {v["name"]: pathlib.Path(folder, v["name"]) for v in spec["volumes"]}
+            for path in volumes.values():
+                path.mkdir()
             for init in spec.get("initContainers", []):
-                argv = init["command"]
+                argv = _local_argv(init, volumes)
                 key, target = argv[argv.index("--key") + 1], argv[argv.index("--to") + 1]
-                local = pathlib.Path(folder) / pathlib.PurePosixPath(target).name
-                self._run(self._download, key, local)
-                mounts[target] = str(local)
+                self._run(self._download, key, pathlib.Path(target))
             container = spec["containers"][0]
+            message_path = pathlib.Path(folder, "termination-log")
+            message_path.touch()
+            mounts = _mounts(container, volumes)
+            message_at = container.get("terminationMessagePath", "/dev/termination-log")
+            mounts.append((message_at, str(message_path)))
             env = self._env(job["spec"]["template"] | {"metadata": job["metadata"]}, container)
-            env = {k: mounts.get(v, v) for k, v in env.items()}
+            env = {k: _local(v, mounts) for k, v in env.items()}
             env["PATH"] = f"{embedded_bin_dir()}:{os.environ.get('PATH', '/usr/bin:/bin')}"
             env["LC_ALL"] = "C"
+            argv = [_local(arg, mounts) for arg in container["command"]]
+            if argv[0] == "aldaas":  # the helper image's program: this installation's
+                argv = [sys.executable, "-m", "aldaas.broker", *argv[1:]]
             done = subprocess.run(
-                container["command"],
+                argv,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 timeout=job["spec"]["activeDeadlineSeconds"],
                 check=False,
             )
+            message = message_path.read_text(errors="replace")
         log = (done.stdout + done.stderr).decode("utf-8", "replace")
         if done.returncode != 0:
             self.failures.append(log)
-        return JobOutcome(succeeded=done.returncode == 0, log=log)
+        return JobOutcome(succeeded=done.returncode == 0, log=log, message=message)
 
     async def _download(self, key: str, target: pathlib.Path) -> None:
         backup = Backup(key=key, etag="", size=0, modified=0.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import pathlib
 import socket
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ pytestmark = pytest.mark.slow
 
 ROWS = 2000
 BUCKET = "k8s-e2e-backups"
+KEY = "nightly/app.sql.gz"
 
 
 @pytest.fixture
@@ -72,22 +74,55 @@ def s3() -> Iterator[S3Settings]:
         aws_secret_access_key="test",
     )
     s3.create_bucket(Bucket=BUCKET)
-    rows = b"".join(b"%d\titem-%d\n" % (i, i) for i in range(ROWS))
-    # As pg_dump writes it: the table belongs to a role of the original's (the dump's role).
-    dump = (
-        b"CREATE ROLE app_owner;\nCREATE TABLE items (id int PRIMARY KEY, name text);\n"
-        b"ALTER TABLE items OWNER TO app_owner;\nCOPY items FROM stdin;\n"
-    )
-    s3.put_object(
-        Bucket=BUCKET, Key="nightly/app.sql.gz", Body=gzip.compress(dump + rows + b"\\.\n")
-    )
     try:
         yield settings
     finally:
         # moto keeps its state per process, shared by every server: leave nothing behind.
-        s3.delete_object(Bucket=BUCKET, Key="nightly/app.sql.gz")
+        s3.delete_object(Bucket=BUCKET, Key=KEY)
         s3.delete_bucket(Bucket=BUCKET)
         server.stop()
+
+
+SOURCE_SQL = [
+    "CREATE ROLE app_owner NOLOGIN",
+    "CREATE ROLE app_reader LOGIN PASSWORD 'dump-password-never-handed-out'",
+    "CREATE DATABASE app OWNER app_owner",
+]
+APP_SQL = f"""
+SET ROLE app_owner;
+CREATE TABLE items (id int PRIMARY KEY, name text);
+INSERT INTO items SELECT g, 'item-' || g FROM generate_series(1, {ROWS}) g;
+GRANT SELECT ON items TO app_reader;
+"""
+
+
+async def _upload_dumpall(local: LocalProvider, s3: S3Settings) -> None:
+    """The original's backup, made for real: ``pg_dumpall | gzip`` of a cluster whose one
+    application database belongs to a NOLOGIN role, put where postgres-operator puts it."""
+    source = await local.create_volume("source", {})
+    bin_dir = await local.bin_dir()
+    psql = [str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+
+    async def run(argv: list[str], database: str = "postgres") -> bytes:
+        env = {**os.environ, **source.environ(), "PGDATABASE": database}
+        done = await trio.run_process(argv, env=env, capture_stdout=True, capture_stderr=True)
+        return done.stdout
+
+    try:
+        for statement in SOURCE_SQL:
+            await run([*psql, "-c", statement])
+        await run([*psql, "-c", APP_SQL], "app")
+        dump = await run([str(bin_dir / "pg_dumpall")])
+    finally:
+        await local.destroy(Kind.VOLUME, "source")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    s3.put_object(Bucket=BUCKET, Key=KEY, Body=gzip.compress(dump))
 
 
 async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_each_lease_with_its_password(
@@ -98,13 +133,15 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_each_lease_with_i
     data_dir: pathlib.Path,
     tmp_path: pathlib.Path,
 ) -> None:
-    """If a .sql.gz arrives in S3, then the pool restores, snapshots and hands out pods with its
-    rows; if a leased pod is then deleted, then the lease answers at its new pod with what was
+    """If a real ``pg_dumpall | gzip`` arrives in S3, then the pool restores it with aldaas's
+    engine in the restore Job (default settings), snapshots it and hands out pods of its one
+    application database with its rows, owned by the dump's NOLOGIN role; if a leased pod is then deleted, then the lease answers at its new pod with what was
     written, with the same password. Each lease logs in with its own password (kept in its
     clone's Secret, not a superuser, acting as the dump's roles), which opens no other clone, not
     even a later one, and which a restarted broker finds again; a destroyed clone leaves no
     Secret behind."""
     local = LocalProvider(LocalSettings(data_dir=data_dir))
+    await _upload_dumpall(local, s3)
     source = S3Source(s3)
     fake.kubelet = LocalKubelet(local, source, trio.lowlevel.current_trio_token(), tmp_path, fake)
     # Pod IPs are 127.0.0.x, all on the application port: take one that is free on every
@@ -132,21 +169,30 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_each_lease_with_i
             # Real PostgreSQL on two shared cores: generous, it only bounds a hang.
             await wait_until(lambda: pool.statistics().clones["warm"] == 2, seconds=180)
             (snapshot,) = pool.statistics().snapshots
-            assert (snapshot.backup_key, snapshot.status) == ("nightly/app.sql.gz", "ready")
+            assert (snapshot.backup_key, snapshot.status) == (KEY, "ready")
+            # What the engine reported in its termination message reached the snapshot.
+            assert snapshot.database == "app"
+            assert snapshot.tolerated is not None
+            assert "aldaas_admin" in snapshot.tolerated  # the source's superuser's CREATE ROLE
 
             lease = await pool.acquire(labels={"test": "e2e"})
             assert lease.endpoint.host.startswith("127.0.0.")
-            assert lease.endpoint.port == port
+            assert (lease.endpoint.port, lease.endpoint.database) == (port, "app")
             count = await trio.to_thread.run_sync(
                 query, lease.endpoint, "SELECT count(*) FROM items"
             )
             assert count == [(ROWS,)]
+            owner = "SELECT tableowner FROM pg_tables WHERE tablename = 'items'"
+            assert await trio.to_thread.run_sync(query, lease.endpoint, owner) == [("app_owner",)]
 
             # The cluster holds the truth: a ready VolumeSnapshot, clone PVCs, one leased.
             snap = fake.get("volumesnapshots", "test", f"aldaas-{snapshot.name}")
             assert snap is not None
             assert snap["metadata"]["labels"]["status"] == "ready"
             jobs = [obj["metadata"]["name"] for plural, obj in fake.created if plural == "jobs"]
+            restore_job = next(obj for plural, obj in fake.created if plural == "jobs")
+            (restore,) = restore_job["spec"]["template"]["spec"]["containers"]
+            assert restore["command"][:2] == ["aldaas", "restore-backup"]
             assert jobs == [f"aldaas-{snapshot.name}-restore", jobs[1]]
             assert jobs[1].endswith("-check")
             clones = await provider.list(Kind.CLONE)

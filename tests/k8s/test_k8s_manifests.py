@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 import pytest
-from k8s_built import VOLUME, built_objects, pod_specs
+from k8s_built import BUILTIN, VOLUME, built_objects, pod_specs
 from k8s_fake_api import FakeKubernetes
 from k8s_schemas import name_errors, restricted_violations, validate_strict
 from kubernetes import client
@@ -140,6 +140,72 @@ async def test_if_the_original_restore_values_are_used_then_the_job_runs_them_ve
     env = {e["name"]: e.get("value") for e in restore["env"]}
     assert env["ALDAAS_BACKUP_FILE"] == "/backup.sql.gz"
     assert [r.kind for r in await provider.list()] == [Kind.VOLUME]
+
+
+def _engine_restore(settings: KubernetesSettings) -> dict[str, Any]:
+    """The restore container of a Job for the built-in restore (the pool's default command)."""
+    address = {"PGHOST": "10.0.0.7", "PGPORT": "5432", "PGUSER": "x", "PGDATABASE": "app"}
+    backup = Backup(
+        key="spilo/acid/logical_backups/1732600000.sql.gz", etag="e", size=1, modified=0
+    )
+    job = manifests.restore_job(settings, VOLUME, backup, BUILTIN, address)
+    (restore,) = job["spec"]["template"]["spec"]["containers"]
+    return dict(restore)
+
+
+def test_if_no_restore_command_is_configured_then_the_job_runs_aldaas_restore_in_the_broker_image(
+    settings: KubernetesSettings,
+) -> None:
+    """If neither the pool's restore.argv nor the original's restore.command/args is set, then
+    the restore container runs ``aldaas restore-backup`` on the downloaded file in the broker's
+    image, with a writable emptyDir, its outcome in the termination message, and (per-clone
+    credentials) the seal step for the lease login."""
+    settings = attrs.evolve(settings, helper_image="registry.example/aldaas:1.2")
+    restore = _engine_restore(settings)
+    assert restore["image"] == "registry.example/aldaas:1.2"
+    assert "imagePullPolicy" not in restore
+    assert restore["command"] == [
+        "aldaas",
+        "restore-backup",
+        "--file",
+        "/backup/1732600000.sql.gz",
+        "--key",
+        "spilo/acid/logical_backups/1732600000.sql.gz",
+        "--work-dir",
+        "/backup/aldaas-work",
+        "--outcome",
+        "/dev/termination-log",
+        "--seal-login",
+        "aldaas",
+    ]
+    assert restore["volumeMounts"] == [{"name": "backup", "mountPath": "/backup"}]
+    assert restore["terminationMessagePath"] == "/dev/termination-log"
+    env = {e["name"]: e.get("value") for e in restore["env"]}
+    assert (env["PGUSER"], env["PGDATABASE"]) == ("aldaas_admin", "app")
+    assert not any(name.startswith("ALDAAS_SEAL_") for name in env)  # the engine seals itself
+
+
+def test_if_the_restore_names_a_database_or_logins_are_static_then_the_engine_argv_says_so(
+    settings: KubernetesSettings,
+) -> None:
+    """If restore.database is set, then the engine gets ``--database``; with static logins it
+    gets no ``--seal-login``; a restore.image replaces the broker's image."""
+    settings = attrs.evolve(
+        settings,
+        application=ApplicationSettings(logins="static", user="app", password="pw"),
+        restore=RestoreSettings(database="app_production", image="my/aldaas-with-pg19:1"),
+    )
+    restore = _engine_restore(settings)
+    assert restore["image"] == "my/aldaas-with-pg19:1"
+    assert restore["command"][-2:] == ["--database", "app_production"]
+    assert "--seal-login" not in restore["command"]
+
+
+def test_if_the_engine_command_is_emptied_then_the_provider_refuses_to_start() -> None:
+    """If restore.engine_command is empty, then the settings are refused in one sentence."""
+    settings = KubernetesSettings(restore=RestoreSettings(engine_command=()))
+    with pytest.raises(ProviderError, match=r"restore.engine_command is empty"):
+        manifests.check_settings(settings)
 
 
 async def test_if_the_s3_secret_has_other_key_names_then_the_download_maps_them_to_aws_names(
@@ -334,10 +400,10 @@ def test_if_a_name_cannot_fit_then_the_provider_refuses_to_start_in_one_sentence
 def test_if_a_pod_is_built_then_pod_security_restricted_admits_it(
     settings: KubernetesSettings,
 ) -> None:
-    """If any pod the provider sends is built (database, restore, check), then it passes the
+    """If any pod the provider sends is built (database, both kinds of restore, check), then it passes the
     rules of Pod Security "restricted", with every optional setting too."""
     specs = pod_specs(built_objects(settings))
-    assert len(specs) == 4
+    assert len(specs) == 5  # two database pods, the two kinds of restore Job, the check
     for name, spec in specs.items():
         assert restricted_violations(spec) == [], name
 
@@ -370,16 +436,18 @@ def test_if_every_scheduling_setting_is_given_then_database_and_job_pods_carry_i
         assert spec["priorityClassName"] == "dev-databases"
         assert spec["imagePullSecrets"] == [{"name": "registry-creds"}]
         assert spec["affinity"] == settings.pods.affinity
-    (restore,) = [s for name, s in specs.items() if name.endswith("-restore")]
-    assert restore["serviceAccountName"] == "backup-reader"
-    assert restore["automountServiceAccountToken"] is True
-    assert restore["volumes"] == [
-        {"name": "backup", "emptyDir": {"sizeLimit": "50Gi"}},
-        {
-            "name": "s3-ca",
-            "secret": {
-                "secretName": "minio-tls",
-                "items": [{"key": "ca.crt", "path": "ca-bundle.pem"}],
+    restores = [s for name, s in specs.items() if name.endswith("-restore")]
+    assert len(restores) == 2  # a configured command's and the built-in restore's
+    for restore in restores:
+        assert restore["serviceAccountName"] == "backup-reader"
+        assert restore["automountServiceAccountToken"] is True
+        assert restore["volumes"] == [
+            {"name": "backup", "emptyDir": {"sizeLimit": "50Gi"}},
+            {
+                "name": "s3-ca",
+                "secret": {
+                    "secretName": "minio-tls",
+                    "items": [{"key": "ca.crt", "path": "ca-bundle.pem"}],
+                },
             },
-        },
-    ]
+        ]

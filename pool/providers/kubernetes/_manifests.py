@@ -45,7 +45,7 @@ _LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)
 _META_KEY = re.compile(r"^[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 _SUBDOMAIN = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
-_RESERVED_META = frozenset({"kind", "name", "instance", "created-by", "credentials"})
+_RESERVED_META = frozenset({"kind", "name", "instance", "created-by", "credentials", "database"})
 _DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 _HASH_LENGTH = 10
 _RULE_LABEL = (
@@ -116,6 +116,11 @@ def check_settings(settings: KubernetesSettings) -> None:
                 f"kubernetes setting {setting} is {shown!r} ({len(value)} characters), which is "
                 f"not valid in Kubernetes names and labels; use {rule}."
             )
+    if not settings.restore.engine_command:
+        raise ProviderError(
+            "kubernetes setting restore.engine_command is empty; leave it unset (aldaas "
+            "restore-backup in the helper image) or name the program that runs aldaas's restore."
+        )
     if settings.application.logins not in CREDENTIALS_MODES:
         raise ProviderError(
             "kubernetes setting application.logins is "
@@ -433,11 +438,14 @@ def pvc(
     meta: Mapping[str, str],
     snapshot: str | None = None,
     restore_size: str | None = None,
+    database: str | None = None,
 ) -> Obj:
     """The PVC of a volume (empty) or of a clone (``dataSource`` the VolumeSnapshot ``snapshot``).
 
     ``restore_size`` is the snapshot's ``status.restoreSize``; the claim asks
-    for it when it is larger than ``storage_size``.
+    for it when it is larger than ``storage_size``. ``database`` is the one
+    the restore chose for leases (:func:`database_annotation`), when it is not
+    ``application.database``.
     """
     size = settings.storage_size
     if restore_size is not None and _quantity(restore_size) > _quantity(size):
@@ -451,12 +459,21 @@ def pvc(
             "kind": "VolumeSnapshot",
             "name": snapshot,
         }
+    body_metadata = metadata(settings, kind.value, name, meta)
+    if database is not None:
+        body_metadata["annotations"][database_annotation(settings)] = database
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": metadata(settings, kind.value, name, meta),
+        "metadata": body_metadata,
         "spec": spec,
     }
+
+
+def database_annotation(settings: KubernetesSettings) -> str:
+    """The annotation of a clone's PVC that names the database its leases get, when the restore
+    chose one (a pg_dumpall backup's) other than ``application.database``."""
+    return f"{settings.label_prefix}database"
 
 
 def database_pod(
@@ -597,15 +614,13 @@ def _job(
     annotations: Mapping[str, str],
 ) -> Obj:
     step_settings = settings.restore if step == "restore" else settings.check
-    container.update(
-        name=step,
-        image=step_settings.image or settings.application.image,
-        resources=_resources(step_settings.resources),
-    )
+    container.update(name=step, resources=_resources(step_settings.resources))
+    if "image" not in container:  # the application image's psql, as the original
+        container["image"] = step_settings.image or settings.application.image
+        if settings.application.pull_policy and not step_settings.image:
+            container["imagePullPolicy"] = settings.application.pull_policy
     if step == "check" and (step_settings.command or step_settings.args):
         container["command"] = [*step_settings.command, *step_settings.args]  # as given
-    if settings.application.pull_policy and not step_settings.image:
-        container["imagePullPolicy"] = settings.application.pull_policy
     if step_settings.env_from_secret:
         container["envFrom"] = [{"secretRef": {"name": step_settings.env_from_secret}}]
     job_metadata = metadata(settings, step, name, {}, suffix=f"-{step}")
@@ -644,6 +659,72 @@ def backup_file(settings: KubernetesSettings, backup: Backup) -> tuple[str, str,
     return basename, fetched, restore.backup_path or fetched
 
 
+TERMINATION_LOG = "/dev/termination-log"
+"""Where the restore engine writes its outcome (JSON); the kubelet makes it the container's
+``state.terminated.message`` (at most 4096 bytes), which the broker reads before deleting the Job."""
+
+
+def uses_engine(settings: KubernetesSettings, command: Command) -> bool:
+    """Whether the restore Job runs aldaas's restore engine (``restore.engine_command``).
+
+    It does unless a command was configured: the pool's ``restore.argv`` (then
+    ``command`` is not built in) or the original's ``restore.command``/``args``.
+    """
+    restore = settings.restore
+    return command.builtin and not (restore.command or restore.args)
+
+
+def _engine_container(settings: KubernetesSettings, backup: Backup, fetched: str) -> Obj:
+    """The restore container that runs ``aldaas restore-backup`` on the downloaded file."""
+    restore = settings.restore
+    argv = [
+        *restore.engine_command,
+        "--file",
+        fetched,
+        "--key",
+        backup.key,
+        "--work-dir",
+        f"{restore.backup_dir.rstrip('/')}/aldaas-work",
+        "--outcome",
+        TERMINATION_LOG,
+    ]
+    if restore.database:
+        argv += ["--database", restore.database]
+    if per_clone(settings):  # the engine runs the seal step itself, with its own psql
+        argv += ["--seal-login", settings.application.user]
+    return {
+        "image": restore.image or settings.helper_image,
+        "command": argv,
+        # Spool files of a compressed archive and unpacked directory dumps go next to the backup.
+        "volumeMounts": [{"name": "backup", "mountPath": restore.backup_dir}],
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+    }
+
+
+def _command_container(
+    settings: KubernetesSettings, backup: Backup, command: Command, env: dict[str, str]
+) -> Obj:
+    """The restore container that runs a configured command (the original's, or the pool's
+    ``restore.argv``), then the seal step with per-clone credentials; it adds to ``env``."""
+    restore = settings.restore
+    basename, _, path = backup_file(settings, backup)
+    env["ALDAAS_BACKUP_FILE"] = path
+    argv = list(command.argv)
+    run = '"$@" < "$ALDAAS_BACKUP_FILE"' if restore.stdin_from_backup else '"$@"'
+    if restore.command or restore.args:  # the original's values: run exactly as given
+        argv, run = [*restore.command, *restore.args], '"$@"'
+    if per_clone(settings):  # the restore, then the seal step, in one container
+        argv = ["sh", "-c", f"set -eu\n{run}\n{SEAL_SCRIPT}", "aldaas-restore", *argv]
+        env.update(_seal_env(settings))
+    elif run != '"$@"':
+        argv = ["sh", "-c", f"exec {run}", "aldaas-restore", *argv]
+    mount: Obj = {"name": "backup", "mountPath": restore.backup_dir, "readOnly": True}
+    if restore.backup_path:  # the one file, at the fixed path the original used
+        mount = {**mount, "mountPath": restore.backup_path, "subPath": basename}
+    return {"command": argv, "volumeMounts": [mount]}
+
+
 def restore_job(
     settings: KubernetesSettings,
     name: str,
@@ -653,20 +734,17 @@ def restore_job(
 ) -> Obj:
     """The Job that downloads ``backup`` (init container) and restores it into volume ``name``.
 
-    ``address`` is the database's environment (:meth:`Endpoint.environ`).
+    ``address`` is the database's environment (:meth:`Endpoint.environ`). The
+    restore is aldaas's engine (:func:`uses_engine`) or the configured command.
     """
     restore = settings.restore
-    basename, fetched, path = backup_file(settings, backup)
-    argv = list(command.argv)
-    run = '"$@" < "$ALDAAS_BACKUP_FILE"' if restore.stdin_from_backup else '"$@"'
-    if restore.command or restore.args:  # the original's values: run exactly as given
-        argv, run = [*restore.command, *restore.args], '"$@"'
-    env = {**address, **restore.env, **command.env, "ALDAAS_BACKUP_FILE": path}
-    if per_clone(settings):  # the restore, then the seal step, in one container
-        argv = ["sh", "-c", f"set -eu\n{run}\n{SEAL_SCRIPT}", "aldaas-restore", *argv]
-        env.update(_seal_env(settings))
-    elif run != '"$@"':
-        argv = ["sh", "-c", f"exec {run}", "aldaas-restore", *argv]
+    _, fetched, _ = backup_file(settings, backup)
+    env = {**address, **restore.env, **command.env, "ALDAAS_BACKUP_FILE": fetched}
+    if uses_engine(settings, command):
+        container = _engine_container(settings, backup, fetched)
+    else:
+        container = _command_container(settings, backup, command, env)
+    container["env"] = _step_env(settings, name, env)
     mount: Obj = {"name": "backup", "mountPath": restore.backup_dir}
     volumes: list[Obj] = [{"name": "backup", "emptyDir": {}}]
     fetch_env = dict(restore.fetch_env)
@@ -693,13 +771,6 @@ def restore_job(
         ]
     elif secret:
         fetch["envFrom"] = [{"secretRef": {"name": secret}}]
-    if restore.backup_path:  # the one file, at the fixed path the original used
-        mount = {"name": "backup", "mountPath": restore.backup_path, "subPath": basename}
-    container: Obj = {
-        "command": argv,
-        "env": _step_env(settings, name, env),
-        "volumeMounts": [{**mount, "readOnly": True}],
-    }
     if restore.backup_size_limit:
         volumes[0]["emptyDir"]["sizeLimit"] = restore.backup_size_limit
     extra: Obj = {"initContainers": [fetch], "volumes": volumes}

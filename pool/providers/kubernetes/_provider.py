@@ -12,6 +12,7 @@ compare-and-set on the pod lose for no reason.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ import trio
 from kubernetes.utils.quantity import parse_quantity
 
 from ... import _roles as roles
-from ..._meta import STATUS
+from ..._meta import RESTORE_DATABASE, RESTORE_OUTCOME, STATUS
 from ..._provider import (
     Backup,
     Command,
@@ -105,6 +106,22 @@ def _ready_ip(pod: Obj) -> str | None:
     return str(ip) if ready and ip else None
 
 
+def _restore_outcome(message: str) -> dict[str, str]:
+    """The snapshot meta ``aldaas restore-backup`` wrote as its termination message (JSON)."""
+    try:
+        outcome = json.loads(message)
+    except ValueError:
+        outcome = None
+    if not isinstance(outcome, dict) or not isinstance(outcome.get(RESTORE_DATABASE), str):
+        shown = message if len(message) <= 120 else message[:120] + "…"
+        raise ProviderError(
+            f"the restore Job finished without reporting its outcome (termination message "
+            f"{shown!r}); use a helper_image (or restore.image) with this aldaas version's "
+            "restore-backup command"
+        )
+    return {k: v for k, v in outcome.items() if k in RESTORE_OUTCOME and isinstance(v, str)}
+
+
 def _size(quantity: Any) -> int | None:
     if not quantity:
         return None
@@ -138,6 +155,10 @@ class KubernetesProvider:
         """Clones (object names) whose pod was not Ready at the last list, or destroyed since."""
         self._credentials: dict[str, dict[str, str]] = {}
         """The Secret of each volume and clone seen (per-clone credentials), by object name."""
+        self._databases: dict[str, str] = {}
+        """The database leases get, by object name, where the restore chose one other than
+        ``application.database`` (a pg_dumpall backup's): a volume's from its restore's outcome,
+        a clone's from its PVC's annotation."""
 
     @property
     def name(self) -> str:
@@ -319,15 +340,16 @@ class KubernetesProvider:
         """How to log in to ``object_name``'s database at ``ip``: a clone's lease login with the
         password of its Secret, a volume's admin (per-clone), or the static login."""
         app = self._settings.application
+        database = self._databases.get(object_name, app.database)
         if not self._per_clone:
             return Endpoint(
-                host=ip, port=app.port, user=app.user, database=app.database, password=app.password
+                host=ip, port=app.port, user=app.user, database=database, password=app.password
             )
         secret = self._credentials.get(object_name, {})
         user, password = app.user, secret.get(manifests.LOGIN_PASSWORD)
         if password is None and manifests.ADMIN_PASSWORD in secret:  # a volume's
             user, password = roles.ADMIN, secret[manifests.ADMIN_PASSWORD]
-        return Endpoint(host=ip, port=app.port, user=user, database=app.database, password=password)
+        return Endpoint(host=ip, port=app.port, user=user, database=database, password=password)
 
     async def _make_secret(
         self, kind: Kind, name: str, pvc: Obj, keys: Sequence[tuple[str, str | None]]
@@ -376,13 +398,19 @@ class KubernetesProvider:
         source: Source,
         command: Command,
         progress: ProgressCallback,
-    ) -> None:
-        if not command.argv:
+    ) -> Mapping[str, str]:
+        """Restore ``backup`` into volume ``name`` with a Job; returns what aldaas's restore engine
+        reports for the snapshot (format, database, what it tolerated), or nothing for a
+        configured command."""
+        engine = manifests.uses_engine(self._settings, command)
+        if not engine and not command.argv:
             raise ProviderError(
                 f"backup {backup.key!r} has no known suffix (.sql, .sql.gz, .dump, .pgdump); "
                 "rename it or set restore.argv."
             )
-        endpoint = await self._endpoint(self._object_name(name))
+        volume_name = self._object_name(name)
+        self._databases.pop(volume_name, None)
+        endpoint = await self._endpoint(volume_name)
         body = manifests.restore_job(self._settings, name, backup, command, endpoint.environ())
         started = trio.current_time()
         log.info(
@@ -390,12 +418,13 @@ class KubernetesProvider:
         )
         progress(RestoreProgress(done_bytes=0, total_bytes=backup.size, elapsed_seconds=0.0))
         failure: ProviderError | None = None
+        message = ""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 self._report_download, body["metadata"]["name"], backup, started, progress
             )
             try:
-                await self._run_job(body, "restore", command.timeout_seconds)
+                message = await self._run_job(body, "restore", command.timeout_seconds)
             except ProviderError as exc:
                 failure = exc  # raised outside the nursery, so callers do not get an ExceptionGroup
             finally:
@@ -408,20 +437,34 @@ class KubernetesProvider:
                 done_bytes=backup.size, total_bytes=backup.size, elapsed_seconds=elapsed
             )
         )
+        outcome = _restore_outcome(message) if engine else {}
+        database = outcome.get(RESTORE_DATABASE)
+        if database and database != self._settings.application.database:
+            self._databases[volume_name] = database  # the masking step runs in it too
+            self._endpoints.pop(volume_name, None)
         log.info(
-            "kubernetes.restore_finished", volume=name, backup=backup.key, seconds=round(elapsed, 3)
+            "kubernetes.restore_finished",
+            volume=name,
+            backup=backup.key,
+            seconds=round(elapsed, 3),
+            **outcome,
         )
+        return outcome
 
     async def _report_download(
         self, job_name: str, backup: Backup, started: float, progress: ProgressCallback
     ) -> None:
-        """Report the download's progress from the fetch container's last log line, while it runs.
+        """Report the Job's progress from its running container's last log line.
 
-        ``aldaas fetch-backup`` prints ``progress DONE TOTAL`` lines; once the
-        download is over, the restore command's own progress is not visible
-        from outside the pod, so nothing more is reported until the Job ends.
+        ``aldaas fetch-backup`` (the download) and ``aldaas restore-backup``
+        (the built-in restore) print ``progress DONE TOTAL`` lines: the
+        download's bytes are reported first, then the restore's, each phase
+        with its own elapsed time so the rate is the phase's. A configured
+        restore command prints none, so after the download nothing more is
+        reported until the Job ends.
         """
-        last = 0
+        last = {"fetch": 0, "restore": 0}
+        phase_started = {"fetch": started}
         while True:
             await trio.sleep(self._settings.progress_interval_seconds)
             try:
@@ -429,25 +472,35 @@ class KubernetesProvider:
             except ProviderError:
                 continue
             for pod in pods.get("items") or []:
-                statuses = (pod.get("status") or {}).get("initContainerStatuses") or []
-                running = any(
-                    s.get("name") == "fetch" and "running" in (s.get("state") or {})
-                    for s in statuses
-                )
+                status = pod.get("status") or {}
+                running = [
+                    str(s.get("name"))
+                    for key in ("initContainerStatuses", "containerStatuses")
+                    for s in status.get(key) or []
+                    if s.get("name") in last and "running" in (s.get("state") or {})
+                ]
                 if not running:
                     continue
-                line = await self._client.pod_log(pod["metadata"]["name"], "fetch", 1)
+                container = running[0]
+                now = trio.current_time()
+                phase_started.setdefault(container, now)
+                line = await self._client.pod_log(pod["metadata"]["name"], container, 1)
                 match = re.fullmatch(r"progress (\d+) (\d+)", line.strip())
-                if match and int(match.group(1)) > last:
-                    last = int(match.group(1))
+                if match and int(match.group(1)) > last[container]:
+                    last[container] = int(match.group(1))
                     total = int(match.group(2)) or backup.size
-                    elapsed = trio.current_time() - started
+                    elapsed = now - phase_started[container]
                     progress(
-                        RestoreProgress(done_bytes=last, total_bytes=total, elapsed_seconds=elapsed)
+                        RestoreProgress(
+                            done_bytes=last[container], total_bytes=total, elapsed_seconds=elapsed
+                        )
                     )
 
-    async def _run_job(self, body: Obj, step: str, timeout: float) -> None:  # noqa: ASYNC109
-        """Create (or adopt) a Job, wait until it completes, delete it; a failure quotes its log."""
+    async def _run_job(self, body: Obj, step: str, timeout: float) -> str:  # noqa: ASYNC109
+        """Create (or adopt) a Job, wait until it completes, delete it; a failure quotes its log.
+
+        Returns the termination message of the Job's container ``step`` ('' if none).
+        """
         job = await self._create(JOBS, body)
         job_name = job["metadata"]["name"]
 
@@ -472,7 +525,19 @@ class KubernetesProvider:
             raise ProviderError(
                 f'{step} Job "{job_name}" failed ({exc.reason}); log tail: {tail or "(empty)"}'
             ) from None
+        message = await self._job_message(job_name, step)
         await self._delete(JOBS, job_name)
+        return message
+
+    async def _job_message(self, job_name: str, step: str) -> str:
+        """The termination message container ``step`` of the Job's pod left, '' if none."""
+        pods = await self._client.call("list", PODS, label_selector=f"job-name={job_name}")
+        for pod in _live(pods):
+            for status in (pod.get("status") or {}).get("containerStatuses") or []:
+                terminated = (status.get("state") or {}).get("terminated") or {}
+                if status.get("name") == step and terminated.get("exitCode") == 0:
+                    return str(terminated.get("message") or "")
+        return ""
 
     async def _job_log(self, job_name: str, step: str) -> str:
         pods = await self._client.call("list", PODS, label_selector=f"job-name={job_name}")
@@ -538,6 +603,7 @@ class KubernetesProvider:
             )
         log.info("kubernetes.clone", snapshot=snapshot, clone=name)
         restore_size = (snap.get("status") or {}).get("restoreSize")
+        database = self._codec.decode(snap).get(RESTORE_DATABASE)
         body = manifests.pvc(
             self._settings,
             Kind.CLONE,
@@ -545,8 +611,10 @@ class KubernetesProvider:
             meta,
             snapshot=snap["metadata"]["name"],
             restore_size=str(restore_size) if restore_size else None,
+            database=database if database != self._settings.application.database else None,
         )
         claim = await self._create(PVCS, body)
+        self._note_database(claim)
         if self._per_clone:  # the pod's init container sets these passwords before it starts
             keys = [
                 (manifests.LOGIN_PASSWORD, manifests.LOGIN_VERIFIER),
@@ -705,6 +773,15 @@ class KubernetesProvider:
 
     def _remember(self, plural: str, obj: Obj) -> None:
         self._seen[(plural, obj["metadata"]["name"])] = obj
+        if plural == PVCS:
+            self._note_database(obj)
+
+    def _note_database(self, claim: Obj) -> None:
+        """Remember the database a clone's leases get, from its PVC (:func:`database_annotation`)."""
+        annotations = claim["metadata"].get("annotations") or {}
+        database = annotations.get(manifests.database_annotation(self._settings))
+        if database:
+            self._databases[claim["metadata"]["name"]] = str(database)
 
     async def _read_kind(self, plural: str, kind: Kind, object_name: str) -> Obj:
         obj = dict(await self._client.call("read", plural, object_name))
@@ -738,6 +815,7 @@ class KubernetesProvider:
             return
         self._seen.pop((PVCS, object_name), None)
         self._endpoints.pop(object_name, None)
+        self._databases.pop(object_name, None)
         if kind is Kind.CLONE:
             self._not_ready |= {object_name}
         for step in ("restore", "check"):
@@ -801,6 +879,7 @@ class KubernetesProvider:
                     self._credentials.pop(object_name, None)
                 if pvc_kind == Kind.CLONE.value and not ip:
                     not_ready.add(object_name)
+                self._remember(PVCS, pvc)
                 endpoint = self._endpoint_at(ip, object_name) if ip else None
                 if endpoint is not None and endpoint.password is None and self._per_clone:
                     # A clone made before per-clone credentials (no Secret): a live lease keeps
@@ -809,7 +888,6 @@ class KubernetesProvider:
                     endpoint = endpoint if status == CloneState.LEASED.value else None
                 if endpoint is not None:
                     self._endpoints[object_name] = endpoint
-                self._remember(PVCS, pvc)
                 resources.append(self._resource(Kind(pvc_kind), pvc, endpoint))
             if kind in (None, Kind.CLONE):  # every clone was listed: replace what alive() knows
                 self._not_ready = frozenset(not_ready)

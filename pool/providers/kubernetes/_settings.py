@@ -77,7 +77,9 @@ class RestoreSettings:
     """The restore Job: an init container downloads the backup, then the restore command runs."""
 
     image: str | None = None
-    """Image of the restore step; None reuses the application image (it has psql), as the original."""
+    """Image of the restore step. None: the built-in restore runs in ``helper_image`` (aldaas's own,
+    with PostgreSQL 18's client tools); a configured command (``command``/``args``, or the pool's
+    ``restore.argv``) runs in the application image (it has psql), as the original."""
     command: tuple[str, ...] = ()
     """The original's ``restore.command``: when it or ``args`` is set, the Job runs command + args
     as given (reading ``$ALDAAS_BACKUP_FILE`` itself) instead of the pool's restore command."""
@@ -89,6 +91,16 @@ class RestoreSettings:
     """Secret whose keys become the restore container's environment (e.g. PGPASSWORD)."""
     resources: ResourceSettings = ResourceSettings()
     """Requests and limits of the restore and download containers."""
+    engine_command: tuple[str, ...] = ("aldaas", "restore-backup")
+    """The built-in restore (the local provider's engine: any pg_dump/pg_dumpall format and
+    compression, the dump's roles made NOLOGIN, no shell from the backup), run when neither
+    ``command``/``args`` nor the pool's ``restore.argv`` is set; ``--file``, ``--key``,
+    ``--work-dir``, ``--outcome`` and, as configured, ``--database`` and ``--seal-login`` are
+    appended. Its outcome (format, database, what it tolerated) reaches the snapshot through the
+    container's termination message."""
+    database: str | None = None
+    """The database of a pg_dumpall backup that leases get (the original's POSTGRES_DB); None:
+    its one non-system database. A plain pg_dump or an archive goes into ``application.database``."""
     fetch_command: tuple[str, ...] = ("aldaas", "fetch-backup")
     """Download command in the helper image; ``--key KEY --to PATH`` is appended."""
     fetch_env: dict[str, str] = attrs.field(factory=dict)
@@ -218,7 +230,8 @@ class KubernetesSettings:
     """Size of every volume PVC (the original's ``application.storage``); a clone takes the larger
     of this and its snapshot's restoreSize."""
     helper_image: str = "ghcr.io/aldaas/aldaas:latest"
-    """Image with the ``aldaas`` CLI (the broker's own) for the restore Job's download container."""
+    """Image with the ``aldaas`` CLI (the broker's own): the restore Job's download container, and
+    its restore container when the built-in restore runs (``restore.engine_command``)."""
     s3_credentials_secret: str | None = None
     """Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for the download container only."""
     s3_credentials_env: dict[str, str] = attrs.field(factory=dict)
