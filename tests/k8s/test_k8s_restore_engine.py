@@ -8,10 +8,14 @@ test_k8s_e2e.py, through the local kubelet.
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 import threading
 
 import attrs
 import pytest
+from k8s_built import built_objects, pod_specs
 from k8s_fake_api import FakeKubernetes, JobOutcome
 from kubernetes import client
 
@@ -136,3 +140,25 @@ async def test_if_the_engine_is_running_then_its_progress_follows_the_downloads(
     await provider.create_volume("v", {})
     await provider.restore("v", BACKUP, source, BUILTIN, record)  # type: ignore[arg-type]
     assert seen == [(0, 1000), (1000, 1000), (250, 1000), (1000, 1000)]
+
+
+@pytest.mark.slow
+def test_if_a_job_runs_an_aldaas_command_then_the_installed_program_has_it(
+    settings: KubernetesSettings,
+) -> None:
+    """If a Job's container runs ``aldaas <command>`` (the download, the built-in restore), then
+    the ``aldaas`` program this package installs knows that command (the helper image's)."""
+    commands = {
+        container["command"][1]
+        for spec in pod_specs(built_objects(settings)).values()
+        for container in [*spec.get("initContainers", []), *spec["containers"]]
+        if container.get("command", [""])[0] == "aldaas"
+    }
+    assert commands == {"fetch-backup", "restore-backup"}
+    program = pathlib.Path(sys.executable).parent / "aldaas"
+    for command in sorted(commands):
+        done = subprocess.run(
+            [str(program), command, "--help"], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"aldaas {command}" in done.stdout
