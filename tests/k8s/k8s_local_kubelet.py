@@ -295,7 +295,7 @@ class LocalKubelet:
         spec = job["spec"]["template"]["spec"]
         with tempfile.TemporaryDirectory(dir=self._workdir) as folder:
             # Each volume is a folder; a path under a container's mount is that folder's.
-            volumes = {v["name"]: pathlib.Path(folder, v["name"]) for v in spec["volumes"]}
+            volumes = {v["name"]: pathlib.Path(folder, v["name"]) for v in spec.get("volumes", [])}
             for path in volumes.values():
                 path.mkdir()
             for init in spec.get("initContainers", []):

@@ -96,9 +96,11 @@ GRANT SELECT ON items TO app_reader;
 """
 
 
-async def _upload_dumpall(local: LocalProvider, s3: S3Settings) -> None:
+async def _upload_dumpall(data_dir: pathlib.Path, s3: S3Settings) -> None:
     """The original's backup, made for real: ``pg_dumpall | gzip`` of a cluster whose one
     application database belongs to a NOLOGIN role, put where postgres-operator puts it."""
+    # Its databases are postgres (with the login postgres, as on most servers) and app.
+    local = LocalProvider(LocalSettings(data_dir=data_dir, user="postgres", database="postgres"))
     source = await local.create_volume("source", {})
     bin_dir = await local.bin_dir()
     psql = [str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1"]
@@ -115,6 +117,7 @@ async def _upload_dumpall(local: LocalProvider, s3: S3Settings) -> None:
         dump = await run([str(bin_dir / "pg_dumpall")])
     finally:
         await local.destroy(Kind.VOLUME, "source")
+        await local.aclose()
     s3 = boto3.client(
         "s3",
         endpoint_url=s3.endpoint_url,
@@ -141,7 +144,7 @@ async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_each_lease_with_i
     even a later one, and which a restarted broker finds again; a destroyed clone leaves no
     Secret behind."""
     local = LocalProvider(LocalSettings(data_dir=data_dir))
-    await _upload_dumpall(local, s3)
+    await _upload_dumpall(data_dir / "source-cluster", s3)
     source = S3Source(s3)
     fake.kubelet = LocalKubelet(local, source, trio.lowlevel.current_trio_token(), tmp_path, fake)
     # Pod IPs are 127.0.0.x, all on the application port: take one that is free on every
