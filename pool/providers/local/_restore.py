@@ -58,6 +58,12 @@ _SPOOL_BYTES = 1 << 20
 _AHEAD_PIECES = 4
 """Pieces of script (about a MiB each) read and filtered ahead of psql."""
 
+_DISK_FULL = ("No space left on device", "could not extend file")
+"""What PostgreSQL and its tools say when the disk is full."""
+
+_SERVER_LOG_BYTES = 64 * 1024
+"""The end of a volume's server log read for the reason a restore failed."""
+
 _PIPE_BYTES = 1 << 20
 """psql's stdin pipe holds this much (Linux's default unprivileged maximum), not 64 KiB."""
 
@@ -156,7 +162,7 @@ class LocalRestore:
 
     def _stopped(self, result: pg.CommandResult, tool: str) -> ProviderError:
         """The error of a restore that ``tool`` ended: a full disk, or the backup's first error."""
-        if "No space left on device" in result.tail or "could not extend file" in result.tail:
+        if self._disk_full(result.tail):
             if self.full_disk_hint is not None:
                 return ProviderError(
                     f"restore of {self.key!r} failed because a disk is full ({tool} exit status "
@@ -173,6 +179,23 @@ class LocalRestore:
             f"{result.returncode}: {result.tail}); fix the backup or restore it by hand to see "
             "the whole error"
         )
+
+    def _disk_full(self, tail: str) -> bool:
+        """Whether a full disk ended the restore: the tool says so, or the server does in its log.
+
+        When the WAL cannot be written the server PANICs, and psql only sees the
+        crash ("terminating connection because of crash of another server process").
+        """
+        if any(sign in tail for sign in _DISK_FULL):
+            return True
+        log = self.folder / "postgres.log"  # the local provider's volume folder has the server's
+        try:
+            with log.open("rb") as f:
+                f.seek(max(0, log.stat().st_size - _SERVER_LOG_BYTES))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return False
+        return any(sign in text for sign in _DISK_FULL)
 
     def _env(self, database: str | None = None) -> dict[str, str]:
         env = dict(self.endpoint.environ())
