@@ -20,7 +20,7 @@ import attrs
 import pytest
 import trio
 from pg_query import aquery
-from pool_dumps import CRAFTED, Dumps, laced, make_dumps
+from pool_dumps import CRAFTED, Dumps, laced, source_dumps
 
 from aldaas.broker._restore_backup import TERMINATION_LOG_BYTES, outcome_json
 from aldaas.pool import (
@@ -45,10 +45,7 @@ class Finished:
 
 @pytest.fixture(scope="module")
 def dumps(module_data_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> Dumps:
-    settings = LocalSettings(
-        data_dir=module_data_dir / "source", user="postgres", database="postgres"
-    )
-    return make_dumps(settings, tmp_path_factory.mktemp("dumps"))
+    return source_dumps(module_data_dir, tmp_path_factory.mktemp("dumps"))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import os
 import pathlib
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import boto3
@@ -51,6 +52,16 @@ BUCKET = "k8s-e2e-backups"
 KEY = "nightly/app.sql.gz"
 
 
+def _client(settings: S3Settings) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=settings.secret_access_key,
+    )
+
+
 @pytest.fixture
 def s3() -> Iterator[S3Settings]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -66,13 +77,7 @@ def s3() -> Iterator[S3Settings]:
         secret_access_key="test",
         addressing_style="path",
     )
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=settings.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    )
+    s3 = _client(settings)
     s3.create_bucket(Bucket=BUCKET)
     try:
         yield settings
@@ -118,14 +123,7 @@ async def _upload_dumpall(data_dir: pathlib.Path, s3: S3Settings) -> None:
     finally:
         await local.destroy(Kind.VOLUME, "source")
         await local.aclose()
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    )
-    s3.put_object(Bucket=BUCKET, Key=KEY, Body=gzip.compress(dump))
+    _client(s3).put_object(Bucket=BUCKET, Key=KEY, Body=gzip.compress(dump))
 
 
 async def test_if_a_backup_lands_in_s3_then_warm_pods_serve_it_each_lease_with_its_password(

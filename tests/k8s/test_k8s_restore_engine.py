@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 
 import attrs
 import pytest
@@ -19,7 +20,7 @@ from k8s_built import built_objects, pod_specs
 from k8s_fake_api import FakeKubernetes, JobOutcome
 from kubernetes import client
 
-from aldaas.pool import Backup, Command, Kind, ProviderError, RestoreProgress
+from aldaas.pool import Backup, Command, Endpoint, Kind, ProviderError, RestoreProgress
 from aldaas.pool.providers.kubernetes._provider import KubernetesProvider
 from aldaas.pool.providers.kubernetes._settings import KubernetesSettings
 
@@ -35,6 +36,18 @@ OUTCOME = {
 
 def _ignore(_: RestoreProgress) -> None:
     pass
+
+
+async def _seal_and_clone(
+    provider: KubernetesProvider, fake: FakeKubernetes, meta: Mapping[str, str]
+) -> tuple[Endpoint, dict[str, str]]:
+    """Seal volume v into snapshot s with ``meta`` and clone it: the clone's endpoint and the
+    annotations of its PVC."""
+    await provider.seal("v", "s", {"status": "verifying", **meta})
+    endpoint = await provider.clone("s", "c", {"state": "warm"})
+    claim = fake.get("persistentvolumeclaims", "test", "aldaas-c")
+    assert claim is not None
+    return endpoint, dict(claim["metadata"]["annotations"])
 
 
 async def test_if_the_engine_reports_a_database_then_the_snapshot_and_its_clones_hand_it_out(
@@ -58,12 +71,9 @@ async def test_if_the_engine_reports_a_database_then_the_snapshot_and_its_clones
     }
     assert env["PGDATABASE"] == "app_production"
 
-    await provider.seal("v", "s", {"status": "verifying", **meta})
-    endpoint = await provider.clone("s", "c", {"state": "warm"})
+    endpoint, annotations = await _seal_and_clone(provider, fake, meta)
     assert endpoint.database == "app_production"
-    claim = fake.get("persistentvolumeclaims", "test", "aldaas-c")
-    assert claim is not None
-    assert claim["metadata"]["annotations"]["aldaas.io/database"] == "app_production"
+    assert annotations["aldaas.io/database"] == "app_production"
 
     restarted = KubernetesProvider(settings, api_client)
     try:
@@ -83,12 +93,9 @@ async def test_if_the_engine_chose_the_application_database_then_clones_carry_no
     await provider.create_volume("v", {})
     meta = await provider.restore("v", BACKUP, source, BUILTIN, _ignore)  # type: ignore[arg-type]
     assert meta["restore_database"] == "app"
-    await provider.seal("v", "s", {"status": "verifying", **meta})
-    endpoint = await provider.clone("s", "c", {"state": "warm"})
+    endpoint, annotations = await _seal_and_clone(provider, fake, meta)
     assert endpoint.database == "app"
-    claim = fake.get("persistentvolumeclaims", "test", "aldaas-c")
-    assert claim is not None
-    assert "aldaas.io/database" not in claim["metadata"]["annotations"]
+    assert "aldaas.io/database" not in annotations
 
 
 @pytest.mark.parametrize("message", ["", "restored", json.dumps({"restore_format": "x"})])

@@ -107,6 +107,13 @@ def make_dumps(settings: LocalSettings, work: pathlib.Path, *, directory: bool =
     return Dumps(files=files, bin_dir=bin_dir)
 
 
+def source_dumps(data_dir: pathlib.Path, work: pathlib.Path) -> Dumps:
+    """Every dump of a source cluster kept under ``data_dir/source`` whose login is ``postgres``
+    (as on most servers); a test module makes it once (module-scoped fixture)."""
+    settings = LocalSettings(data_dir=data_dir / "source", user="postgres", database="postgres")
+    return make_dumps(settings, work)
+
+
 def compress(data: bytes, how: str) -> bytes:
     if how == "gzip":
         return gzip.compress(data, 1)

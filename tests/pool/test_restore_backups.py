@@ -20,7 +20,7 @@ import pytest
 import trio
 from moto.server import ThreadedMotoServer
 from pg_query import aquery
-from pool_dumps import CRAFTED, Dumps, compress, laced, make_dumps, run, tar_of
+from pool_dumps import CRAFTED, Dumps, compress, laced, make_dumps, run, source_dumps, tar_of
 
 from aldaas.pool import (
     Backup,
@@ -74,10 +74,7 @@ BUILTIN = Command(argv=(), builtin=True)
 
 @pytest.fixture(scope="module")
 def dumps(module_data_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> Dumps:
-    settings = LocalSettings(
-        data_dir=module_data_dir / "source", user="postgres", database="postgres"
-    )
-    return make_dumps(settings, tmp_path_factory.mktemp("dumps"))
+    return source_dumps(module_data_dir, tmp_path_factory.mktemp("dumps"))
 
 
 @pytest.fixture(scope="module")
