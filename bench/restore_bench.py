@@ -2,7 +2,7 @@
 
 Usage (as root or as a normal user; root runs PostgreSQL as the ``aldaas`` user):
 
-    python bench/restore_bench.py [--scale 70] [--runs 3] [--jobs 0]
+    python bench/restore_bench.py [--scale 70] [--runs 3] [--jobs 0] [--engine provider|command]
 
 It makes one source database with ``pgbench -i -s SCALE`` (scale 70 is about
 1 GB), dumps it once as plain SQL (``pg_dump``) and as a custom archive
@@ -10,13 +10,16 @@ It makes one source database with ``pgbench -i -s SCALE`` (scale 70 is about
 file into a fresh volume
 
 - with ``LocalProvider.restore()`` (the built-in restore, as the pool runs it:
-  the file streamed from a directory source, format read from its bytes), and
+  the file streamed from a directory source, format read from its bytes), or with
+  ``--engine command`` with ``aldaas restore-backup --file FILE --seal-login aldaas``
+  as the Kubernetes restore Job runs it on the downloaded file (the same engine; an
+  uncompressed archive is read in place instead of spooled), and
 - by hand: ``psql -X -q -v ON_ERROR_STOP=1 -f FILE`` and
   ``pg_restore --jobs N -d DB FILE`` against an identical fresh volume,
 
 and prints the median seconds and MB/s (dump file bytes / seconds) of each, and the CPU
 seconds the benchmark's own process (the broker's side: read, decompress, filter, pipe)
-spent in each built-in restore. The built-in and the by-hand restore take turns going first.
+spent in each built-in restore (``--engine provider``; the command's CPU is its own process's). The built-in and the by-hand restore take turns going first.
 ``--jobs 0`` uses the built-in restore's own choice (CPU count, 1 to 4) for
 both.
 """
@@ -74,7 +77,16 @@ def run_as_tool(argv: list[str], endpoint: Endpoint, bin_dir: pathlib.Path) -> N
         raise SystemExit(f"{argv[0]} failed: {done.stderr.decode()[-2000:]}")
 
 
-async def main(scale: int, runs: int, jobs: int) -> None:
+def run_command(path: pathlib.Path, endpoint: Endpoint, bin_dir: pathlib.Path) -> None:
+    """``aldaas restore-backup`` on ``path``, as the Kubernetes restore Job runs it."""
+    work = path.parent.parent / "work"
+    argv = [sys.executable, "-m", "aldaas.broker", "restore-backup", "--file", str(path)]
+    argv += ["--key", path.name, "--work-dir", str(work), "--bin-dir", str(bin_dir)]
+    argv += ["--outcome", str(path.parent.parent / "outcome.json"), "--seal-login", "aldaas"]
+    run_as_tool(argv, endpoint, bin_dir)
+
+
+async def main(scale: int, runs: int, jobs: int, engine: str) -> None:
     with scratch_dir() as root:
         settings = LocalSettings(data_dir=root / "data")
         provider = LocalProvider(settings)
@@ -110,7 +122,9 @@ async def main(scale: int, runs: int, jobs: int) -> None:
         async def timed(label: str, name: str, how: str, path: pathlib.Path) -> None:
             endpoint = await provider.create_volume(name, {})
             began, cpu = time.monotonic(), time.process_time()
-            if how == "builtin":
+            if how == "builtin" and engine == "command":
+                await trio.to_thread.run_sync(run_command, path, endpoint, bin_dir)
+            elif how == "builtin":
                 await provider.restore(name, backups[path.name], dir_source, BUILTIN, ignore)
             elif path.suffix == ".sql":
                 argv = [str(bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-o"]
@@ -121,7 +135,7 @@ async def main(scale: int, runs: int, jobs: int) -> None:
                 argv += [f"--dbname={endpoint.database}", str(path)]
                 await trio.to_thread.run_sync(run_as_tool, argv, endpoint, bin_dir)
             seconds.setdefault(label, []).append(time.monotonic() - began)
-            if how == "builtin":
+            if how == "builtin" and engine == "provider":
                 python_cpu.setdefault(label, []).append(time.process_time() - cpu)
             await provider.destroy(Kind.VOLUME, name)
 
@@ -130,7 +144,8 @@ async def main(scale: int, runs: int, jobs: int) -> None:
                 # Alternate which goes first: the second restore of a pair meets a warmer cache.
                 for how in ("builtin", "by hand")[:: 1 if run % 2 == 0 else -1]:
                     tool = "psql" if path.suffix == ".sql" else f"pg_restore -j {jobs}"
-                    label = f"{path.name} {'aldaas built-in' if how == 'builtin' else tool}"
+                    ours = "aldaas built-in" if engine == "provider" else "aldaas restore-backup"
+                    label = f"{path.name} {ours if how == 'builtin' else tool}"
                     await timed(label, f"r{run}-{path.stem}-{how[:2]}", how, path)
             print(f"# run {run + 1} of {runs} done", flush=True)
         print("| restore | median s | MB/s (dump bytes) | runs (s) | broker CPU s (median) |")
@@ -157,5 +172,6 @@ if __name__ == "__main__":
     parser.add_argument("--scale", type=int, default=70)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=0)
+    parser.add_argument("--engine", choices=("provider", "command"), default="provider")
     args = parser.parse_args()
-    trio.run(main, args.scale, args.runs, args.jobs)
+    trio.run(main, args.scale, args.runs, args.jobs, args.engine)
